@@ -1,0 +1,530 @@
+//! Run configuration: defaults in code → a TOML file → `--set key=value` overrides.
+//!
+//! Keys are flat, nanoGPT-style. Unknown keys and bad values are errors. Optimizer
+//! hyperparameters left unset take the chosen optimizer's own defaults (see [`crate::optim`]).
+
+use crate::model::GptConfig;
+use crate::optim::{AdamConfig, AdoptConfig, OptimizerKind};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Every key a config file or `--set` may name.
+pub const KEYS: &[&str] = &[
+    "model",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "block_size",
+    "bias",
+    "dropout",
+    "data",
+    "tokenizer",
+    "tokenizer_path",
+    "bpe_vocab_size",
+    "val_fraction",
+    "cache_dir",
+    "optimizer",
+    "lr",
+    "min_lr",
+    "schedule",
+    "warmup_steps",
+    "lr_decay_steps",
+    "max_steps",
+    "betas",
+    "eps",
+    "weight_decay",
+    "decay_1d",
+    "decouple",
+    "clip_exponent",
+    "grad_clip",
+    "batch_size",
+    "grad_accum",
+    "eval_interval",
+    "eval_iters",
+    "eval_seed",
+    "log_interval",
+    "keep_last",
+    "seed",
+    "device",
+];
+
+/// Keys that `train --resume` may change: they affect how long the run goes and how often
+/// it reports, never what a completed step computes.
+pub const RESUME_OVERRIDABLE: &[&str] =
+    &["max_steps", "eval_interval", "log_interval", "keep_last"];
+
+/// ADOPT's gradient clipping: `clip_exponent = 0.25` clamps the normalised gradient to
+/// ±step^0.25; `clip_exponent = "none"` disables clipping.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClipExponent {
+    /// Clamp to ±step^exponent.
+    Exponent(f64),
+    /// The keyword `"none"`.
+    Keyword(NoClip),
+}
+
+/// The keyword `"none"` for [`ClipExponent`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoClip {
+    /// No clipping.
+    None,
+}
+
+/// The learning-rate schedule's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Linear warmup, then cosine decay to `min_lr` (nanoGPT's `get_lr`).
+    Cosine,
+    /// Linear warmup, then `lr` throughout.
+    Constant,
+}
+
+/// Which tokenizer turns the corpus into ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    /// GPT-2's byte-level BPE (50,257 tokens).
+    Gpt2,
+    /// Raw UTF-8 bytes (256 tokens).
+    Byte,
+    /// A byte-level BPE of `bpe_vocab_size` tokens trained on the training text.
+    Bpe,
+}
+
+/// A training run's full configuration. `Option` fields fall back to the preset or optimizer
+/// default; [`TrainConfig::resolved`] fills them in so the saved config states every value used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Model preset: `tiny`, `baby`, `gpt2`.
+    pub model: String,
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_embd: Option<usize>,
+    /// Context length; may not exceed the preset's (its position table's size).
+    pub block_size: Option<usize>,
+    pub bias: Option<bool>,
+    pub dropout: Option<f64>,
+    /// Path of the UTF-8 training corpus.
+    pub data: String,
+    pub tokenizer: TokenizerKind,
+    /// A `tokenizer.json` for `tokenizer = "gpt2"`; unset means the Hugging Face cache or hub.
+    pub tokenizer_path: Option<String>,
+    /// Vocabulary size of a trained `bpe` tokenizer.
+    pub bpe_vocab_size: usize,
+    /// The last `val_fraction` of the tokens form the validation split.
+    pub val_fraction: f64,
+    /// Where tokenized corpora are cached.
+    pub cache_dir: String,
+    pub optimizer: OptimizerKind,
+    pub lr: Option<f64>,
+    /// Floor of the cosine schedule; default `lr / 10`.
+    pub min_lr: Option<f64>,
+    pub schedule: ScheduleKind,
+    pub warmup_steps: usize,
+    /// Steps over which the cosine decays; default `max_steps`.
+    pub lr_decay_steps: Option<usize>,
+    pub max_steps: usize,
+    pub betas: Option<[f64; 2]>,
+    pub eps: Option<f64>,
+    pub weight_decay: Option<f64>,
+    /// Apply weight decay to 1-D tensors (biases, LayerNorm) too; nanoGPT does not.
+    pub decay_1d: bool,
+    /// ADOPT only: decoupled (AdamW-style) weight decay.
+    pub decouple: Option<bool>,
+    /// ADOPT only: clipping exponent, or `"none"`.
+    pub clip_exponent: Option<ClipExponent>,
+    /// Clip gradients to this global L2 norm; 0 disables.
+    pub grad_clip: f64,
+    /// Sequences per micro-step.
+    pub batch_size: usize,
+    /// Micro-steps per optimizer step.
+    pub grad_accum: usize,
+    pub eval_interval: usize,
+    /// Batches per evaluation (of `batch_size` fixed windows each).
+    pub eval_iters: usize,
+    /// Seed of the fixed evaluation windows, shared by runs of every `seed` so they compare.
+    pub eval_seed: u64,
+    /// Print a line every `log_interval` steps (every step is written to metrics.jsonl).
+    pub log_interval: usize,
+    /// Complete checkpoints to keep.
+    pub keep_last: usize,
+    /// Seeds model initialisation, data order and dropout together.
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: "tiny".into(),
+            n_layer: None,
+            n_head: None,
+            n_embd: None,
+            block_size: None,
+            bias: None,
+            dropout: None,
+            data: "data/tinyshakespeare.txt".into(),
+            tokenizer: TokenizerKind::Byte,
+            tokenizer_path: None,
+            bpe_vocab_size: 1024,
+            val_fraction: 0.1,
+            cache_dir: "data/cache".into(),
+            optimizer: OptimizerKind::AdamW,
+            lr: None,
+            min_lr: None,
+            schedule: ScheduleKind::Cosine,
+            warmup_steps: 100,
+            lr_decay_steps: None,
+            max_steps: 2000,
+            betas: None,
+            eps: None,
+            weight_decay: None,
+            decay_1d: false,
+            decouple: None,
+            clip_exponent: None,
+            grad_clip: 1.0,
+            batch_size: 16,
+            grad_accum: 1,
+            eval_interval: 250,
+            eval_iters: 20,
+            eval_seed: 0,
+            log_interval: 10,
+            keep_last: 3,
+            seed: 1337,
+            device: "cpu".into(),
+        }
+    }
+}
+
+/// Parses one `key=value` override into a TOML table entry. The value is read as TOML
+/// (`3e-4`, `true`, `[0.9, 0.95]`, `"adam"`); a bare word that is not TOML is taken as a string.
+pub fn parse_override(assignment: &str) -> Result<(String, toml::Value)> {
+    let (key, value) = assignment
+        .split_once('=')
+        .with_context(|| format!("override '{assignment}' is not key=value"))?;
+    let key = key.trim().to_string();
+    let value = value.trim();
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    Ok((key, parsed))
+}
+
+/// Rejects keys that [`TrainConfig`] does not have, naming the first one.
+fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
+    for key in table.keys() {
+        if !KEYS.contains(&key.as_str()) {
+            bail!("unknown config key '{key}' in {origin}");
+        }
+    }
+    Ok(())
+}
+
+/// Turns a serde error about one value into a one-line message.
+fn value_error(e: toml::de::Error, origin: &str) -> anyhow::Error {
+    let msg = e.message().replace('\n', " ");
+    anyhow::anyhow!("bad config value in {origin}: {msg}")
+}
+
+impl TrainConfig {
+    /// Reads a TOML file into a table, rejecting unknown keys.
+    pub fn read_table(path: &Path) -> Result<toml::Table> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "config file {} is not valid TOML: {}",
+                path.display(),
+                e.message().replace('\n', " ")
+            )
+        })?;
+        check_keys(&table, &path.display().to_string())?;
+        Ok(table)
+    }
+
+    /// Builds a config from defaults, an optional TOML table, and `key=value` overrides, then
+    /// validates it and fills in preset and optimizer defaults.
+    pub fn from_layers(file: Option<toml::Table>, overrides: &[String]) -> Result<Self> {
+        let mut table = file.unwrap_or_default();
+        for assignment in overrides {
+            let (key, value) = parse_override(assignment)?;
+            table.insert(key, value);
+        }
+        check_keys(&table, "the config")?;
+        Self::from_table(table)
+    }
+
+    /// Deserializes a complete or partial table (missing keys take defaults) and resolves it.
+    pub fn from_table(table: toml::Table) -> Result<Self> {
+        check_keys(&table, "the config")?;
+        let cfg: TrainConfig =
+            toml::Table::try_into(table).map_err(|e| value_error(e, "the config"))?;
+        cfg.resolved()
+    }
+
+    /// The preset's model shape with this config's overrides applied, for a given vocabulary.
+    pub fn model_config(&self, vocab_size: usize) -> Result<GptConfig> {
+        let preset = GptConfig::preset(&self.model)?;
+        let block_size = self.block_size.unwrap_or(preset.block_size);
+        if block_size > preset.block_size {
+            bail!(
+                "block_size {block_size} is larger than the '{}' preset allows ({})",
+                self.model,
+                preset.block_size
+            );
+        }
+        let cfg = GptConfig {
+            n_layer: self.n_layer.unwrap_or(preset.n_layer),
+            n_head: self.n_head.unwrap_or(preset.n_head),
+            n_embd: self.n_embd.unwrap_or(preset.n_embd),
+            block_size,
+            bias: self.bias.unwrap_or(preset.bias),
+            dropout: self.dropout.unwrap_or(preset.dropout),
+            vocab_size: GptConfig::padded_vocab(vocab_size),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value and fills optimizer and schedule defaults, so the saved config is explicit.
+    pub fn resolved(mut self) -> Result<Self> {
+        let preset = GptConfig::preset(&self.model)?;
+        self.n_layer.get_or_insert(preset.n_layer);
+        self.n_head.get_or_insert(preset.n_head);
+        self.n_embd.get_or_insert(preset.n_embd);
+        self.block_size.get_or_insert(preset.block_size);
+        self.bias.get_or_insert(preset.bias);
+        self.dropout.get_or_insert(preset.dropout);
+        // The vocabulary comes from the tokenizer; 256 stands in here only to validate the shape.
+        self.model_config(256)?;
+
+        match self.optimizer {
+            OptimizerKind::Adam | OptimizerKind::AdamW => {
+                let d = AdamConfig::defaults(self.optimizer);
+                self.lr.get_or_insert(d.lr);
+                self.betas.get_or_insert([d.beta1, d.beta2]);
+                self.eps.get_or_insert(d.eps);
+                self.weight_decay.get_or_insert(d.weight_decay);
+                if self.decouple.is_some() {
+                    bail!("decouple applies to adopt only (adam couples weight decay, adamw decouples it)");
+                }
+                if self.clip_exponent.is_some() {
+                    bail!("clip_exponent applies to adopt only");
+                }
+            }
+            OptimizerKind::Adopt => {
+                let d = AdoptConfig::default();
+                self.lr.get_or_insert(d.lr);
+                self.betas.get_or_insert([d.beta1, d.beta2]);
+                self.eps.get_or_insert(d.eps);
+                self.weight_decay.get_or_insert(d.weight_decay);
+                self.decouple.get_or_insert(d.decouple);
+                self.clip_exponent.get_or_insert(match d.clip_exponent {
+                    Some(e) => ClipExponent::Exponent(e),
+                    None => ClipExponent::Keyword(NoClip::None),
+                });
+            }
+        }
+        let lr = self.lr.unwrap();
+        self.min_lr.get_or_insert(lr / 10.0);
+        self.lr_decay_steps.get_or_insert(self.max_steps);
+        self.validate()?;
+        Ok(self)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let lr = self.lr.unwrap_or(1e-3);
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("lr must be a positive number, got {lr}");
+        }
+        if let Some(min_lr) = self.min_lr {
+            if !(min_lr.is_finite() && min_lr >= 0.0 && min_lr <= lr) {
+                bail!("min_lr must be in [0, lr], got {min_lr}");
+            }
+        }
+        if let Some([b1, b2]) = self.betas {
+            for (name, b) in [("betas[0]", b1), ("betas[1]", b2)] {
+                if !(0.0..1.0).contains(&b) {
+                    bail!("{name} must be in [0, 1), got {b}");
+                }
+            }
+        }
+        if let Some(eps) = self.eps {
+            if !(eps.is_finite() && eps > 0.0) {
+                bail!("eps must be positive, got {eps}");
+            }
+        }
+        if let Some(wd) = self.weight_decay {
+            if !(wd.is_finite() && wd >= 0.0) {
+                bail!("weight_decay must be >= 0, got {wd}");
+            }
+        }
+        if let Some(ClipExponent::Exponent(e)) = self.clip_exponent {
+            if !(e.is_finite() && e > 0.0) {
+                bail!("clip_exponent must be positive or \"none\", got {e}");
+            }
+        }
+        if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
+            bail!("val_fraction must be in (0, 1), got {}", self.val_fraction);
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
+            bail!(
+                "grad_clip must be >= 0 (0 disables), got {}",
+                self.grad_clip
+            );
+        }
+        for (name, v) in [
+            ("max_steps", self.max_steps),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("eval_interval", self.eval_interval),
+            ("eval_iters", self.eval_iters),
+            ("log_interval", self.log_interval),
+            ("keep_last", self.keep_last),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if self.tokenizer == TokenizerKind::Bpe && !(257..=65536).contains(&self.bpe_vocab_size) {
+            bail!(
+                "bpe_vocab_size must be in [257, 65536], got {}",
+                self.bpe_vocab_size
+            );
+        }
+        if self.data.is_empty() {
+            bail!("data must name a corpus file");
+        }
+        crate::device::parse_device_spec(&self.device)?;
+        Ok(())
+    }
+
+    /// The config as a TOML table (every key explicit once resolved).
+    pub fn to_table(&self) -> Result<toml::Table> {
+        Ok(toml::Table::try_from(self)?)
+    }
+
+    /// The config as TOML text, for printing and saving.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+
+    /// A stable hash of the resolved config, stored in checkpoints.
+    pub fn hash(&self) -> Result<String> {
+        Ok(crate::fsutil::sha256_hex(self.to_toml()?.as_bytes()))
+    }
+
+    /// The optimizer's hyperparameters, from a resolved config.
+    pub fn optimizer_settings(&self) -> crate::optim::OptimizerSettings {
+        let [beta1, beta2] = self.betas.expect("resolved config");
+        let lr = self.lr.expect("resolved config");
+        let eps = self.eps.expect("resolved config");
+        let weight_decay = self.weight_decay.expect("resolved config");
+        match self.optimizer {
+            OptimizerKind::Adam | OptimizerKind::AdamW => {
+                crate::optim::OptimizerSettings::Adam(AdamConfig {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    decoupled: self.optimizer == OptimizerKind::AdamW,
+                })
+            }
+            OptimizerKind::Adopt => crate::optim::OptimizerSettings::Adopt(AdoptConfig {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                decouple: self.decouple.unwrap_or(false),
+                clip_exponent: match self.clip_exponent {
+                    Some(ClipExponent::Exponent(e)) => Some(e),
+                    _ => None,
+                },
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_list_matches_struct_fields() {
+        let mut cfg = TrainConfig::default().resolved().unwrap();
+        cfg.tokenizer_path = Some("x".into());
+        let table = cfg.to_table().unwrap();
+        let mut from_struct: Vec<&str> = table.keys().map(|k| k.as_str()).collect();
+        // `decouple` and `clip_exponent` are unset for AdamW, the default optimizer.
+        from_struct.extend(["decouple", "clip_exponent"]);
+        from_struct.sort();
+        let mut listed = KEYS.to_vec();
+        listed.sort();
+        assert_eq!(from_struct, listed);
+    }
+
+    #[test]
+    fn overrides_parse_as_toml_or_bare_strings() {
+        assert_eq!(
+            parse_override("lr=3e-4").unwrap().1,
+            toml::Value::Float(3e-4)
+        );
+        assert_eq!(
+            parse_override("optimizer=adam").unwrap().1,
+            toml::Value::String("adam".into())
+        );
+        assert_eq!(
+            parse_override("betas=[0.9, 0.95]").unwrap().1,
+            toml::Value::Array(vec![toml::Value::Float(0.9), toml::Value::Float(0.95)])
+        );
+        assert!(parse_override("lr").is_err());
+    }
+
+    #[test]
+    fn unset_optimizer_hyperparameters_take_that_optimizers_defaults() {
+        let adopt = TrainConfig::from_layers(None, &["optimizer=adopt".into()]).unwrap();
+        assert_eq!(adopt.betas, Some([0.9, 0.9999]));
+        assert_eq!(adopt.eps, Some(1e-6));
+        assert_eq!(adopt.weight_decay, Some(0.0));
+        assert_eq!(adopt.clip_exponent, Some(ClipExponent::Exponent(0.25)));
+        let adamw = TrainConfig::from_layers(None, &["optimizer=adamw".into()]).unwrap();
+        assert_eq!(adamw.betas, Some([0.9, 0.999]));
+        assert_eq!(adamw.eps, Some(1e-8));
+        assert_eq!(adamw.weight_decay, Some(0.01));
+        let adam = TrainConfig::from_layers(None, &["optimizer=adam".into()]).unwrap();
+        assert_eq!(adam.weight_decay, Some(0.0));
+        let none = TrainConfig::from_layers(
+            None,
+            &["optimizer=adopt".into(), "clip_exponent=\"none\"".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            none.clip_exponent,
+            Some(ClipExponent::Keyword(NoClip::None))
+        );
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_key_named() {
+        let err = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            TrainConfig::from_layers(None, &o).unwrap_err().to_string()
+        };
+        assert!(err(&["lr=-1"]).contains("lr must be"));
+        assert!(err(&["betas=[0.9, 1.0]"]).contains("betas[1]"));
+        assert!(err(&["block_size=4096"]).contains("larger than"));
+        assert!(err(&["nonsense=1"]).contains("unknown config key 'nonsense'"));
+        assert!(err(&["batch_size=0"]).contains("batch_size"));
+        assert!(err(&["optimizer=sgd"]).contains("bad config value"));
+        assert!(err(&["optimizer=adam", "decouple=true"]).contains("adopt only"));
+    }
+}

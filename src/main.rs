@@ -1,0 +1,150 @@
+//! `gpt-pretrain`: the command line over the library.
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use gpt_pretrain::config::TrainConfig;
+use gpt_pretrain::sample::{sample, SampleOptions};
+use gpt_pretrain::train::{train_new, train_resume, Reporting};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "gpt-pretrain",
+    version,
+    about = "Pretrain GPT-2-style models with Adam, AdamW or ADOPT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (a new run, or --resume an existing one).
+    Train {
+        /// TOML config file (keys: see README).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key, e.g. --set lr=3e-4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Run directory for a new run (default: runs/<config name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in this directory from its newest complete checkpoint.
+        #[arg(long, value_name = "RUN_DIR", conflicts_with = "out")]
+        resume: Option<PathBuf>,
+        /// Device: cpu, cuda or cuda:N (same as --set device=...).
+        #[arg(long)]
+        device: Option<String>,
+        /// Print only errors.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Generate text from a run's newest checkpoint.
+    Sample {
+        /// The run directory.
+        run_dir: PathBuf,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value_t = 200)]
+        max_new_tokens: usize,
+        /// 0 samples greedily.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Sample among the k most likely tokens (0 = all).
+        #[arg(long, default_value_t = 200)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        /// Device: cpu, cuda or cuda:N (default: the run's).
+        #[arg(long)]
+        device: Option<String>,
+    },
+}
+
+fn main() {
+    // candle allocates a fresh buffer per op; glibc's default thresholds return large ones to the
+    // kernel and fault them back in every step (~15% of CPU time; see CANDLE-NOTES).
+    gpt_pretrain::fsutil::tune_allocator();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train {
+            config,
+            mut set,
+            out,
+            resume,
+            device,
+            quiet,
+        } => {
+            if let Some(d) = device {
+                set.push(format!("device=\"{d}\""));
+            }
+            let file = config.as_deref().map(TrainConfig::read_table).transpose()?;
+            let reporting = Reporting { quiet };
+            let summary = match resume {
+                Some(run_dir) => train_resume(&run_dir, file, &set, &reporting)?,
+                None => {
+                    let cfg = TrainConfig::from_layers(file, &set)?;
+                    let name = config
+                        .as_deref()
+                        .and_then(|p| p.file_stem())
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "default".into());
+                    let run_dir = out.unwrap_or_else(|| PathBuf::from("runs").join(name));
+                    train_new(cfg, &run_dir, &reporting)?
+                }
+            };
+            if !quiet {
+                match summary.best_val_loss {
+                    Some(best) => println!(
+                        "done: {} at step {}, best val loss {best:.4}",
+                        summary.run_dir.display(),
+                        summary.step
+                    ),
+                    None => println!(
+                        "done: {} at step {}",
+                        summary.run_dir.display(),
+                        summary.step
+                    ),
+                }
+            }
+        }
+        Command::Sample {
+            run_dir,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            seed,
+            device,
+        } => {
+            if !temperature.is_finite() || temperature < 0.0 {
+                bail!("temperature must be >= 0, got {temperature}");
+            }
+            let opts = SampleOptions {
+                prompt: prompt.clone(),
+                max_new_tokens,
+                temperature,
+                top_k: (top_k > 0).then_some(top_k),
+                seed,
+                device,
+            };
+            let mut stdout = std::io::stdout();
+            print!("{prompt}");
+            sample(&run_dir, &opts, |piece| {
+                print!("{piece}");
+                let _ = stdout.flush();
+            })?;
+            println!();
+        }
+    }
+    Ok(())
+}

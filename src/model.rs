@@ -1,0 +1,540 @@
+//! GPT-2, as in nanoGPT (<https://github.com/karpathy/nanoGPT/blob/master/model.py>) and the GPT-2
+//! paper (Radford et al., 2019, "Language Models are Unsupervised Multitask Learners").
+//!
+//! Token + learned position embeddings, `n_layer` pre-LayerNorm blocks of causal self-attention
+//! (one fused qkv projection) and a 4x MLP with tanh-GELU, a final LayerNorm, and an `lm_head` tied
+//! to the token embedding. Tensors carry Hugging Face GPT-2 names (`transformer.h.0.attn.c_attn.weight`);
+//! linear weights are stored as `[out, in]` like `torch.nn.Linear` (Hugging Face's `Conv1D` stores the
+//! transpose). `lm_head.weight` is `transformer.wte.weight` and is not stored twice.
+//!
+//! Every layer is written with candle ops that have a backward pass: `candle_nn`'s LayerNorm and
+//! `softmax_last_dim` have none and would silently stop gradients.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// The model's shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GptConfig {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    /// Longest context; the size of the position table.
+    pub block_size: usize,
+    /// Biases in linear layers and LayerNorms (GPT-2 has them).
+    pub bias: bool,
+    pub dropout: f64,
+    /// Rows of the embedding table (the tokenizer's vocabulary padded to a multiple of 64).
+    pub vocab_size: usize,
+}
+
+impl GptConfig {
+    /// Named model shapes. The vocabulary is set later from the tokenizer.
+    pub fn preset(name: &str) -> Result<Self> {
+        let (n_layer, n_head, n_embd, block_size) = match name {
+            "tiny" => (4, 4, 128, 128),
+            // nanoGPT's Shakespeare model.
+            "baby" => (6, 6, 384, 256),
+            // GPT-2 small, 124M parameters.
+            "gpt2" => (12, 12, 768, 1024),
+            "gpt2-medium" => (24, 16, 1024, 1024),
+            _ => bail!("unknown model preset '{name}' (expected tiny, baby, gpt2 or gpt2-medium)"),
+        };
+        Ok(Self {
+            n_layer,
+            n_head,
+            n_embd,
+            block_size,
+            bias: true,
+            dropout: 0.0,
+            vocab_size: 50304,
+        })
+    }
+
+    /// Pads a vocabulary to a multiple of 64 (50257 → 50304, as nanoGPT) for faster matmuls.
+    /// The padded rows are never targets, so training drives their logits down.
+    pub fn padded_vocab(vocab: usize) -> usize {
+        vocab.div_ceil(64) * 64
+    }
+
+    /// Rejects shapes the model cannot build.
+    pub fn validate(&self) -> Result<()> {
+        if self.n_layer == 0 || self.n_head == 0 || self.n_embd == 0 || self.block_size == 0 {
+            bail!("n_layer, n_head, n_embd and block_size must all be at least 1");
+        }
+        if self.n_embd % self.n_head != 0 {
+            bail!(
+                "n_embd ({}) must be a multiple of n_head ({})",
+                self.n_embd,
+                self.n_head
+            );
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("dropout must be in [0, 1), got {}", self.dropout);
+        }
+        Ok(())
+    }
+
+    /// Every parameter tensor: name, shape and initialisation, in name order.
+    pub fn parameter_specs(&self) -> Vec<ParamSpec> {
+        let c = self.n_embd;
+        let std = 0.02;
+        // GPT-2 scales the residual projections by 1/sqrt(number of residual additions).
+        let proj_std = 0.02 / ((2 * self.n_layer) as f64).sqrt();
+        let mut specs = vec![
+            ParamSpec::new(
+                "transformer.wte.weight",
+                &[self.vocab_size, c],
+                Init::Normal(std),
+            ),
+            ParamSpec::new(
+                "transformer.wpe.weight",
+                &[self.block_size, c],
+                Init::Normal(std),
+            ),
+            ParamSpec::new("transformer.ln_f.weight", &[c], Init::Ones),
+        ];
+        if self.bias {
+            specs.push(ParamSpec::new("transformer.ln_f.bias", &[c], Init::Zeros));
+        }
+        for i in 0..self.n_layer {
+            let p = |s: &str| format!("transformer.h.{i}.{s}");
+            let mut layer = vec![
+                (p("ln_1.weight"), vec![c], Init::Ones),
+                (p("attn.c_attn.weight"), vec![3 * c, c], Init::Normal(std)),
+                (p("attn.c_proj.weight"), vec![c, c], Init::Normal(proj_std)),
+                (p("ln_2.weight"), vec![c], Init::Ones),
+                (p("mlp.c_fc.weight"), vec![4 * c, c], Init::Normal(std)),
+                (
+                    p("mlp.c_proj.weight"),
+                    vec![c, 4 * c],
+                    Init::Normal(proj_std),
+                ),
+            ];
+            if self.bias {
+                layer.extend([
+                    (p("ln_1.bias"), vec![c], Init::Zeros),
+                    (p("attn.c_attn.bias"), vec![3 * c], Init::Zeros),
+                    (p("attn.c_proj.bias"), vec![c], Init::Zeros),
+                    (p("ln_2.bias"), vec![c], Init::Zeros),
+                    (p("mlp.c_fc.bias"), vec![4 * c], Init::Zeros),
+                    (p("mlp.c_proj.bias"), vec![c], Init::Zeros),
+                ]);
+            }
+            specs.extend(layer.into_iter().map(|(name, shape, init)| ParamSpec {
+                name,
+                shape,
+                init,
+            }));
+        }
+        specs.sort_by(|a, b| a.name.cmp(&b.name));
+        specs
+    }
+
+    /// Number of parameters (the tied `lm_head` counted once).
+    pub fn n_params(&self) -> usize {
+        self.parameter_specs()
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT's `estimate_mfu`:
+    /// 6·N for the weights plus 12·L·C·T for attention scores.
+    pub fn flops_per_token(&self) -> f64 {
+        let n = (self.n_params() - self.block_size * self.n_embd) as f64;
+        6.0 * n + 12.0 * (self.n_layer * self.n_embd * self.block_size) as f64
+    }
+}
+
+/// How a parameter starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// N(0, std²).
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// One parameter tensor's name, shape and initialisation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+impl ParamSpec {
+    fn new(name: &str, shape: &[usize], init: Init) -> Self {
+        Self {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            init,
+        }
+    }
+}
+
+/// The trainable tensors, by name in sorted order (optimizer state and checkpoints rely on it).
+pub struct Params {
+    vars: BTreeMap<String, Var>,
+}
+
+impl Params {
+    /// Fresh parameters drawn from a ChaCha RNG seeded with `seed` in name order, so the same
+    /// seed gives the same model on every machine (candle's own CPU RNG cannot be seeded).
+    pub fn init(cfg: &GptConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut vars = BTreeMap::new();
+        for spec in cfg.parameter_specs() {
+            let n: usize = spec.shape.iter().product();
+            let values: Vec<f64> = match spec.init {
+                Init::Zeros => vec![0.0; n],
+                Init::Ones => vec![1.0; n],
+                Init::Normal(std) => {
+                    let normal = Normal::new(0.0, std)?;
+                    (0..n).map(|_| normal.sample(&mut rng)).collect()
+                }
+            };
+            let t = Tensor::from_vec(values, spec.shape.as_slice(), device)?.to_dtype(dtype)?;
+            vars.insert(spec.name, Var::from_tensor(&t)?);
+        }
+        Ok(Self { vars })
+    }
+
+    /// Parameters from named tensors (a checkpoint), which must match `cfg` exactly.
+    pub fn from_tensors(
+        cfg: &GptConfig,
+        mut tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        for spec in cfg.parameter_specs() {
+            let t = tensors
+                .remove(&spec.name)
+                .with_context(|| format!("checkpoint lacks tensor {}", spec.name))?;
+            if t.dims() != spec.shape.as_slice() {
+                bail!(
+                    "checkpoint tensor {} has shape {:?}, the model expects {:?} (a different model shape)",
+                    spec.name,
+                    t.dims(),
+                    spec.shape
+                );
+            }
+            let t = t.to_dtype(dtype)?.to_device(device)?;
+            vars.insert(spec.name, Var::from_tensor(&t)?);
+        }
+        if let Some(extra) = tensors.keys().min() {
+            bail!("checkpoint has tensor {extra}, which this model shape does not (a different model shape)");
+        }
+        Ok(Self { vars })
+    }
+
+    /// The variable called `name`.
+    pub fn get(&self, name: &str) -> Result<&Var> {
+        self.vars
+            .get(name)
+            .with_context(|| format!("no parameter named {name}"))
+    }
+
+    /// `(name, var)` pairs in name order.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        self.vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Current values by name, for saving.
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+}
+
+/// A linear layer `y = x Wᵀ + b` with `W` stored `[out, in]`.
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(params: &Params, prefix: &str, bias: bool) -> Result<Self> {
+        Ok(Self {
+            weight: params.get(&format!("{prefix}.weight"))?.as_tensor().clone(),
+            bias: if bias {
+                Some(params.get(&format!("{prefix}.bias"))?.as_tensor().clone())
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // (B, T, in) → (B·T, in) so one 2-D matmul does the work.
+        let (b, t, c) = x.dims3()?;
+        let y = x.reshape((b * t, c))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        Ok(y.reshape((b, t, ()))?)
+    }
+}
+
+/// LayerNorm over the last dimension with eps 1e-5, as `torch.nn.LayerNorm`.
+struct LayerNorm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl LayerNorm {
+    fn new(params: &Params, prefix: &str, bias: bool) -> Result<Self> {
+        let lin = Linear::new(params, prefix, bias)?;
+        Ok(Self {
+            weight: lin.weight,
+            bias: lin.bias,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+        let y = normed.broadcast_mul(&self.weight)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// GELU with the tanh approximation GPT-2 uses, built from differentiable ops (candle's fused
+/// `gelu` backward uses 6-digit constants, which finite-difference checks notice).
+fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    let sqrt_2_over_pi = (2.0 / std::f64::consts::PI).sqrt();
+    let inner = ((x.sqr()? * 0.044715)? + 1.0)?.mul(x)?;
+    let tanh = (inner * sqrt_2_over_pi)?.tanh()?;
+    Ok(((tanh + 1.0)? * 0.5)?.mul(x)?)
+}
+
+/// Softmax over the last dimension. The max is detached: subtracting it only prevents overflow,
+/// and carries no gradient.
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    Ok(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Inverted dropout with a mask from our seeded RNG (candle's CPU RNG cannot be seeded).
+fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+    let Some(rng) = rng else { return Ok(x.clone()) };
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = rand::distr::Bernoulli::new(1.0 - p)?;
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if keep.sample(rng) { scale as f32 } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+struct CausalSelfAttention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+    dropout: f64,
+}
+
+impl CausalSelfAttention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let head_dim = c / self.n_head;
+        let qkv = self.c_attn.forward(x)?;
+        // (B, T, C) → (B, n_head, T, head_dim)
+        let split = |i: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(D::Minus1, i * c, c)?
+                .reshape((b, t, self.n_head, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
+        let scores = scores.broadcast_add(mask)?;
+        let att = softmax_last_dim(&scores)?;
+        let att = dropout(&att, self.dropout, rng.as_deref_mut())?;
+        // (B, n_head, T, head_dim) → (B, T, C)
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        dropout(&self.c_proj.forward(&y)?, self.dropout, rng)
+    }
+}
+
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+    dropout: f64,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        let h = gelu_tanh(&self.c_fc.forward(x)?)?;
+        dropout(&self.c_proj.forward(&h)?, self.dropout, rng)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: CausalSelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(params: &Params, cfg: &GptConfig, i: usize) -> Result<Self> {
+        let p = |s: &str| format!("transformer.h.{i}.{s}");
+        Ok(Self {
+            ln_1: LayerNorm::new(params, &p("ln_1"), cfg.bias)?,
+            attn: CausalSelfAttention {
+                c_attn: Linear::new(params, &p("attn.c_attn"), cfg.bias)?,
+                c_proj: Linear::new(params, &p("attn.c_proj"), cfg.bias)?,
+                n_head: cfg.n_head,
+                dropout: cfg.dropout,
+            },
+            ln_2: LayerNorm::new(params, &p("ln_2"), cfg.bias)?,
+            mlp: Mlp {
+                c_fc: Linear::new(params, &p("mlp.c_fc"), cfg.bias)?,
+                c_proj: Linear::new(params, &p("mlp.c_proj"), cfg.bias)?,
+                dropout: cfg.dropout,
+            },
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let x = (x + self
+            .attn
+            .forward(&self.ln_1.forward(x)?, mask, rng.as_deref_mut())?)?;
+        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?)
+    }
+}
+
+/// The GPT-2 language model.
+pub struct Gpt {
+    cfg: GptConfig,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    /// 0 on and below the diagonal, −∞ above: added to attention scores.
+    causal_mask: Tensor,
+}
+
+impl Gpt {
+    /// Builds the model over `params` (which it shares: optimizer updates are seen at once).
+    pub fn new(cfg: &GptConfig, params: &Params) -> Result<Self> {
+        cfg.validate()?;
+        let wte = params.get("transformer.wte.weight")?.as_tensor().clone();
+        let (device, dtype) = (wte.device().clone(), wte.dtype());
+        let n = cfg.block_size;
+        let mask: Vec<f32> = (0..n * n)
+            .map(|i| {
+                if i % n > i / n {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok(Self {
+            cfg: cfg.clone(),
+            wpe: params.get("transformer.wpe.weight")?.as_tensor().clone(),
+            blocks: (0..cfg.n_layer)
+                .map(|i| Block::new(params, cfg, i))
+                .collect::<Result<_>>()?,
+            ln_f: LayerNorm::new(params, "transformer.ln_f", cfg.bias)?,
+            causal_mask: Tensor::from_vec(mask, (n, n), &device)?.to_dtype(dtype)?,
+            wte,
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    /// Logits `(B, T, vocab_size)` for token ids `(B, T)` (u32). `dropout_rng` switches dropout on
+    /// (training); `None` is evaluation.
+    pub fn forward(
+        &self,
+        idx: &Tensor,
+        mut dropout_rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let (b, t) = idx.dims2()?;
+        if t > self.cfg.block_size {
+            bail!(
+                "sequence of length {t} is longer than block_size {}",
+                self.cfg.block_size
+            );
+        }
+        let tok = self
+            .wte
+            .embedding(&idx.flatten_all()?)?
+            .reshape((b, t, ()))?;
+        let pos = self.wpe.narrow(0, 0, t)?;
+        let mut x = dropout(
+            &tok.broadcast_add(&pos)?,
+            self.cfg.dropout,
+            dropout_rng.as_deref_mut(),
+        )?;
+        let mask = self.causal_mask.narrow(0, 0, t)?.narrow(1, 0, t)?;
+        for block in &self.blocks {
+            x = block.forward(&x, &mask, dropout_rng.as_deref_mut())?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        // lm_head is tied to wte.
+        let c = self.cfg.n_embd;
+        let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?;
+        Ok(logits.reshape((b, t, ()))?)
+    }
+
+    /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`.
+    pub fn loss(
+        &self,
+        idx: &Tensor,
+        targets: &Tensor,
+        dropout_rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let logits = self.forward(idx, dropout_rng)?;
+        cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
+    }
+}
+
+/// Mean negative log-likelihood of `targets` (N,) under `logits` (N, V).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let log_probs = shifted.broadcast_sub(&log_z)?;
+    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
+    Ok(picked.mean_all()?.neg()?)
+}

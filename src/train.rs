@@ -1,0 +1,642 @@
+//! The training loop, in nanoGPT's order: set lr → micro-steps with gradient accumulation → clip →
+//! optimizer step → log → (every `eval_interval` steps and at the end) evaluate and checkpoint.
+//!
+//! A run directory holds `config.toml` (the resolved config), `run.json` (reproducibility header),
+//! `metrics.jsonl` (one JSON object per event), `tokenizer.json` (trained BPE only) and
+//! `checkpoints/`. On CPU a resumed run is bitwise identical to an uninterrupted one: parameters,
+//! optimizer moments and the data stream position are restored exactly, the schedule is a pure
+//! function of the step, and dropout masks are drawn from a stream keyed by the step.
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::{TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
+use crate::data::{eval_windows, BatchSampler, Corpus, Split, TokenData};
+use crate::model::{Gpt, GptConfig, Params};
+use crate::optim::{self, Optimizer};
+use crate::schedule::Schedule;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const CONFIG_FILE: &str = "config.toml";
+const RUN_FILE: &str = "run.json";
+const METRICS_FILE: &str = "metrics.jsonl";
+const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// The reproducibility header written once when a run starts (`run.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunHeader {
+    pub crate_version: String,
+    pub git_commit: String,
+    pub seed: u64,
+    pub device: String,
+    pub start_time: String,
+    pub corpus: String,
+    pub corpus_sha256: String,
+    pub tokenizer_sha256: String,
+    pub vocab_size: usize,
+    pub n_tokens: usize,
+    pub n_params: usize,
+    pub model: GptConfig,
+}
+
+/// How a training run ended.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The last validation loss measured.
+    pub val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+}
+
+/// Options that affect how a run reports, not what it computes.
+#[derive(Debug, Clone, Default)]
+pub struct Reporting {
+    /// Print nothing but errors (tests).
+    pub quiet: bool,
+}
+
+/// Everything a run needs, assembled from a config (new run) or a run directory (resume).
+struct Setup {
+    cfg: TrainConfig,
+    run_dir: PathBuf,
+    device: Device,
+    data: TokenData,
+    model_cfg: GptConfig,
+    params: Params,
+    optimizer: Box<dyn Optimizer>,
+    sampler: BatchSampler,
+    step: u64,
+    tokens: u64,
+    best_val_loss: Option<f64>,
+}
+
+/// The run directory's resolved config.
+pub fn load_run_config(run_dir: &Path) -> Result<TrainConfig> {
+    let path = run_dir.join(CONFIG_FILE);
+    if !path.is_file() {
+        bail!(
+            "{} is not a run directory (no {CONFIG_FILE})",
+            run_dir.display()
+        );
+    }
+    TrainConfig::from_table(TrainConfig::read_table(&path)?)
+}
+
+/// The tokenizer a run directory was trained with.
+pub fn load_run_tokenizer(run_dir: &Path, cfg: &TrainConfig) -> Result<Tokenizer> {
+    match cfg.tokenizer {
+        TokenizerKind::Byte => Ok(Tokenizer::Byte),
+        TokenizerKind::Gpt2 => Tokenizer::gpt2(cfg.tokenizer_path.as_deref().map(Path::new)),
+        TokenizerKind::Bpe => Tokenizer::from_file(&run_dir.join(TOKENIZER_FILE)),
+    }
+}
+
+/// The config with the keys a resume may change set to fixed values: equal identities mean the
+/// same computation per step.
+fn identity(cfg: &TrainConfig) -> Result<toml::Table> {
+    let mut t = cfg.to_table()?;
+    for key in RESUME_OVERRIDABLE {
+        t.remove(*key);
+    }
+    Ok(t)
+}
+
+fn identity_hash(cfg: &TrainConfig) -> Result<String> {
+    Ok(crate::fsutil::sha256_hex(
+        toml::to_string(&identity(cfg)?)?.as_bytes(),
+    ))
+}
+
+/// Starts a new run in `run_dir`, which must not exist yet (or be empty).
+pub fn train_new(cfg: TrainConfig, run_dir: &Path, reporting: &Reporting) -> Result<TrainSummary> {
+    if run_dir.exists()
+        && std::fs::read_dir(run_dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "run directory {} already exists; continue it with --resume {0} or pick another --out",
+            run_dir.display()
+        );
+    }
+    let device = crate::device::parse_device(&cfg.device)?;
+    let corpus = Corpus::read(Path::new(&cfg.data))?;
+    let tokenizer = match cfg.tokenizer {
+        TokenizerKind::Byte => Tokenizer::Byte,
+        TokenizerKind::Gpt2 => Tokenizer::gpt2(cfg.tokenizer_path.as_deref().map(Path::new))?,
+        TokenizerKind::Bpe => {
+            Tokenizer::train_bpe(corpus.training_text(cfg.val_fraction), cfg.bpe_vocab_size)?
+        }
+    };
+    let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
+    let data = TokenData::load(
+        &corpus,
+        &tokenizer,
+        Path::new(&cfg.cache_dir),
+        cfg.val_fraction,
+        model_cfg.block_size,
+    )?;
+    let params = Params::init(&model_cfg, cfg.seed, DType::F32, &device)?;
+    let optimizer = build_optimizer(&cfg, &params)?;
+
+    // Inputs are valid: only now touch the disk.
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    crate::fsutil::write_atomic(&run_dir.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
+    let header = RunHeader {
+        crate_version: env!("CARGO_PKG_VERSION").to_string(),
+        git_commit: env!("GPT_PRETRAIN_GIT_COMMIT").to_string(),
+        seed: cfg.seed,
+        device: cfg.device.clone(),
+        start_time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        corpus: corpus.path.display().to_string(),
+        corpus_sha256: corpus.sha256.clone(),
+        tokenizer_sha256: tokenizer.fingerprint()?,
+        vocab_size: tokenizer.vocab_size(),
+        n_tokens: data.len(),
+        n_params: model_cfg.n_params(),
+        model: model_cfg.clone(),
+    };
+    crate::fsutil::write_atomic(
+        &run_dir.join(RUN_FILE),
+        serde_json::to_string_pretty(&header)?.as_bytes(),
+    )?;
+    if cfg.tokenizer == TokenizerKind::Bpe {
+        crate::fsutil::write_atomic(
+            &run_dir.join(TOKENIZER_FILE),
+            tokenizer.to_json()?.as_bytes(),
+        )?;
+    }
+    let sampler = BatchSampler::new(cfg.seed);
+    run(
+        Setup {
+            cfg,
+            run_dir: run_dir.to_path_buf(),
+            device,
+            data,
+            model_cfg,
+            params,
+            optimizer,
+            sampler,
+            step: 0,
+            tokens: 0,
+            best_val_loss: None,
+        },
+        reporting,
+    )
+}
+
+/// Continues the run in `run_dir` from its newest complete checkpoint. `config_file` (if given)
+/// and `overrides` may change only [`RESUME_OVERRIDABLE`] keys.
+pub fn train_resume(
+    run_dir: &Path,
+    config_file: Option<toml::Table>,
+    overrides: &[String],
+    reporting: &Reporting,
+) -> Result<TrainSummary> {
+    let saved = load_run_config(run_dir)?;
+    let mut table = saved.to_table()?;
+    if let Some(file) = config_file {
+        let requested = TrainConfig::from_table(file)?;
+        let (a, b) = (identity(&saved)?, identity(&requested)?);
+        if let Some(key) = a.keys().find(|k| a.get(*k) != b.get(*k)) {
+            bail!(
+                "--config differs from the run's saved config in '{key}'; a resumed run may change only {}",
+                RESUME_OVERRIDABLE.join(", ")
+            );
+        }
+        for key in RESUME_OVERRIDABLE {
+            if let Some(v) = requested.to_table()?.get(*key) {
+                table.insert(key.to_string(), v.clone());
+            }
+        }
+    }
+    for assignment in overrides {
+        let (key, value) = crate::config::parse_override(assignment)?;
+        if !RESUME_OVERRIDABLE.contains(&key.as_str()) {
+            bail!(
+                "cannot change '{key}' when resuming (it would change the model, data, tokenizer or \
+                 optimizer); only {} may be overridden",
+                RESUME_OVERRIDABLE.join(", ")
+            );
+        }
+        table.insert(key, value);
+    }
+    let cfg = TrainConfig::from_table(table)?;
+    let header: RunHeader = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join(RUN_FILE))
+            .with_context(|| format!("cannot read {}", run_dir.join(RUN_FILE).display()))?,
+    )
+    .with_context(|| format!("{} is corrupted", run_dir.join(RUN_FILE).display()))?;
+
+    let device = crate::device::parse_device(&cfg.device)?;
+    let ckpt = checkpoint::load_latest(run_dir, &device)?;
+    if ckpt.state.config_hash != identity_hash(&cfg)? {
+        bail!(
+            "checkpoint {} was written with a different config than {}",
+            ckpt.dir.display(),
+            run_dir.join(CONFIG_FILE).display()
+        );
+    }
+    let corpus = Corpus::read(Path::new(&cfg.data))?;
+    if corpus.sha256 != header.corpus_sha256 {
+        bail!(
+            "corpus {} changed since the run started (sha256 {} now, {} then)",
+            cfg.data,
+            &corpus.sha256[..12],
+            &header.corpus_sha256[..12]
+        );
+    }
+    let tokenizer = load_run_tokenizer(run_dir, &cfg)?;
+    let fingerprint = tokenizer.fingerprint()?;
+    if fingerprint != header.tokenizer_sha256 {
+        bail!(
+            "tokenizer changed since the run started (sha256 {} now, {} then)",
+            &fingerprint[..12],
+            &header.tokenizer_sha256[..12]
+        );
+    }
+    let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
+    let data = TokenData::load(
+        &corpus,
+        &tokenizer,
+        Path::new(&cfg.cache_dir),
+        cfg.val_fraction,
+        model_cfg.block_size,
+    )?;
+    let params = Params::from_tensors(&model_cfg, ckpt.model, DType::F32, &device)
+        .with_context(|| format!("cannot load {}", ckpt.dir.display()))?;
+    let mut optimizer = build_optimizer(&cfg, &params)?;
+    optimizer
+        .load_state_tensors(&ckpt.optimizer)
+        .with_context(|| format!("cannot load optimizer state from {}", ckpt.dir.display()))?;
+    let word_pos: u128 = ckpt
+        .state
+        .data_word_pos
+        .parse()
+        .with_context(|| format!("bad data_word_pos in {}", ckpt.dir.display()))?;
+    if !reporting.quiet {
+        println!(
+            "resuming {} from {} (step {})",
+            run_dir.display(),
+            ckpt.dir.display(),
+            ckpt.state.step
+        );
+    }
+    run(
+        Setup {
+            sampler: BatchSampler::at(ckpt.state.data_seed, word_pos),
+            step: ckpt.state.step,
+            tokens: ckpt.state.tokens,
+            best_val_loss: ckpt.state.best_val_loss,
+            cfg,
+            run_dir: run_dir.to_path_buf(),
+            device,
+            data,
+            model_cfg,
+            params,
+            optimizer,
+        },
+        reporting,
+    )
+}
+
+fn build_optimizer(cfg: &TrainConfig, params: &Params) -> Result<Box<dyn Optimizer>> {
+    let groups = optim::param_groups(
+        &params.named_vars(),
+        cfg.weight_decay.unwrap_or(0.0),
+        cfg.decay_1d,
+    );
+    optim::build(&cfg.optimizer_settings(), groups)
+}
+
+/// Appends JSON lines to `metrics.jsonl`, flushed per line.
+struct Metrics {
+    file: File,
+}
+
+impl Metrics {
+    fn open(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join(METRICS_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Self { file })
+    }
+
+    fn write(&mut self, value: serde_json::Value) -> Result<()> {
+        let mut line = serde_json::to_string(&value)?;
+        line.push('\n');
+        self.file
+            .write_all(line.as_bytes())
+            .context("cannot append to metrics.jsonl")
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.file.sync_data().context("cannot sync metrics.jsonl")
+    }
+}
+
+/// Mean loss over fixed windows, without dropout.
+fn evaluate(
+    model: &Gpt,
+    data: &TokenData,
+    split: Split,
+    cfg: &TrainConfig,
+    device: &Device,
+) -> Result<f64> {
+    let block = model.config().block_size;
+    let windows = eval_windows(
+        data,
+        split,
+        cfg.eval_seed,
+        cfg.eval_iters,
+        cfg.batch_size,
+        block,
+    );
+    let mut total = 0.0;
+    for starts in &windows {
+        let (x, y) = data.batch(split, starts, block, device)?;
+        total += model
+            .loss(&x, &y, None)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(total / windows.len() as f64)
+}
+
+/// Global L2 norm of the gradients, summed in name order in f64 so it is reproducible.
+pub fn grad_norm(params: &Params, grads: &GradStore) -> Result<f64> {
+    let mut sum = 0.0;
+    for (_, var) in params.named_vars() {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            sum += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+        }
+    }
+    Ok(sum.sqrt())
+}
+
+/// Multiplies every gradient by `factor`.
+fn scale_grads(params: &Params, grads: &mut GradStore, factor: f64) -> Result<()> {
+    for (_, var) in params.named_vars() {
+        if let Some(g) = grads.remove(var.as_tensor()) {
+            grads.insert(var.as_tensor(), (g * factor)?);
+        }
+    }
+    Ok(())
+}
+
+fn print_config(
+    cfg: &TrainConfig,
+    model_cfg: &GptConfig,
+    run_dir: &Path,
+    n_train: usize,
+    n_val: usize,
+) -> Result<()> {
+    println!("run directory: {}", run_dir.display());
+    println!("---- resolved config ----");
+    print!("{}", cfg.to_toml()?);
+    println!("-------------------------");
+    println!(
+        "model: {} layers, {} heads, {} wide, block {}, vocab {} ({:.2}M parameters)",
+        model_cfg.n_layer,
+        model_cfg.n_head,
+        model_cfg.n_embd,
+        model_cfg.block_size,
+        model_cfg.vocab_size,
+        model_cfg.n_params() as f64 / 1e6
+    );
+    println!("data: {n_train} train tokens, {n_val} validation tokens");
+    Ok(())
+}
+
+fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
+    let Setup {
+        cfg,
+        run_dir,
+        device,
+        data,
+        model_cfg,
+        params,
+        mut optimizer,
+        mut sampler,
+        mut step,
+        mut tokens,
+        mut best_val_loss,
+    } = setup;
+    let model = Gpt::new(&model_cfg, &params)?;
+    let schedule = Schedule {
+        kind: cfg.schedule,
+        lr: cfg.lr.expect("resolved"),
+        min_lr: cfg.min_lr.expect("resolved"),
+        warmup_steps: cfg.warmup_steps,
+        decay_steps: cfg.lr_decay_steps.expect("resolved"),
+    };
+    let block = model_cfg.block_size;
+    let tokens_per_step = (cfg.batch_size * cfg.grad_accum * block) as u64;
+    let config_hash = identity_hash(&cfg)?;
+    let mut metrics = Metrics::open(&run_dir)?;
+    let quiet = reporting.quiet;
+    if !quiet {
+        print_config(
+            &cfg,
+            &model_cfg,
+            &run_dir,
+            data.split_len(Split::Train),
+            data.split_len(Split::Val),
+        )?;
+    }
+    let mut last_val = None;
+    let eval_and_checkpoint = |metrics: &mut Metrics,
+                               step: u64,
+                               tokens: u64,
+                               best: &mut Option<f64>,
+                               sampler: &BatchSampler,
+                               optimizer: &dyn Optimizer,
+                               save: bool|
+     -> Result<f64> {
+        let val = evaluate(&model, &data, Split::Val, &cfg, &device)?;
+        let train = evaluate(&model, &data, Split::Train, &cfg, &device)?;
+        if best.is_none_or(|b| val < b) {
+            *best = Some(val);
+        }
+        metrics.write(serde_json::json!({
+            "step": step, "tokens": tokens, "split": "val", "loss": val, "train_loss": train,
+        }))?;
+        metrics.sync()?;
+        let mut saved = String::new();
+        if save {
+            let state = TrainState {
+                step,
+                tokens,
+                data_seed: cfg.seed,
+                data_word_pos: sampler.word_pos().to_string(),
+                best_val_loss: *best,
+                config_hash: config_hash.clone(),
+                checksums: Default::default(),
+            };
+            let dir = checkpoint::save(
+                &run_dir,
+                &params.tensors(),
+                &optimizer.state_tensors()?,
+                state,
+                cfg.keep_last,
+            )?;
+            saved = format!(", saved {}", dir.display());
+        }
+        if !quiet {
+            println!("step {step}: val loss {val:.4}, train loss {train:.4}{saved}");
+        }
+        Ok(val)
+    };
+
+    if step == 0 {
+        last_val = Some(eval_and_checkpoint(
+            &mut metrics,
+            0,
+            0,
+            &mut best_val_loss,
+            &sampler,
+            optimizer.as_ref(),
+            false,
+        )?);
+    }
+    let progress = (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(cfg.max_steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps | {msg} | eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_position(step);
+        bar
+    });
+
+    while step < cfg.max_steps as u64 {
+        let started = Instant::now();
+        let lr = schedule.lr_at(step as usize);
+        let mut grads: Option<GradStore> = None;
+        let mut loss_sum = 0.0;
+        for micro in 0..cfg.grad_accum {
+            let starts = sampler.next_starts(data.split_len(Split::Train), block, cfg.batch_size);
+            let (x, y) = data.batch(Split::Train, &starts, block, &device)?;
+            // Dropout masks come from a stream keyed by (seed, micro-step index): no state to save.
+            let mut dropout_rng = (model_cfg.dropout > 0.0).then(|| {
+                let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+                rng.set_stream(1 + step * cfg.grad_accum as u64 + micro as u64);
+                rng
+            });
+            let loss = model.loss(&x, &y, dropout_rng.as_mut())?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let loss = if cfg.grad_accum > 1 {
+                (loss / cfg.grad_accum as f64)?
+            } else {
+                loss
+            };
+            let g = loss.backward()?;
+            match grads.as_mut() {
+                None => grads = Some(g),
+                Some(acc) => {
+                    for (_, var) in params.named_vars() {
+                        if let Some(gi) = g.get(var.as_tensor()) {
+                            let sum = match acc.get(var.as_tensor()) {
+                                Some(a) => (a + gi)?,
+                                None => gi.clone(),
+                            };
+                            acc.insert(var.as_tensor(), sum);
+                        }
+                    }
+                }
+            }
+        }
+        let loss = loss_sum / cfg.grad_accum as f64;
+        if !loss.is_finite() {
+            let last = checkpoint::list_complete(&run_dir)?
+                .last()
+                .map(|(_, d)| d.display().to_string())
+                .unwrap_or_else(|| "none".into());
+            bail!(
+                "loss became {loss} at step {}; stopped without saving (last good checkpoint: {last})",
+                step + 1
+            );
+        }
+        let mut grads = grads.expect("grad_accum >= 1");
+        let norm = grad_norm(&params, &grads)?;
+        if cfg.grad_clip > 0.0 && norm > cfg.grad_clip {
+            // torch.nn.utils.clip_grad_norm_'s coefficient.
+            scale_grads(&params, &mut grads, cfg.grad_clip / (norm + 1e-6))?;
+        }
+        optimizer.step(&grads, lr)?;
+        drop(grads);
+        step += 1;
+        tokens += tokens_per_step;
+        let secs = started.elapsed().as_secs_f64();
+        let tok_per_s = tokens_per_step as f64 / secs;
+        metrics.write(serde_json::json!({
+            "step": step, "tokens": tokens, "split": "train", "loss": loss, "lr": lr,
+            "grad_norm": norm, "ms": secs * 1e3, "tok_per_s": tok_per_s,
+        }))?;
+        if let Some(bar) = &progress {
+            bar.set_position(step);
+            bar.set_message(format!("loss {loss:.4} | {tok_per_s:.0} tok/s"));
+        } else if !quiet && (step % cfg.log_interval as u64 == 0 || step == 1) {
+            println!(
+                "step {step}/{} | loss {loss:.4} | lr {lr:.3e} | grad norm {norm:.3} | {:.0} ms | {tok_per_s:.0} tok/s",
+                cfg.max_steps,
+                secs * 1e3
+            );
+        }
+        if step % cfg.eval_interval as u64 == 0 || step == cfg.max_steps as u64 {
+            if let Some(bar) = &progress {
+                bar.suspend(|| -> Result<()> {
+                    last_val = Some(eval_and_checkpoint(
+                        &mut metrics,
+                        step,
+                        tokens,
+                        &mut best_val_loss,
+                        &sampler,
+                        optimizer.as_ref(),
+                        true,
+                    )?);
+                    Ok(())
+                })?;
+            } else {
+                last_val = Some(eval_and_checkpoint(
+                    &mut metrics,
+                    step,
+                    tokens,
+                    &mut best_val_loss,
+                    &sampler,
+                    optimizer.as_ref(),
+                    true,
+                )?);
+            }
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish();
+    }
+    Ok(TrainSummary {
+        run_dir,
+        step,
+        val_loss: last_val,
+        best_val_loss,
+    })
+}
