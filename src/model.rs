@@ -67,7 +67,7 @@ impl GptConfig {
         if self.n_layer == 0 || self.n_head == 0 || self.n_embd == 0 || self.block_size == 0 {
             bail!("n_layer, n_head, n_embd and block_size must all be at least 1");
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             bail!(
                 "n_embd ({}) must be a multiple of n_head ({})",
                 self.n_embd,

@@ -463,6 +463,10 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
         )?;
     }
     let mut last_val = None;
+    // Fault injection for tests: poison the loss of one step to exercise the NaN path.
+    let inject_nan_at: Option<u64> = std::env::var("GPT_PRETRAIN_INJECT_NAN_AT_STEP")
+        .ok()
+        .and_then(|s| s.parse().ok());
     let eval_and_checkpoint = |metrics: &mut Metrics,
                                step: u64,
                                tokens: u64,
@@ -473,6 +477,11 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
      -> Result<f64> {
         let val = evaluate(&model, &data, Split::Val, &cfg, &device)?;
         let train = evaluate(&model, &data, Split::Train, &cfg, &device)?;
+        if !val.is_finite() {
+            bail!(
+                "validation loss became {val} at step {step}; stopped without saving a checkpoint"
+            );
+        }
         if best.is_none_or(|b| val < b) {
             *best = Some(val);
         }
@@ -543,7 +552,10 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
                 rng.set_stream(1 + step * cfg.grad_accum as u64 + micro as u64);
                 rng
             });
-            let loss = model.loss(&x, &y, dropout_rng.as_mut())?;
+            let mut loss = model.loss(&x, &y, dropout_rng.as_mut())?;
+            if inject_nan_at == Some(step + 1) {
+                loss = (loss * f64::NAN)?;
+            }
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let loss = if cfg.grad_accum > 1 {
                 (loss / cfg.grad_accum as f64)?

@@ -22,7 +22,9 @@ fn small(vocab: usize, block: usize, bias: bool) -> GptConfig {
 
 fn random_ids(b: usize, t: usize, vocab: usize, seed: u64) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab as u32)).collect();
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| rng.random_range(0..vocab as u32))
+        .collect();
     Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap()
 }
 
@@ -38,8 +40,16 @@ fn every_parameter_receives_a_nonzero_gradient() {
         let named = params.named_vars();
         assert_eq!(named.len(), cfg.parameter_specs().len());
         for (name, var) in named {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
-            let size = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            let size = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(size > 0.0, "{name}: zero gradient");
         }
     }
@@ -59,10 +69,24 @@ fn parameter_names_and_count_match_gpt2() {
 
 #[test]
 fn init_follows_gpt2_statistics() {
-    let cfg = GptConfig { n_layer: 4, n_embd: 128, n_head: 4, block_size: 128, bias: true, dropout: 0.0, vocab_size: 256 };
+    let cfg = GptConfig {
+        n_layer: 4,
+        n_embd: 128,
+        n_head: 4,
+        block_size: 128,
+        bias: true,
+        dropout: 0.0,
+        vocab_size: 256,
+    };
     let params = Params::init(&cfg, 7, DType::F64, &Device::Cpu).unwrap();
     let std_of = |name: &str| {
-        let v: Vec<f64> = params.get(name).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f64> = params
+            .get(name)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let mean = v.iter().sum::<f64>() / v.len() as f64;
         (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
     };
@@ -71,12 +95,25 @@ fn init_follows_gpt2_statistics() {
     let proj = 0.02 / (8.0f64).sqrt();
     assert!((std_of("transformer.h.3.mlp.c_proj.weight") - proj).abs() < 0.0005);
     assert!((std_of("transformer.h.1.attn.c_proj.weight") - proj).abs() < 0.0005);
-    let ln: Vec<f64> = params.get("transformer.h.0.ln_1.weight").unwrap().to_vec1().unwrap();
+    let ln: Vec<f64> = params
+        .get("transformer.h.0.ln_1.weight")
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert!(ln.iter().all(|&x| x == 1.0));
     // The same seed gives the same model; another seed another.
     let again = Params::init(&cfg, 7, DType::F64, &Device::Cpu).unwrap();
     let other = Params::init(&cfg, 8, DType::F64, &Device::Cpu).unwrap();
-    let first = |p: &Params| -> Vec<f64> { p.get("transformer.wte.weight").unwrap().flatten_all().unwrap().narrow(0, 0, 5).unwrap().to_vec1().unwrap() };
+    let first = |p: &Params| -> Vec<f64> {
+        p.get("transformer.wte.weight")
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .narrow(0, 0, 5)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
     assert_eq!(first(&params), first(&again));
     assert_ne!(first(&params), first(&other));
 }
@@ -89,9 +126,16 @@ fn loss_at_init_is_close_to_ln_vocab() {
         let params = Params::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
         let model = Gpt::new(&cfg, &params).unwrap();
         let (x, y) = (random_ids(4, 128, vocab, 3), random_ids(4, 128, vocab, 4));
-        let loss = model.loss(&x, &y, None).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let loss = model
+            .loss(&x, &y, None)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         let expected = (vocab as f64).ln();
-        assert!((loss - expected).abs() < 0.05, "vocab {vocab}: loss {loss}, ln(vocab) {expected}");
+        assert!(
+            (loss - expected).abs() < 0.05,
+            "vocab {vocab}: loss {loss}, ln(vocab) {expected}"
+        );
     }
 }
 
@@ -103,7 +147,8 @@ fn loss_of(model: &Gpt, x: &Tensor, y: &Tensor) -> f64 {
 fn set_element(var: &Var, index: usize, value: f64) {
     let mut v: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
     v[index] = value;
-    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+        .unwrap();
 }
 
 #[test]
@@ -115,7 +160,8 @@ fn gradients_match_finite_differences_in_f64() {
     for (_, var) in params.named_vars() {
         let v: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let v: Vec<f64> = v.iter().map(|x| x + rng.random_range(-0.1..0.1)).collect();
-        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
     }
     let model = Gpt::new(&cfg, &params).unwrap();
     let (x, y) = (random_ids(2, 6, 32, 10), random_ids(2, 6, 32, 11));
@@ -123,10 +169,21 @@ fn gradients_match_finite_differences_in_f64() {
     let h = 1e-5;
     let mut checked = 0;
     for (name, var) in params.named_vars() {
-        let analytic: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let analytic: Vec<f64> = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let n = analytic.len();
         for index in [0, n / 3, n / 2, n - 1] {
-            let original: f64 = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap()[index];
+            let original: f64 = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[index];
             set_element(&var, index, original + h);
             let plus = loss_of(&model, &x, &y);
             set_element(&var, index, original - h);
@@ -135,7 +192,10 @@ fn gradients_match_finite_differences_in_f64() {
             let numeric = (plus - minus) / (2.0 * h);
             let a = analytic[index];
             let err = (a - numeric).abs() / a.abs().max(numeric.abs()).max(1e-4);
-            assert!(err < 1e-6, "{name}[{index}]: analytic {a:e}, numeric {numeric:e}");
+            assert!(
+                err < 1e-6,
+                "{name}[{index}]: analytic {a:e}, numeric {numeric:e}"
+            );
             checked += 1;
         }
     }
@@ -145,9 +205,16 @@ fn gradients_match_finite_differences_in_f64() {
 #[test]
 fn cross_entropy_matches_hand_computation() {
     // logits [0, ln 2, ln 3] → p = [1/6, 2/6, 3/6]; target 2 → −ln(1/2); target 0 → −ln(1/6).
-    let logits = Tensor::new(&[[0.0, 2f64.ln(), 3f64.ln()], [0.0, 2f64.ln(), 3f64.ln()]], &Device::Cpu).unwrap();
+    let logits = Tensor::new(
+        &[[0.0, 2f64.ln(), 3f64.ln()], [0.0, 2f64.ln(), 3f64.ln()]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let targets = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
-    let loss = cross_entropy(&logits, &targets).unwrap().to_scalar::<f64>().unwrap();
+    let loss = cross_entropy(&logits, &targets)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     let expected = (2f64.ln() + 6f64.ln()) / 2.0;
     assert!((loss - expected).abs() < 1e-14);
 }
@@ -162,7 +229,14 @@ fn attention_is_causal() {
     let b = Tensor::new(&[[1u32, 2, 3, 4, 9, 9]], &Device::Cpu).unwrap();
     let la = model.forward(&a, None).unwrap().narrow(1, 0, 4).unwrap();
     let lb = model.forward(&b, None).unwrap().narrow(1, 0, 4).unwrap();
-    let diff = (la - lb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let diff = (la - lb)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert_eq!(diff, 0.0);
     let too_long = Tensor::zeros((1, 9), DType::U32, &Device::Cpu).unwrap();
     assert!(model.forward(&too_long, None).is_err());
@@ -170,16 +244,31 @@ fn attention_is_causal() {
 
 #[test]
 fn overfits_one_batch() {
-    let cfg = GptConfig { n_layer: 2, n_head: 2, n_embd: 64, block_size: 32, bias: true, dropout: 0.0, vocab_size: 64 };
+    let cfg = GptConfig {
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 64,
+        block_size: 32,
+        bias: true,
+        dropout: 0.0,
+        vocab_size: 64,
+    };
     let params = Params::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
     let model = Gpt::new(&cfg, &params).unwrap();
     let (x, y) = (random_ids(4, 32, 64, 20), random_ids(4, 32, 64, 21));
     let mut adam = Adam::new(
         param_groups(&params.named_vars(), 0.0, false),
-        AdamConfig { lr: 3e-3, ..AdamConfig::defaults(OptimizerKind::Adam) },
+        AdamConfig {
+            lr: 3e-3,
+            ..AdamConfig::defaults(OptimizerKind::Adam)
+        },
     )
     .unwrap();
-    let first = model.loss(&x, &y, None).unwrap().to_scalar::<f32>().unwrap();
+    let first = model
+        .loss(&x, &y, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let mut last = first;
     for _ in 0..300 {
         let loss = model.loss(&x, &y, None).unwrap();
@@ -196,9 +285,14 @@ fn checkpoint_round_trip_is_exact_and_checksummed() {
     let cfg = small(64, 8, true);
     let params = Params::init(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
     let model = Gpt::new(&cfg, &params).unwrap();
-    let mut adam = Adam::new(param_groups(&params.named_vars(), 0.1, false), AdamConfig::defaults(OptimizerKind::AdamW)).unwrap();
+    let mut adam = Adam::new(
+        param_groups(&params.named_vars(), 0.1, false),
+        AdamConfig::defaults(OptimizerKind::AdamW),
+    )
+    .unwrap();
     let (x, y) = (random_ids(2, 8, 64, 1), random_ids(2, 8, 64, 2));
-    adam.step(&model.loss(&x, &y, None).unwrap().backward().unwrap(), 1e-3).unwrap();
+    adam.step(&model.loss(&x, &y, None).unwrap().backward().unwrap(), 1e-3)
+        .unwrap();
     let state = TrainState {
         step: 1,
         tokens: 16,
@@ -209,39 +303,85 @@ fn checkpoint_round_trip_is_exact_and_checksummed() {
         checksums: Default::default(),
     };
     for step in 1..=4 {
-        let s = TrainState { step, ..state.clone() };
-        checkpoint::save(dir.path(), &params.tensors(), &adam.state_tensors().unwrap(), s, 2).unwrap();
+        let s = TrainState {
+            step,
+            ..state.clone()
+        };
+        checkpoint::save(
+            dir.path(),
+            &params.tensors(),
+            &adam.state_tensors().unwrap(),
+            s,
+            2,
+        )
+        .unwrap();
     }
     let complete = checkpoint::list_complete(dir.path()).unwrap();
-    assert_eq!(complete.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![3, 4], "keep_last = 2");
+    assert_eq!(
+        complete.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![3, 4],
+        "keep_last = 2"
+    );
     let loaded = checkpoint::load_latest(dir.path(), &Device::Cpu).unwrap();
     assert_eq!(loaded.state.step, 4);
     assert_eq!(loaded.state.data_word_pos, state.data_word_pos);
     assert_eq!(loaded.state.best_val_loss, Some(2.5));
     for (name, t) in params.tensors() {
         let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = loaded.model[&name].flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = loaded.model[&name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(a, b, "{name}");
     }
     for (name, t) in adam.state_tensors().unwrap() {
-        let a = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-        let b = loaded.optimizer[&name].flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        let a = t
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let b = loaded.optimizer[&name]
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         assert_eq!(a, b, "{name}");
     }
     // A flipped byte in the newest checkpoint: it is skipped, the previous one loads.
-    let newest = dir.path().join("checkpoints/step-00000004/model.safetensors");
+    let newest = dir
+        .path()
+        .join("checkpoints/step-00000004/model.safetensors");
     let mut bytes = std::fs::read(&newest).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&newest, bytes).unwrap();
-    assert!(checkpoint::load_dir(&dir.path().join("checkpoints/step-00000004"), &Device::Cpu)
-        .err()
-        .unwrap()
-        .to_string()
-        .contains("checksum"));
-    assert_eq!(checkpoint::load_latest(dir.path(), &Device::Cpu).unwrap().state.step, 3);
+    assert!(
+        checkpoint::load_dir(&dir.path().join("checkpoints/step-00000004"), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("checksum")
+    );
+    assert_eq!(
+        checkpoint::load_latest(dir.path(), &Device::Cpu)
+            .unwrap()
+            .state
+            .step,
+        3
+    );
     // Loading into another model shape is refused, naming the tensor.
     let other = small(64, 16, true);
-    let err = Params::from_tensors(&other, loaded.model, DType::F32, &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("transformer.wpe.weight") && err.contains("shape"), "{err}");
+    let err = Params::from_tensors(&other, loaded.model, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("transformer.wpe.weight") && err.contains("shape"),
+        "{err}"
+    );
 }

@@ -20,12 +20,27 @@ struct RefParam {
 impl RefParam {
     fn new(theta: Vec<f64>, weight_decay: f64) -> Self {
         let n = theta.len();
-        Self { theta, m: vec![0.0; n], v: vec![0.0; n], weight_decay }
+        Self {
+            theta,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            weight_decay,
+        }
     }
 }
 
 /// Adam / AdamW at step t (1-based), written as the textbook formula.
-fn reference_adam(p: &mut RefParam, g: &[f64], t: i32, lr: f64, b1: f64, b2: f64, eps: f64, decoupled: bool) {
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn reference_adam(
+    p: &mut RefParam,
+    g: &[f64],
+    t: i32,
+    lr: f64,
+    b1: f64,
+    b2: f64,
+    eps: f64,
+    decoupled: bool,
+) {
     let wd = p.weight_decay;
     for i in 0..g.len() {
         let mut gi = g[i];
@@ -43,7 +58,7 @@ fn reference_adam(p: &mut RefParam, g: &[f64], t: i32, lr: f64, b1: f64, b2: f64
 }
 
 /// ADOPT with its step counter s (0 before the first call).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 fn reference_adopt(
     p: &mut RefParam,
     g: &[f64],
@@ -103,13 +118,22 @@ impl Harness {
         self.vars
             .iter()
             .map(|(_, v)| {
-                v.as_tensor().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+                v.as_tensor()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
             })
             .collect()
     }
 
     fn step(&self, opt: &mut dyn Optimizer, grads: &[Vec<f64>], lr: f64) {
-        let mut loss = Tensor::new(0.0, &Device::Cpu).unwrap().to_dtype(self.vars[0].1.dtype()).unwrap();
+        let mut loss = Tensor::new(0.0, &Device::Cpu)
+            .unwrap()
+            .to_dtype(self.vars[0].1.dtype())
+            .unwrap();
         for ((_, var), g) in self.vars.iter().zip(grads) {
             let g = Tensor::from_vec(g.clone(), var.shape(), &Device::Cpu)
                 .unwrap()
@@ -131,7 +155,11 @@ enum Case {
 
 fn initial() -> Vec<(&'static str, Vec<usize>, Vec<f64>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let mut draw = |n: usize| (0..n).map(|_| rng.random_range(-1.0..1.0)).collect::<Vec<f64>>();
+    let mut draw = |n: usize| {
+        (0..n)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect::<Vec<f64>>()
+    };
     vec![("b", vec![4], draw(4)), ("w", vec![3, 4], draw(12))]
 }
 
@@ -191,7 +219,15 @@ fn max_relative_error(case: &Case, dtype: DType, steps: usize) -> f64 {
                     reference_adam(p, gi, t as i32, lr, c.beta1, c.beta2, c.eps, c.decoupled)
                 }
                 Case::Adopt(c, _) => reference_adopt(
-                    p, gi, t as u64 - 1, lr, c.beta1, c.beta2, c.eps, c.decouple, c.clip_exponent,
+                    p,
+                    gi,
+                    t as u64 - 1,
+                    lr,
+                    c.beta1,
+                    c.beta2,
+                    c.eps,
+                    c.decouple,
+                    c.clip_exponent,
                 ),
             }
         }
@@ -215,24 +251,94 @@ fn all_cases() -> Vec<(&'static str, Case)> {
     let adopt = AdoptConfig::default();
     vec![
         ("adam defaults", Case::Adam(adam.clone(), false)),
-        ("adam l2 0.1", Case::Adam(AdamConfig { weight_decay: 0.1, lr: 1e-2, ..adam.clone() }, false)),
-        ("adam l2 0.1 on 1-d too", Case::Adam(AdamConfig { weight_decay: 0.1, ..adam.clone() }, true)),
-        ("adam betas 0.8 0.95", Case::Adam(AdamConfig { beta1: 0.8, beta2: 0.95, eps: 1e-6, ..adam }, false)),
+        (
+            "adam l2 0.1",
+            Case::Adam(
+                AdamConfig {
+                    weight_decay: 0.1,
+                    lr: 1e-2,
+                    ..adam.clone()
+                },
+                false,
+            ),
+        ),
+        (
+            "adam l2 0.1 on 1-d too",
+            Case::Adam(
+                AdamConfig {
+                    weight_decay: 0.1,
+                    ..adam.clone()
+                },
+                true,
+            ),
+        ),
+        (
+            "adam betas 0.8 0.95",
+            Case::Adam(
+                AdamConfig {
+                    beta1: 0.8,
+                    beta2: 0.95,
+                    eps: 1e-6,
+                    ..adam
+                },
+                false,
+            ),
+        ),
         ("adamw defaults", Case::Adam(adamw.clone(), false)),
-        ("adamw 0.1 lr 1e-2", Case::Adam(AdamConfig { weight_decay: 0.1, lr: 1e-2, ..adamw }, true)),
+        (
+            "adamw 0.1 lr 1e-2",
+            Case::Adam(
+                AdamConfig {
+                    weight_decay: 0.1,
+                    lr: 1e-2,
+                    ..adamw
+                },
+                true,
+            ),
+        ),
         ("adopt defaults", Case::Adopt(adopt.clone(), false)),
-        ("adopt no clipping", Case::Adopt(AdoptConfig { clip_exponent: None, ..adopt.clone() }, false)),
+        (
+            "adopt no clipping",
+            Case::Adopt(
+                AdoptConfig {
+                    clip_exponent: None,
+                    ..adopt.clone()
+                },
+                false,
+            ),
+        ),
         (
             "adopt coupled decay",
-            Case::Adopt(AdoptConfig { weight_decay: 0.1, lr: 1e-2, ..adopt.clone() }, true),
+            Case::Adopt(
+                AdoptConfig {
+                    weight_decay: 0.1,
+                    lr: 1e-2,
+                    ..adopt.clone()
+                },
+                true,
+            ),
         ),
         (
             "adopt decoupled decay",
-            Case::Adopt(AdoptConfig { weight_decay: 0.1, decouple: true, ..adopt.clone() }, false),
+            Case::Adopt(
+                AdoptConfig {
+                    weight_decay: 0.1,
+                    decouple: true,
+                    ..adopt.clone()
+                },
+                false,
+            ),
         ),
         (
             "adopt beta1 0.5 clip 0.5",
-            Case::Adopt(AdoptConfig { beta1: 0.5, clip_exponent: Some(0.5), ..adopt }, false),
+            Case::Adopt(
+                AdoptConfig {
+                    beta1: 0.5,
+                    clip_exponent: Some(0.5),
+                    ..adopt
+                },
+                false,
+            ),
         ),
     ]
 }
@@ -272,13 +378,21 @@ fn adam_first_step_moves_by_lr_times_sign() {
 fn adamw_decays_before_the_update_and_adam_adds_l2() {
     // Zero gradient: AdamW only shrinks θ by (1 − lr·λ); the Adam update of m = 0 is 0.
     let h = single(2.0);
-    let params = vec![Param { name: "x".into(), var: h.vars[0].1.clone(), weight_decay: 0.5 }];
+    let params = vec![Param {
+        name: "x".into(),
+        var: h.vars[0].1.clone(),
+        weight_decay: 0.5,
+    }];
     let mut adamw = Adam::new(params, AdamConfig::defaults(OptimizerKind::AdamW)).unwrap();
     h.step(&mut adamw, &[vec![0.0]], 0.1);
     assert!((h.values()[0][0] - 2.0 * (1.0 - 0.1 * 0.5)).abs() < 1e-15);
     // Adam with L2: g = 0 + λθ = 1, so the first step is lr·1/(1 + eps).
     let h = single(2.0);
-    let params = vec![Param { name: "x".into(), var: h.vars[0].1.clone(), weight_decay: 0.5 }];
+    let params = vec![Param {
+        name: "x".into(),
+        var: h.vars[0].1.clone(),
+        weight_decay: 0.5,
+    }];
     let mut adam = Adam::new(params, AdamConfig::defaults(OptimizerKind::Adam)).unwrap();
     h.step(&mut adam, &[vec![0.0]], 0.1);
     assert!((h.values()[0][0] - (2.0 - 0.1 / (1.0 + 1e-8))).abs() < 1e-15);
@@ -313,15 +427,33 @@ fn adopt_eps_is_a_floor_not_an_addend() {
     // and ĝ = 1e-6 / 2e-6 = 0.5 (an additive eps would give 1e-6 / 3e-6 = 1/3).
     let h = single(0.0);
     let params = param_groups(&h.vars, 0.0, false);
-    let mut adopt = Adopt::new(params, AdoptConfig { clip_exponent: None, ..Default::default() }).unwrap();
+    let mut adopt = Adopt::new(
+        params,
+        AdoptConfig {
+            clip_exponent: None,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     h.step(&mut adopt, &[vec![2e-6]], 1.0);
     h.step(&mut adopt, &[vec![1e-6]], 1.0);
     // m = 0.1·0.5; θ = −lr·m.
-    assert!((h.values()[0][0] + 0.05).abs() < 1e-12, "{}", h.values()[0][0]);
+    assert!(
+        (h.values()[0][0] + 0.05).abs() < 1e-12,
+        "{}",
+        h.values()[0][0]
+    );
     // Below the floor: v = 0 after a zero gradient, so ĝ = g / eps.
     let h = single(0.0);
     let params = param_groups(&h.vars, 0.0, false);
-    let mut adopt = Adopt::new(params, AdoptConfig { clip_exponent: None, ..Default::default() }).unwrap();
+    let mut adopt = Adopt::new(
+        params,
+        AdoptConfig {
+            clip_exponent: None,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     h.step(&mut adopt, &[vec![0.0]], 1.0);
     h.step(&mut adopt, &[vec![1e-7]], 1.0);
     assert!((h.values()[0][0] + 0.01).abs() < 1e-12);
@@ -335,8 +467,12 @@ fn state_round_trip_continues_bitwise() {
             let mut harness = Harness::new(&init, DType::F32);
             let make = |h: &Harness| -> Box<dyn Optimizer> {
                 match &case {
-                    Case::Adam(c, d) => Box::new(Adam::new(param_groups(&h.vars, c.weight_decay, *d), c.clone()).unwrap()),
-                    Case::Adopt(c, d) => Box::new(Adopt::new(param_groups(&h.vars, c.weight_decay, *d), c.clone()).unwrap()),
+                    Case::Adam(c, d) => Box::new(
+                        Adam::new(param_groups(&h.vars, c.weight_decay, *d), c.clone()).unwrap(),
+                    ),
+                    Case::Adopt(c, d) => Box::new(
+                        Adopt::new(param_groups(&h.vars, c.weight_decay, *d), c.clone()).unwrap(),
+                    ),
                 }
             };
             let mut opt = make(&harness);
@@ -344,9 +480,14 @@ fn state_round_trip_continues_bitwise() {
             for t in 1..=10 {
                 if split == Some(t) {
                     // Rebuild everything from saved values, as a resumed run does.
-                    let state: std::collections::HashMap<_, _> = opt.state_tensors().unwrap().into_iter().collect();
+                    let state: std::collections::HashMap<_, _> =
+                        opt.state_tensors().unwrap().into_iter().collect();
                     let values = harness.values();
-                    let snapshot: Vec<_> = init.iter().zip(values).map(|((n, s, _), v)| (*n, s.clone(), v)).collect();
+                    let snapshot: Vec<_> = init
+                        .iter()
+                        .zip(values)
+                        .map(|((n, s, _), v)| (*n, s.clone(), v))
+                        .collect();
                     harness = Harness::new(&snapshot, DType::F32);
                     opt = make(&harness);
                     opt.load_state_tensors(&state).unwrap();
@@ -366,7 +507,10 @@ fn state_round_trip_continues_bitwise() {
 fn nanogpt_groups_decay_only_matrices() {
     let h = Harness::new(&initial(), DType::F32);
     let groups = param_groups(&h.vars, 0.1, false);
-    let decay: Vec<(&str, f64)> = groups.iter().map(|p| (p.name.as_str(), p.weight_decay)).collect();
+    let decay: Vec<(&str, f64)> = groups
+        .iter()
+        .map(|p| (p.name.as_str(), p.weight_decay))
+        .collect();
     assert_eq!(decay, vec![("b", 0.0), ("w", 0.1)]);
     let all = param_groups(&h.vars, 0.1, true);
     assert!(all.iter().all(|p| p.weight_decay == 0.1));
@@ -375,9 +519,17 @@ fn nanogpt_groups_decay_only_matrices() {
 #[test]
 fn load_state_rejects_wrong_shapes_and_missing_tensors() {
     let h = Harness::new(&initial(), DType::F32);
-    let mut adam = Adam::new(param_groups(&h.vars, 0.0, false), AdamConfig::defaults(OptimizerKind::Adam)).unwrap();
-    let mut state: std::collections::HashMap<_, _> = adam.state_tensors().unwrap().into_iter().collect();
-    state.insert("exp_avg.w".into(), Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap());
+    let mut adam = Adam::new(
+        param_groups(&h.vars, 0.0, false),
+        AdamConfig::defaults(OptimizerKind::Adam),
+    )
+    .unwrap();
+    let mut state: std::collections::HashMap<_, _> =
+        adam.state_tensors().unwrap().into_iter().collect();
+    state.insert(
+        "exp_avg.w".into(),
+        Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
     let err = adam.load_state_tensors(&state).unwrap_err().to_string();
     assert!(err.contains("exp_avg.w") && err.contains("shape"), "{err}");
     state.remove("exp_avg.w");

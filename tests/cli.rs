@@ -1,0 +1,587 @@
+//! The binary end to end: training, exact resume for every optimizer, sampling, and every bad
+//! input the foundation issue names (a one-line error, a non-zero exit, nothing on disk damaged).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpt-pretrain"));
+    // Offline and with an empty Hugging Face cache, whatever the machine has.
+    c.env("HF_HUB_OFFLINE", "1");
+    c
+}
+
+/// A temporary workspace with a small-model config whose paths point inside it.
+struct Workspace {
+    dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes a config for a 2-layer, 32-wide model on `corpus`; keys in `extra` (TOML) replace
+    /// or add to the base ones.
+    fn config(&self, name: &str, corpus: &Path, extra: &str) -> PathBuf {
+        let base = format!(
+            "model = \"tiny\"\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 32\n\
+             data = \"{}\"\ntokenizer = \"byte\"\ncache_dir = \"{}\"\nbatch_size = 4\n\
+             max_steps = 20\nlr_decay_steps = 20\nwarmup_steps = 4\nlr = 1e-2\neval_interval = 5\n\
+             eval_iters = 2\nkeep_last = 2\n",
+            corpus.display(),
+            self.path("cache").display()
+        );
+        let mut table: toml::Table = toml::from_str(&base).unwrap();
+        table.extend(toml::from_str::<toml::Table>(extra).unwrap());
+        let p = self.path(&format!("{name}.toml"));
+        std::fs::write(&p, toml::to_string(&table).unwrap()).unwrap();
+        p
+    }
+
+    fn train(&self, args: &[&str]) -> Output {
+        bin()
+            .current_dir(self.dir.path())
+            .arg("train")
+            .arg("--quiet")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stdout
+    );
+    stdout
+}
+
+/// The command failed with a single-line error containing `needle`.
+fn fails_with(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure mentioning {needle:?}, it succeeded"
+    );
+    assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "error is not one line: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+}
+
+fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Per step, the last train loss logged for it (a later line for the same step wins).
+fn train_losses(run: &Path) -> Vec<(u64, f64)> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for v in read_json_lines(&run.join("metrics.jsonl")) {
+        if v["split"] == "train" {
+            by_step.insert(v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap());
+        }
+    }
+    by_step.into_iter().collect()
+}
+
+fn file_bytes(run: &Path, step: u64, file: &str) -> Vec<u8> {
+    std::fs::read(run.join(format!("checkpoints/step-{step:08}/{file}"))).unwrap()
+}
+
+#[test]
+fn resume_is_bitwise_identical_for_every_optimizer() {
+    let corpus = common::tinyshakespeare();
+    for (optimizer, extra) in [
+        ("adam", "weight_decay = 0.1"),
+        ("adamw", "dropout = 0.1\ngrad_accum = 2"),
+        ("adopt", "weight_decay = 0.01\ndecouple = true"),
+    ] {
+        let ws = Workspace::new();
+        let cfg = ws.config(
+            optimizer,
+            &corpus,
+            &format!("optimizer = \"{optimizer}\"\n{extra}"),
+        );
+        let cfg = cfg.to_str().unwrap();
+        ok(&ws.train(&["--config", cfg, "--out", "whole"]));
+        ok(&ws.train(&["--config", cfg, "--out", "halves", "--set", "max_steps=10"]));
+        ok(&ws.train(&["--resume", "halves", "--set", "max_steps=20"]));
+        let (whole, halves) = (ws.path("whole"), ws.path("halves"));
+        let a = train_losses(&whole);
+        assert_eq!(a.len(), 20);
+        assert_eq!(a, train_losses(&halves), "{optimizer}: losses differ");
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            assert!(
+                file_bytes(&whole, 20, file) == file_bytes(&halves, 20, file),
+                "{optimizer}: {file} differs after resume"
+            );
+        }
+        // The loss moved: the steps did something.
+        assert!(a[19].1 < a[0].1 - 0.5, "{optimizer}: {a:?}");
+        // keep_last = 2: only the newest two checkpoints remain.
+        let ckpts: Vec<String> = std::fs::read_dir(whole.join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(ckpts.len(), 2, "{ckpts:?}");
+    }
+}
+
+#[test]
+fn trains_below_ln_vocab_writes_the_run_directory_and_samples() {
+    let ws = Workspace::new();
+    let cfg = ws.config(
+        "learn",
+        &common::tinyshakespeare(),
+        "n_embd = 64\nblock_size = 64\nbatch_size = 8\nmax_steps = 150\nlr_decay_steps = 150\n\
+         eval_interval = 50\nlr = 3e-3\nwarmup_steps = 20\noptimizer = \"adopt\"",
+    );
+    let stdout = ok(&bin()
+        .current_dir(ws.dir.path())
+        .args(["train", "--config", cfg.to_str().unwrap(), "--out", "run"])
+        .output()
+        .unwrap());
+    assert!(stdout.contains("resolved config"), "{stdout}");
+    let run = ws.path("run");
+    for f in ["config.toml", "run.json", "metrics.jsonl"] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    for key in [
+        "crate_version",
+        "git_commit",
+        "seed",
+        "device",
+        "start_time",
+        "corpus_sha256",
+    ] {
+        assert!(!header[key].is_null(), "run.json lacks {key}");
+    }
+    let events = read_json_lines(&run.join("metrics.jsonl"));
+    let train: Vec<_> = events.iter().filter(|v| v["split"] == "train").collect();
+    assert_eq!(train.len(), 150);
+    for key in [
+        "step",
+        "tokens",
+        "loss",
+        "lr",
+        "grad_norm",
+        "ms",
+        "tok_per_s",
+    ] {
+        assert!(
+            train[0][key].is_number(),
+            "train event lacks {key}: {}",
+            train[0]
+        );
+    }
+    assert_eq!(train[149]["tokens"], 150 * 8 * 64);
+    let val: Vec<f64> = events
+        .iter()
+        .filter(|v| v["split"] == "val")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(val.len(), 4, "evaluations at steps 0, 50, 100, 150");
+    let ln_vocab = 256f64.ln();
+    assert!(
+        (val[0] - ln_vocab).abs() < 0.1,
+        "initial val loss {}",
+        val[0]
+    );
+    assert!(
+        val[3] < 0.6 * ln_vocab,
+        "final val loss {} not well below ln(256) = {ln_vocab}",
+        val[3]
+    );
+
+    let sample = |seed: &str| {
+        ok(&bin()
+            .args([
+                "sample",
+                run.to_str().unwrap(),
+                "--prompt",
+                "ROMEO:",
+                "--max-new-tokens",
+                "40",
+                "--seed",
+                seed,
+            ])
+            .output()
+            .unwrap())
+    };
+    let text = sample("1");
+    assert!(
+        text.starts_with("ROMEO:") && text.trim_end().len() > 30,
+        "{text:?}"
+    );
+    assert_eq!(text, sample("1"), "same seed, same sample");
+    assert_ne!(text, sample("2"));
+}
+
+#[test]
+fn bpe_tokenizer_is_trained_saved_and_reused_on_resume() {
+    let ws = Workspace::new();
+    let cfg = ws.config(
+        "bpe",
+        &common::tinyshakespeare(),
+        "tokenizer = \"bpe\"\nbpe_vocab_size = 400\nmax_steps = 3",
+    );
+    ok(&ws.train(&["--config", cfg.to_str().unwrap(), "--out", "bpe"]));
+    let trained = ws.path("bpe/tokenizer.json");
+    let saved = std::fs::read(&trained).unwrap();
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.path("bpe/run.json")).unwrap()).unwrap();
+    assert_eq!(header["vocab_size"], 400);
+    assert_eq!(
+        header["model"]["vocab_size"], 448,
+        "padded to a multiple of 64"
+    );
+    ok(&ws.train(&["--resume", "bpe", "--set", "max_steps=4"]));
+    assert_eq!(
+        std::fs::read(&trained).unwrap(),
+        saved,
+        "resume must reuse the saved tokenizer"
+    );
+}
+
+#[test]
+fn gpt2_tokenizer_run_pads_vocab_and_samples() {
+    let ws = Workspace::new();
+    let cfg = ws.path("g.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "n_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 16\ndata = \"{}\"\ntokenizer = \"gpt2\"\n\
+             tokenizer_path = \"{}\"\ncache_dir = \"{}\"\nbatch_size = 2\nmax_steps = 2\neval_iters = 1\n\
+             warmup_steps = 0\n",
+            common::tinyshakespeare().display(),
+            common::gpt2_tokenizer().display(),
+            ws.path("cache").display()
+        ),
+    )
+    .unwrap();
+    ok(&ws.train(&["--config", cfg.to_str().unwrap(), "--out", "run"]));
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.path("run/run.json")).unwrap()).unwrap();
+    assert_eq!(header["model"]["vocab_size"], 50304);
+    assert_eq!(header["n_tokens"], 338_025);
+    let text = ok(&bin()
+        .args([
+            "sample",
+            ws.path("run").to_str().unwrap(),
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "5",
+        ])
+        .output()
+        .unwrap());
+    assert!(text.starts_with("Hello"));
+}
+
+#[test]
+fn gpt2_tokenizer_unavailable_offline_is_a_clear_error() {
+    let ws = Workspace::new();
+    let cfg = ws.config("g", &common::tinyshakespeare(), "");
+    let out = bin()
+        .current_dir(ws.dir.path())
+        .env("HF_HOME", ws.path("empty-hf"))
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "tokenizer=\"gpt2\"",
+        ])
+        .output()
+        .unwrap();
+    fails_with(&out, "tokenizer_path");
+}
+
+#[test]
+fn bad_corpora_are_refused_before_anything_is_written() {
+    let ws = Workspace::new();
+    std::fs::write(ws.path("empty.txt"), "").unwrap();
+    std::fs::write(
+        ws.path("short.txt"),
+        "To be, or not to be, that is the question.",
+    )
+    .unwrap();
+    std::fs::write(ws.path("binary.txt"), [0x66u8, 0x6f, 0xff, 0xfe]).unwrap();
+    for (corpus, needle) in [
+        ("missing.txt", "does not exist"),
+        ("empty.txt", "is empty"),
+        ("short.txt", "too short for block_size 32"),
+        ("binary.txt", "not UTF-8"),
+    ] {
+        let cfg = ws.config("c", &ws.path(corpus), "");
+        let out = ws.train(&["--config", cfg.to_str().unwrap(), "--out", "run"]);
+        fails_with(&out, needle);
+        assert!(
+            !ws.path("run").exists(),
+            "{corpus}: a run directory was created"
+        );
+    }
+}
+
+#[test]
+fn bad_config_values_and_keys_are_refused() {
+    let ws = Workspace::new();
+    let corpus = common::tinyshakespeare();
+    let cfg = ws.config("c", &corpus, "");
+    let cfg = cfg.to_str().unwrap();
+    for (set, needle) in [
+        ("lr=-1", "lr must be"),
+        ("betas=[0.9, 1.0]", "betas[1] must be in [0, 1)"),
+        (
+            "block_size=4096",
+            "larger than the 'tiny' preset allows (128)",
+        ),
+        ("colour=1", "unknown config key 'colour'"),
+        ("optimizer=sgd", "bad config value"),
+        ("val_fraction=1.5", "val_fraction"),
+        ("device=tpu", "device must be"),
+        ("model=huge", "unknown model preset"),
+    ] {
+        let out = ws.train(&["--config", cfg, "--out", "run", "--set", set]);
+        fails_with(&out, needle);
+        assert!(!ws.path("run").exists());
+    }
+    let bad = ws.config("bad", &corpus, "learning_rate = 0.1");
+    fails_with(
+        &ws.train(&["--config", bad.to_str().unwrap()]),
+        "unknown config key 'learning_rate'",
+    );
+    fails_with(
+        &ws.train(&["--config", "nope.toml"]),
+        "cannot read config file nope.toml",
+    );
+}
+
+#[test]
+fn existing_runs_are_never_overwritten_or_damaged() {
+    let ws = Workspace::new();
+    let corpus = common::tinyshakespeare();
+    let cfg = ws.config("c", &corpus, "max_steps = 5");
+    let cfg = cfg.to_str().unwrap();
+    ok(&ws.train(&["--config", cfg, "--out", "run"]));
+    let snapshot = |dir: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut files = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p)
+                } else {
+                    files.push((p.clone(), std::fs::read(&p).unwrap()))
+                }
+            }
+        }
+        files.sort();
+        files
+    };
+    let before = snapshot(&ws.path("run"));
+
+    fails_with(
+        &ws.train(&["--config", cfg, "--out", "run"]),
+        "already exists",
+    );
+    fails_with(
+        &ws.train(&["--resume", "run", "--set", "lr=0.1"]),
+        "cannot change 'lr'",
+    );
+    fails_with(
+        &ws.train(&["--resume", "run", "--set", "optimizer=adam"]),
+        "cannot change 'optimizer'",
+    );
+    let other = ws.config("other", &corpus, "max_steps = 5\nn_layer = 3");
+    fails_with(
+        &ws.train(&["--resume", "run", "--config", other.to_str().unwrap()]),
+        "differs from the run's saved config in 'n_layer'",
+    );
+    assert_eq!(
+        before,
+        snapshot(&ws.path("run")),
+        "a refused command changed the run directory"
+    );
+
+    // A corpus edited after the run started.
+    let copy = ws.path("copy.txt");
+    std::fs::copy(&corpus, &copy).unwrap();
+    let cfg2 = ws.config("c2", &copy, "max_steps = 5");
+    ok(&ws.train(&["--config", cfg2.to_str().unwrap(), "--out", "run2"]));
+    std::fs::write(
+        &copy,
+        std::fs::read_to_string(&corpus)
+            .unwrap()
+            .replace("Citizen", "Citoyen"),
+    )
+    .unwrap();
+    fails_with(
+        &ws.train(&["--resume", "run2", "--set", "max_steps=6"]),
+        "changed since the run started",
+    );
+}
+
+#[test]
+fn resume_refuses_missing_corrupt_and_foreign_checkpoints() {
+    let ws = Workspace::new();
+    let corpus = common::tinyshakespeare();
+    fails_with(&ws.train(&["--resume", "nowhere"]), "not a run directory");
+
+    // A run that stopped before its first checkpoint.
+    let cfg = ws.config("c", &corpus, "max_steps = 5\neval_interval = 5");
+    let cfg = cfg.to_str().unwrap();
+    ok(&ws.train(&["--config", cfg, "--out", "run"]));
+    let ckpts = ws.path("run/checkpoints");
+    std::fs::rename(&ckpts, ws.path("saved-checkpoints")).unwrap();
+    std::fs::create_dir_all(ckpts.join(".tmp-step-00000005-1")).unwrap();
+    fails_with(
+        &ws.train(&["--resume", "run", "--set", "max_steps=6"]),
+        "no complete checkpoint",
+    );
+    std::fs::remove_dir_all(&ckpts).unwrap();
+    std::fs::rename(ws.path("saved-checkpoints"), &ckpts).unwrap();
+
+    // Its only checkpoint with a flipped bit.
+    let model = ckpts.join("step-00000005/model.safetensors");
+    let original = std::fs::read(&model).unwrap();
+    let mut bytes = original.clone();
+    bytes[original.len() / 2] ^= 0x10;
+    std::fs::write(&model, &bytes).unwrap();
+    fails_with(
+        &ws.train(&["--resume", "run", "--set", "max_steps=6"]),
+        "fails its checksum",
+    );
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        bytes,
+        "the corrupt file was left for inspection"
+    );
+    std::fs::write(&model, &original).unwrap();
+
+    // A checkpoint from another model shape, dropped into this run.
+    let wide = ws.config("wide", &corpus, "max_steps = 5\nn_embd = 64");
+    ok(&ws.train(&["--config", wide.to_str().unwrap(), "--out", "wide"]));
+    std::fs::remove_dir_all(ckpts.join("step-00000005")).unwrap();
+    copy_dir(
+        &ws.path("wide/checkpoints/step-00000005"),
+        &ckpts.join("step-00000005"),
+    );
+    let out = ws.train(&["--resume", "run", "--set", "max_steps=6"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    // The config hash differs first; either way the error names the mismatch.
+    assert!(
+        stderr.contains("different config") || stderr.contains("shape"),
+        "{stderr}"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn non_finite_loss_stops_with_the_step_named_and_keeps_the_good_checkpoint() {
+    let ws = Workspace::new();
+    let cfg = ws.config(
+        "c",
+        &common::tinyshakespeare(),
+        "max_steps = 12\neval_interval = 4",
+    );
+    let out = bin()
+        .current_dir(ws.dir.path())
+        .env("GPT_PRETRAIN_INJECT_NAN_AT_STEP", "7")
+        .args([
+            "train",
+            "--quiet",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            "run",
+        ])
+        .output()
+        .unwrap();
+    fails_with(&out, "loss became NaN at step 7");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("step-00000004"),
+        "names the last good checkpoint: {stderr}"
+    );
+    let complete = gpt_pretrain::checkpoint::list_complete(&ws.path("run")).unwrap();
+    assert_eq!(
+        complete.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![4]
+    );
+    let steps: Vec<u64> = train_losses(&ws.path("run"))
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>());
+    // The run resumes from that checkpoint once the fault is gone.
+    ok(&ws.train(&["--resume", "run"]));
+    assert_eq!(train_losses(&ws.path("run")).len(), 12);
+}
+
+#[test]
+fn an_overflowing_learning_rate_is_caught_before_a_checkpoint() {
+    let ws = Workspace::new();
+    let cfg = ws.config(
+        "c",
+        &common::tinyshakespeare(),
+        "lr = 1e30\nmin_lr = 0.0\nwarmup_steps = 0\noptimizer = \"adam\"",
+    );
+    let out = ws.train(&["--config", cfg.to_str().unwrap(), "--out", "run"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a diverging run succeeded");
+    assert!(
+        stderr.contains("at step") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    assert!(gpt_pretrain::checkpoint::list_complete(&ws.path("run"))
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn committed_configs_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let table = gpt_pretrain::config::TrainConfig::read_table(&path).unwrap();
+            gpt_pretrain::config::TrainConfig::from_layers(Some(table), &[])
+                .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(
+        n >= 4,
+        "expected quick.toml and the three baby configs, found {n}"
+    );
+}
