@@ -143,13 +143,6 @@ impl GptConfig {
             .map(|s| s.shape.iter().product::<usize>())
             .sum()
     }
-
-    /// Training FLOPs per token (forward + backward), PaLM appendix B / nanoGPT's `estimate_mfu`:
-    /// 6·N for the weights plus 12·L·C·T for attention scores.
-    pub fn flops_per_token(&self) -> f64 {
-        let n = (self.n_params() - self.block_size * self.n_embd) as f64;
-        6.0 * n + 12.0 * (self.n_layer * self.n_embd * self.block_size) as f64
-    }
 }
 
 /// How a parameter starts.

@@ -145,6 +145,45 @@ fn resume_is_bitwise_identical_for_every_optimizer() {
 }
 
 #[test]
+fn gradient_accumulation_matches_one_large_batch() {
+    // batch 8 × 1 micro-step and batch 4 × 2 micro-steps draw the same 8 windows per step (the
+    // sampler's stream is shared), so losses and gradient norms agree up to float rounding.
+    let ws = Workspace::new();
+    let corpus = common::tinyshakespeare();
+    let one = ws.config(
+        "one",
+        &corpus,
+        "batch_size = 8\nmax_steps = 4\noptimizer = \"adamw\"",
+    );
+    let two = ws.config(
+        "two",
+        &corpus,
+        "batch_size = 4\ngrad_accum = 2\nmax_steps = 4\noptimizer = \"adamw\"",
+    );
+    ok(&ws.train(&["--config", one.to_str().unwrap(), "--out", "one"]));
+    ok(&ws.train(&["--config", two.to_str().unwrap(), "--out", "two"]));
+    let events = |run: &str| -> Vec<serde_json::Value> {
+        read_json_lines(&ws.path(&format!("{run}/metrics.jsonl")))
+            .into_iter()
+            .filter(|v| v["split"] == "train")
+            .collect()
+    };
+    let (a, b) = (events("one"), events("two"));
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["tokens"], y["tokens"]);
+        for key in ["loss", "grad_norm"] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(
+                (p - q).abs() / p < 1e-4,
+                "step {}: {key} {p} vs {q}",
+                x["step"]
+            );
+        }
+    }
+}
+
+#[test]
 fn trains_below_ln_vocab_writes_the_run_directory_and_samples() {
     let ws = Workspace::new();
     let cfg = ws.config(
