@@ -616,21 +616,8 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
             );
         }
         if step % cfg.eval_interval as u64 == 0 || step == cfg.max_steps as u64 {
-            if let Some(bar) = &progress {
-                bar.suspend(|| -> Result<()> {
-                    last_val = Some(eval_and_checkpoint(
-                        &mut metrics,
-                        step,
-                        tokens,
-                        &mut best_val_loss,
-                        &sampler,
-                        optimizer.as_ref(),
-                        true,
-                    )?);
-                    Ok(())
-                })?;
-            } else {
-                last_val = Some(eval_and_checkpoint(
+            let mut eval_now = || {
+                eval_and_checkpoint(
                     &mut metrics,
                     step,
                     tokens,
@@ -638,12 +625,18 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
                     &sampler,
                     optimizer.as_ref(),
                     true,
-                )?);
-            }
+                )
+            };
+            // Keep the progress bar from overwriting the evaluation line.
+            let val = match &progress {
+                Some(bar) => bar.suspend(eval_now)?,
+                None => eval_now()?,
+            };
+            last_val = Some(val);
         }
     }
     if let Some(bar) = progress {
-        bar.finish();
+        bar.finish_and_clear();
     }
     Ok(TrainSummary {
         run_dir,
