@@ -4,7 +4,7 @@
 //! hyperparameters left unset take the chosen optimizer's own defaults (see [`crate::optim`]).
 
 use crate::model::GptConfig;
-use crate::optim::{AdamConfig, AdoptConfig, OptimizerKind};
+use crate::optim::{AdamConfig, AdoptConfig, AdoptVariant, OptimizerKind};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -37,6 +37,7 @@ pub const KEYS: &[&str] = &[
     "decay_1d",
     "decouple",
     "clip_exponent",
+    "variant",
     "grad_clip",
     "batch_size",
     "grad_accum",
@@ -138,6 +139,8 @@ pub struct TrainConfig {
     pub decouple: Option<bool>,
     /// ADOPT only: clipping exponent, or `"none"`.
     pub clip_exponent: Option<ClipExponent>,
+    /// ADOPT only: `release` (torch-adopt 0.1.0) or `original` (the first published code).
+    pub variant: Option<AdoptVariant>,
     /// Clip gradients to this global L2 norm; 0 disables.
     pub grad_clip: f64,
     /// Sequences per micro-step.
@@ -188,6 +191,7 @@ impl Default for TrainConfig {
             decay_1d: false,
             decouple: None,
             clip_exponent: None,
+            variant: None,
             grad_clip: 1.0,
             batch_size: 16,
             grad_accum: 1,
@@ -318,6 +322,9 @@ impl TrainConfig {
                 if self.clip_exponent.is_some() {
                     bail!("clip_exponent applies to adopt only");
                 }
+                if self.variant.is_some() {
+                    bail!("variant applies to adopt only");
+                }
             }
             OptimizerKind::Adopt => {
                 let d = AdoptConfig::default();
@@ -326,9 +333,17 @@ impl TrainConfig {
                 self.eps.get_or_insert(d.eps);
                 self.weight_decay.get_or_insert(d.weight_decay);
                 self.decouple.get_or_insert(d.decouple);
+                let variant = *self.variant.get_or_insert(d.variant);
+                let no_clip = ClipExponent::Keyword(NoClip::None);
+                if variant == AdoptVariant::Original {
+                    if let Some(ClipExponent::Exponent(_)) = self.clip_exponent {
+                        bail!("the original ADOPT variant has no clipping; drop clip_exponent");
+                    }
+                    self.clip_exponent = Some(no_clip);
+                }
                 self.clip_exponent.get_or_insert(match d.clip_exponent {
                     Some(e) => ClipExponent::Exponent(e),
-                    None => ClipExponent::Keyword(NoClip::None),
+                    None => no_clip,
                 });
             }
         }
@@ -449,6 +464,7 @@ impl TrainConfig {
                     Some(ClipExponent::Exponent(e)) => Some(e),
                     _ => None,
                 },
+                variant: self.variant.unwrap_or_default(),
             }),
         }
     }
@@ -464,8 +480,8 @@ mod tests {
         cfg.tokenizer_path = Some("x".into());
         let table = cfg.to_table().unwrap();
         let mut from_struct: Vec<&str> = table.keys().map(|k| k.as_str()).collect();
-        // `decouple` and `clip_exponent` are unset for AdamW, the default optimizer.
-        from_struct.extend(["decouple", "clip_exponent"]);
+        // `decouple`, `clip_exponent` and `variant` are unset for AdamW, the default optimizer.
+        from_struct.extend(["decouple", "clip_exponent", "variant"]);
         from_struct.sort();
         let mut listed = KEYS.to_vec();
         listed.sort();

@@ -62,6 +62,27 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Optimizer tools.
+    Optim {
+        #[command(subcommand)]
+        command: OptimCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum OptimCommand {
+    /// Replay a fixture (initial parameters + every step's gradients) and print the parameters
+    /// after each step as JSON: {"steps": [{name: nested list}, ...]}.
+    Replay {
+        /// The fixture JSON (layout: see README, "The optimizers").
+        file: PathBuf,
+        /// Compute in this dtype instead of the fixture's.
+        #[arg(long, value_parser = ["f32", "f64"])]
+        dtype: Option<String>,
+        /// Use plain candle tensor ops instead of the fused CPU kernel.
+        #[arg(long)]
+        tensor_ops: bool,
+    },
 }
 
 fn main() {
@@ -144,6 +165,22 @@ fn run(cli: Cli) -> Result<()> {
                 let _ = stdout.flush();
             })?;
             println!();
+        }
+        Command::Optim {
+            command:
+                OptimCommand::Replay {
+                    file,
+                    dtype,
+                    tensor_ops,
+                },
+        } => {
+            let fixture = gpt_pretrain::optim::replay::read_fixture(&file)?;
+            let dtype = dtype.map(|d| match d.as_str() {
+                "f32" => candle_core::DType::F32,
+                _ => candle_core::DType::F64,
+            });
+            let steps = fixture.replay(dtype, !tensor_ops)?;
+            println!("{}", serde_json::json!({ "steps": steps }));
         }
     }
     Ok(())

@@ -317,7 +317,7 @@ fn build_optimizer(cfg: &TrainConfig, params: &Params) -> Result<Box<dyn Optimiz
         cfg.weight_decay.unwrap_or(0.0),
         cfg.decay_1d,
     );
-    optim::build(&cfg.optimizer_settings(), groups)
+    Ok(optim::build(&cfg.optimizer_settings(), groups)?)
 }
 
 /// Appends JSON lines to `metrics.jsonl`, flushed per line.
@@ -595,7 +595,7 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
             // torch.nn.utils.clip_grad_norm_'s coefficient.
             scale_grads(&params, &mut grads, cfg.grad_clip / (norm + 1e-6))?;
         }
-        optimizer.step(&grads, lr)?;
+        optimizer.update(&grads, lr)?;
         drop(grads);
         step += 1;
         tokens += tokens_per_step;

@@ -256,7 +256,7 @@ fn overfits_one_batch() {
     let params = Params::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
     let model = Gpt::new(&cfg, &params).unwrap();
     let (x, y) = (random_ids(4, 32, 64, 20), random_ids(4, 32, 64, 21));
-    let mut adam = Adam::new(
+    let mut adam = Adam::with_params(
         param_groups(&params.named_vars(), 0.0, false),
         AdamConfig {
             lr: 3e-3,
@@ -273,7 +273,7 @@ fn overfits_one_batch() {
     for _ in 0..300 {
         let loss = model.loss(&x, &y, None).unwrap();
         last = loss.to_scalar::<f32>().unwrap();
-        adam.step(&loss.backward().unwrap(), 3e-3).unwrap();
+        adam.update(&loss.backward().unwrap(), 3e-3).unwrap();
     }
     assert!(first > 4.0, "initial loss {first}");
     assert!(last < 0.05, "loss after 300 steps on one batch: {last}");
@@ -285,13 +285,13 @@ fn checkpoint_round_trip_is_exact_and_checksummed() {
     let cfg = small(64, 8, true);
     let params = Params::init(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
     let model = Gpt::new(&cfg, &params).unwrap();
-    let mut adam = Adam::new(
+    let mut adam = Adam::with_params(
         param_groups(&params.named_vars(), 0.1, false),
         AdamConfig::defaults(OptimizerKind::AdamW),
     )
     .unwrap();
     let (x, y) = (random_ids(2, 8, 64, 1), random_ids(2, 8, 64, 2));
-    adam.step(&model.loss(&x, &y, None).unwrap().backward().unwrap(), 1e-3)
+    adam.update(&model.loss(&x, &y, None).unwrap().backward().unwrap(), 1e-3)
         .unwrap();
     let state = TrainState {
         step: 1,

@@ -3,7 +3,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use gpt_pretrain::optim::{
-    param_groups, Adam, AdamConfig, Adopt, AdoptConfig, Optimizer, OptimizerKind, Param,
+    param_groups, Adam, AdamConfig, Adopt, AdoptConfig, AdoptVariant, Optimizer, OptimizerKind,
+    Param,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -94,6 +95,43 @@ fn reference_adopt(
     }
 }
 
+/// The original ADOPT (6e94fbc): s counted from 1, weight decay first, m ← ĝ at s = 2, no clip.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn reference_adopt_original(
+    p: &mut RefParam,
+    g: &[f64],
+    s: u64,
+    lr: f64,
+    b1: f64,
+    b2: f64,
+    eps: f64,
+    decouple: bool,
+) {
+    let wd = p.weight_decay;
+    for i in 0..g.len() {
+        let mut gi = g[i];
+        if wd != 0.0 {
+            if decouple {
+                p.theta[i] -= lr * wd * p.theta[i];
+            } else {
+                gi += wd * p.theta[i];
+            }
+        }
+        if s == 1 {
+            p.v[i] = gi * gi;
+            continue;
+        }
+        let normed = gi / p.v[i].sqrt().max(eps);
+        p.m[i] = if s == 2 {
+            normed
+        } else {
+            b1 * p.m[i] + (1.0 - b1) * normed
+        };
+        p.theta[i] -= lr * p.m[i];
+        p.v[i] = b2 * p.v[i] + (1.0 - b2) * gi * gi;
+    }
+}
+
 /// Runs gradients through one of our optimizers: the gradient of `sum(θ ⊙ G)` is exactly G.
 struct Harness {
     vars: Vec<(String, Var)>,
@@ -142,7 +180,7 @@ impl Harness {
             loss = (loss + var.as_tensor().mul(&g).unwrap().sum_all().unwrap()).unwrap();
         }
         let store = loss.backward().unwrap();
-        opt.step(&store, lr).unwrap();
+        opt.update(&store, lr).unwrap();
     }
 }
 
@@ -185,7 +223,7 @@ fn gradients(theta: &[Vec<f64>], t: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<f64>
 
 /// Runs `steps` steps of `case` in `dtype` and of the f64 reference, side by side (each on its
 /// own parameters), and returns the largest relative difference over all steps.
-fn max_relative_error(case: &Case, dtype: DType, steps: usize) -> f64 {
+fn max_relative_error(case: &Case, dtype: DType, steps: usize, fused: bool) -> f64 {
     let init = initial();
     let harness = Harness::new(&init, dtype);
     let (wd, decay_1d) = match case {
@@ -199,8 +237,16 @@ fn max_relative_error(case: &Case, dtype: DType, steps: usize) -> f64 {
         .map(|((_, _, v), p)| RefParam::new(v.clone(), p.weight_decay))
         .collect();
     let mut opt: Box<dyn Optimizer> = match case {
-        Case::Adam(c, _) => Box::new(Adam::new(params, c.clone()).unwrap()),
-        Case::Adopt(c, _) => Box::new(Adopt::new(params, c.clone()).unwrap()),
+        Case::Adam(c, _) => {
+            let mut o = Adam::with_params(params, c.clone()).unwrap();
+            o.set_fused(fused).unwrap();
+            Box::new(o)
+        }
+        Case::Adopt(c, _) => {
+            let mut o = Adopt::with_params(params, c.clone()).unwrap();
+            o.set_fused(fused).unwrap();
+            Box::new(o)
+        }
     };
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut worst: f64 = 0.0;
@@ -217,6 +263,11 @@ fn max_relative_error(case: &Case, dtype: DType, steps: usize) -> f64 {
             match case {
                 Case::Adam(c, _) => {
                     reference_adam(p, gi, t as i32, lr, c.beta1, c.beta2, c.eps, c.decoupled)
+                }
+                Case::Adopt(c, _) if c.variant == AdoptVariant::Original => {
+                    reference_adopt_original(
+                        p, gi, t as u64, lr, c.beta1, c.beta2, c.eps, c.decouple,
+                    )
                 }
                 Case::Adopt(c, _) => reference_adopt(
                     p,
@@ -249,6 +300,11 @@ fn all_cases() -> Vec<(&'static str, Case)> {
     let adam = AdamConfig::defaults(OptimizerKind::Adam);
     let adamw = AdamConfig::defaults(OptimizerKind::AdamW);
     let adopt = AdoptConfig::default();
+    let original = AdoptConfig {
+        variant: AdoptVariant::Original,
+        clip_exponent: None,
+        ..adopt.clone()
+    };
     vec![
         ("adam defaults", Case::Adam(adam.clone(), false)),
         (
@@ -340,22 +396,52 @@ fn all_cases() -> Vec<(&'static str, Case)> {
                 false,
             ),
         ),
+        ("adopt original", Case::Adopt(original.clone(), false)),
+        (
+            "adopt original coupled decay",
+            Case::Adopt(
+                AdoptConfig {
+                    weight_decay: 0.1,
+                    lr: 1e-2,
+                    ..original.clone()
+                },
+                true,
+            ),
+        ),
+        (
+            "adopt original decoupled decay",
+            Case::Adopt(
+                AdoptConfig {
+                    weight_decay: 0.1,
+                    decouple: true,
+                    ..original
+                },
+                false,
+            ),
+        ),
     ]
 }
 
 #[test]
 fn f64_matches_reference_within_1e_12() {
-    for (name, case) in all_cases() {
-        let err = max_relative_error(&case, DType::F64, 12);
-        assert!(err < 1e-12, "{name}: relative error {err:e}");
+    for fused in [true, false] {
+        for (name, case) in all_cases() {
+            let err = max_relative_error(&case, DType::F64, 12, fused);
+            assert!(
+                err < 1e-12,
+                "{name} (fused {fused}): relative error {err:e}"
+            );
+        }
     }
 }
 
 #[test]
 fn f32_matches_reference_within_1e_5() {
-    for (name, case) in all_cases() {
-        let err = max_relative_error(&case, DType::F32, 12);
-        assert!(err < 1e-5, "{name}: relative error {err:e}");
+    for fused in [true, false] {
+        for (name, case) in all_cases() {
+            let err = max_relative_error(&case, DType::F32, 12, fused);
+            assert!(err < 1e-5, "{name} (fused {fused}): relative error {err:e}");
+        }
     }
 }
 
@@ -368,7 +454,7 @@ fn adam_first_step_moves_by_lr_times_sign() {
     // m̂ = g and v̂ = g² at t = 1, so the step is lr·g/(|g| + eps).
     let h = single(1.0);
     let params = param_groups(&h.vars, 0.0, false);
-    let mut adam = Adam::new(params, AdamConfig::defaults(OptimizerKind::Adam)).unwrap();
+    let mut adam = Adam::with_params(params, AdamConfig::defaults(OptimizerKind::Adam)).unwrap();
     h.step(&mut adam, &[vec![2.0]], 0.1);
     let expected = 1.0 - 0.1 * 2.0 / (2.0 + 1e-8);
     assert!((h.values()[0][0] - expected).abs() < 1e-15);
@@ -383,7 +469,7 @@ fn adamw_decays_before_the_update_and_adam_adds_l2() {
         var: h.vars[0].1.clone(),
         weight_decay: 0.5,
     }];
-    let mut adamw = Adam::new(params, AdamConfig::defaults(OptimizerKind::AdamW)).unwrap();
+    let mut adamw = Adam::with_params(params, AdamConfig::defaults(OptimizerKind::AdamW)).unwrap();
     h.step(&mut adamw, &[vec![0.0]], 0.1);
     assert!((h.values()[0][0] - 2.0 * (1.0 - 0.1 * 0.5)).abs() < 1e-15);
     // Adam with L2: g = 0 + λθ = 1, so the first step is lr·1/(1 + eps).
@@ -393,7 +479,7 @@ fn adamw_decays_before_the_update_and_adam_adds_l2() {
         var: h.vars[0].1.clone(),
         weight_decay: 0.5,
     }];
-    let mut adam = Adam::new(params, AdamConfig::defaults(OptimizerKind::Adam)).unwrap();
+    let mut adam = Adam::with_params(params, AdamConfig::defaults(OptimizerKind::Adam)).unwrap();
     h.step(&mut adam, &[vec![0.0]], 0.1);
     assert!((h.values()[0][0] - (2.0 - 0.1 / (1.0 + 1e-8))).abs() < 1e-15);
 }
@@ -402,7 +488,7 @@ fn adamw_decays_before_the_update_and_adam_adds_l2() {
 fn adopt_first_steps_by_hand() {
     let h = single(1.0);
     let params = param_groups(&h.vars, 0.0, false);
-    let mut adopt = Adopt::new(params, AdoptConfig::default()).unwrap();
+    let mut adopt = Adopt::with_params(params, AdoptConfig::default()).unwrap();
     let lr = 0.1;
     // s = 0: only v ← g² = 4; θ stays.
     h.step(&mut adopt, &[vec![2.0]], lr);
@@ -427,7 +513,7 @@ fn adopt_eps_is_a_floor_not_an_addend() {
     // and ĝ = 1e-6 / 2e-6 = 0.5 (an additive eps would give 1e-6 / 3e-6 = 1/3).
     let h = single(0.0);
     let params = param_groups(&h.vars, 0.0, false);
-    let mut adopt = Adopt::new(
+    let mut adopt = Adopt::with_params(
         params,
         AdoptConfig {
             clip_exponent: None,
@@ -446,7 +532,7 @@ fn adopt_eps_is_a_floor_not_an_addend() {
     // Below the floor: v = 0 after a zero gradient, so ĝ = g / eps.
     let h = single(0.0);
     let params = param_groups(&h.vars, 0.0, false);
-    let mut adopt = Adopt::new(
+    let mut adopt = Adopt::with_params(
         params,
         AdoptConfig {
             clip_exponent: None,
@@ -468,10 +554,12 @@ fn state_round_trip_continues_bitwise() {
             let make = |h: &Harness| -> Box<dyn Optimizer> {
                 match &case {
                     Case::Adam(c, d) => Box::new(
-                        Adam::new(param_groups(&h.vars, c.weight_decay, *d), c.clone()).unwrap(),
+                        Adam::with_params(param_groups(&h.vars, c.weight_decay, *d), c.clone())
+                            .unwrap(),
                     ),
                     Case::Adopt(c, d) => Box::new(
-                        Adopt::new(param_groups(&h.vars, c.weight_decay, *d), c.clone()).unwrap(),
+                        Adopt::with_params(param_groups(&h.vars, c.weight_decay, *d), c.clone())
+                            .unwrap(),
                     ),
                 }
             };
@@ -519,7 +607,7 @@ fn nanogpt_groups_decay_only_matrices() {
 #[test]
 fn load_state_rejects_wrong_shapes_and_missing_tensors() {
     let h = Harness::new(&initial(), DType::F32);
-    let mut adam = Adam::new(
+    let mut adam = Adam::with_params(
         param_groups(&h.vars, 0.0, false),
         AdamConfig::defaults(OptimizerKind::Adam),
     )
@@ -534,4 +622,158 @@ fn load_state_rejects_wrong_shapes_and_missing_tensors() {
     assert!(err.contains("exp_avg.w") && err.contains("shape"), "{err}");
     state.remove("exp_avg.w");
     assert!(adam.load_state_tensors(&state).is_err());
+}
+
+#[test]
+fn original_adopt_first_steps_by_hand() {
+    let h = single(1.0);
+    let cfg = AdoptConfig {
+        variant: AdoptVariant::Original,
+        clip_exponent: None,
+        ..Default::default()
+    };
+    let mut adopt = Adopt::with_params(param_groups(&h.vars, 0.0, false), cfg).unwrap();
+    let lr = 0.1;
+    // s = 1: v ← 4 only.
+    h.step(&mut adopt, &[vec![2.0]], lr);
+    assert_eq!(h.values()[0][0], 1.0);
+    // s = 2: m ← 3/2 with no (1−β1) factor and no clipping; θ = 1 − 0.1·1.5.
+    h.step(&mut adopt, &[vec![3.0]], lr);
+    assert!(
+        (h.values()[0][0] - 0.85).abs() < 1e-15,
+        "{}",
+        h.values()[0][0]
+    );
+    // s = 3: m = 0.9·1.5 + 0.1·(−1/sqrt(v)), v = 0.9999·4 + 0.0001·9.
+    h.step(&mut adopt, &[vec![-1.0]], lr);
+    let v: f64 = 0.9999 * 4.0 + 0.0001 * 9.0;
+    let m = 0.9 * 1.5 + 0.1 * (-1.0 / v.sqrt());
+    assert!((h.values()[0][0] - (0.85 - lr * m)).abs() < 1e-15);
+    // Clipping is refused for the original variant.
+    let h = single(1.0);
+    let clipped = AdoptConfig {
+        variant: AdoptVariant::Original,
+        ..Default::default()
+    };
+    assert!(Adopt::with_params(param_groups(&h.vars, 0.0, false), clipped).is_err());
+}
+
+#[test]
+fn original_adopt_decays_before_its_first_step() {
+    // Decoupled decay comes first in the original, so even the v-only first step shrinks θ.
+    let h = single(2.0);
+    let cfg = AdoptConfig {
+        variant: AdoptVariant::Original,
+        clip_exponent: None,
+        decouple: true,
+        ..Default::default()
+    };
+    let params = vec![Param {
+        name: "x".into(),
+        var: h.vars[0].1.clone(),
+        weight_decay: 0.5,
+    }];
+    let mut adopt = Adopt::with_params(params, cfg).unwrap();
+    h.step(&mut adopt, &[vec![1.0]], 0.1);
+    assert!((h.values()[0][0] - (2.0 - 0.1 * 0.5 * 2.0)).abs() < 1e-15);
+}
+
+#[test]
+fn fused_kernel_matches_tensor_ops_on_large_tensors() {
+    // Large enough for the parallel chunked path, with both the decay and clipping branches active.
+    let n = 200_003;
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let init: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let grads: Vec<Vec<f64>> = (0..4)
+        .map(|_| (0..n).map(|_| rng.random_range(-1.0..1.0)).collect())
+        .collect();
+    let run = |fused: bool, adopt: bool, dtype: DType| -> Vec<f64> {
+        let h = Harness::new(&[("x", vec![n], init.clone())], dtype);
+        let params = vec![Param {
+            name: "x".into(),
+            var: h.vars[0].1.clone(),
+            weight_decay: 0.1,
+        }];
+        let mut opt: Box<dyn Optimizer> = if adopt {
+            let mut o = Adopt::with_params(
+                params,
+                AdoptConfig {
+                    decouple: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            o.set_fused(fused).unwrap();
+            Box::new(o)
+        } else {
+            let mut o =
+                Adam::with_params(params, AdamConfig::defaults(OptimizerKind::AdamW)).unwrap();
+            o.set_fused(fused).unwrap();
+            Box::new(o)
+        };
+        for g in &grads {
+            h.step(opt.as_mut(), std::slice::from_ref(g), 1e-2);
+        }
+        h.values()[0].clone()
+    };
+    for (dtype, tolerance) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        for adopt in [false, true] {
+            let (a, b) = (run(true, adopt, dtype), run(false, adopt, dtype));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs() / y.abs().max(1e-3))
+                .fold(0.0, f64::max);
+            assert!(
+                worst < tolerance,
+                "adopt {adopt} {dtype:?}: fused and tensor ops differ by {worst:e}"
+            );
+            let moved = a
+                .iter()
+                .zip(&init)
+                .filter(|(x, y)| (*x - *y).abs() > 1e-4)
+                .count();
+            assert!(moved > n / 2, "the update did not reach every chunk");
+        }
+    }
+}
+
+#[test]
+fn usable_as_a_candle_nn_optimizer() {
+    use candle_nn::Optimizer as _;
+    // Fit y = 3x − 1 with ADOPT through candle's own Optimizer API, as one would candle's AdamW.
+    let w = Var::new(&[[0.0f32]], &Device::Cpu).unwrap();
+    let b = Var::new(&[0.0f32], &Device::Cpu).unwrap();
+    let xs = Tensor::new(&[[-1.0f32], [0.0], [1.0], [2.0]], &Device::Cpu).unwrap();
+    let ys = Tensor::new(&[[-4.0f32], [-1.0], [2.0], [5.0]], &Device::Cpu).unwrap();
+    let cfg = AdoptConfig {
+        lr: 0.05,
+        ..Default::default()
+    };
+    let mut opt = Adopt::new(vec![w.clone(), b.clone()], cfg).unwrap();
+    for _ in 0..2000 {
+        let pred = xs
+            .matmul(w.as_tensor())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        let loss = (pred - &ys).unwrap().sqr().unwrap().mean_all().unwrap();
+        opt.backward_step(&loss).unwrap();
+    }
+    opt.set_learning_rate(0.01);
+    assert_eq!(opt.learning_rate(), 0.01);
+    let w = w
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0];
+    let b = b.as_tensor().to_vec1::<f32>().unwrap()[0];
+    assert!(
+        (w - 3.0).abs() < 0.05 && (b + 1.0).abs() < 0.05,
+        "w {w}, b {b}"
+    );
+    // State is named by position.
+    let state = gpt_pretrain::optim::Optimizer::state_tensors(&opt).unwrap();
+    assert!(state.contains_key("exp_avg.0") && state.contains_key("exp_avg_sq.1"));
 }

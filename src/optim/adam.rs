@@ -1,25 +1,26 @@
 //! Adam and AdamW, exactly as `torch.optim.Adam` / `torch.optim.AdamW` (no amsgrad, no maximize).
 
-use super::{check_common, init_moments, lerp, Moments, Optimizer, OptimizerKind, Param};
-use anyhow::Result;
+use super::kernel::Update;
+use super::{check_common, indexed_params, Optimizer, OptimizerKind, Param, Slots};
 use candle_core::backprop::GradStore;
-use candle_core::Tensor;
+use candle_core::{Result, Tensor, Var};
 use std::collections::{BTreeMap, HashMap};
 
-/// Adam's hyperparameters. Each parameter's weight decay comes from its [`Param`].
+/// Adam's hyperparameters. Each parameter's weight decay comes from its [`Param`]; `weight_decay`
+/// here is the value [`super::param_groups`] and the `candle_nn::Optimizer` constructor hand out.
 ///
-/// For t = 1, 2, …:
+/// For t = 1, 2, … (PyTorch's order of operations):
 /// - Adam (`decoupled = false`): g ← g + λθ;
 /// - AdamW (`decoupled = true`): θ ← θ·(1 − lr·λ);
-/// - m ← β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
-/// - θ ← θ − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps).
+/// - m ← lerp(m, g, 1−β1) = β1·m + (1−β1)·g; v ← β2·v + (1−β2)·g²;
+/// - θ ← θ − (lr/(1−β1^t))·m / (sqrt(v)/sqrt(1−β2^t) + eps).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamConfig {
+    /// Learning rate used by `candle_nn::Optimizer::step` (the crate's own trait passes one per step).
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
-    /// The default weight decay a config hands to [`super::param_groups`].
     pub weight_decay: f64,
     /// AdamW's decoupled decay instead of Adam's L2 term.
     pub decoupled: bool,
@@ -41,24 +42,25 @@ impl AdamConfig {
     }
 }
 
+impl Default for AdamConfig {
+    /// `torch.optim.AdamW`'s defaults, like `candle_nn::ParamsAdamW`.
+    fn default() -> Self {
+        Self::defaults(OptimizerKind::AdamW)
+    }
+}
+
 /// Adam or AdamW over a set of parameters.
 pub struct Adam {
-    params: Vec<Param>,
-    moments: Vec<Moments>,
+    slots: Slots,
     cfg: AdamConfig,
 }
 
 impl Adam {
-    /// An optimizer with zeroed moments.
-    pub fn new(params: Vec<Param>, cfg: AdamConfig) -> Result<Self> {
-        check_common(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)?;
-        for p in &params {
-            check_common(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, p.weight_decay)?;
-        }
-        let moments = init_moments(&params)?;
+    /// An optimizer with zeroed moments over named parameters.
+    pub fn with_params(params: Vec<Param>, cfg: AdamConfig) -> Result<Self> {
+        check_common(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, &params)?;
         Ok(Self {
-            params,
-            moments,
+            slots: Slots::new(params)?,
             cfg,
         })
     }
@@ -67,55 +69,67 @@ impl Adam {
     pub fn config(&self) -> &AdamConfig {
         &self.cfg
     }
+
+    /// `false` runs the update as candle tensor ops instead of the fused CPU kernel (the path CUDA
+    /// takes); the state carries over.
+    pub fn set_fused(&mut self, fused: bool) -> Result<()> {
+        self.slots.set_fused(fused)
+    }
+
+    /// This step's coefficients for a parameter that has had `steps_before` updates.
+    fn rule(cfg: &AdamConfig, param: &Param, steps_before: u64, lr: f64) -> Update {
+        let t = (steps_before + 1) as i32;
+        let wd = param.weight_decay;
+        Update::Adam {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            coupled_wd: if cfg.decoupled { 0.0 } else { wd },
+            decay: if cfg.decoupled { 1.0 - lr * wd } else { 1.0 },
+            step_size: lr / (1.0 - cfg.beta1.powi(t)),
+            bias_correction2_sqrt: (1.0 - cfg.beta2.powi(t)).sqrt(),
+        }
+    }
 }
 
 impl Optimizer for Adam {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        let AdamConfig {
-            beta1,
-            beta2,
-            eps,
-            decoupled,
-            ..
-        } = self.cfg;
-        for (p, s) in self.params.iter().zip(self.moments.iter_mut()) {
-            let Some(grad) = grads.get(p.var.as_tensor()) else {
-                continue;
-            };
-            let theta = p.var.as_tensor();
-            let wd = p.weight_decay;
-            s.step += 1;
-            let t = s.step as i32;
-            let mut theta_new = theta.clone();
-            let mut grad = grad.clone();
-            if wd != 0.0 {
-                if decoupled {
-                    theta_new = (theta * (1.0 - lr * wd))?;
-                } else {
-                    grad = (grad + (theta * wd)?)?;
-                }
-            }
-            s.exp_avg = lerp(&s.exp_avg, &grad, 1.0 - beta1)?;
-            s.exp_avg_sq = ((&s.exp_avg_sq * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-            let bias_correction1 = 1.0 - beta1.powi(t);
-            let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-            let step_size = lr / bias_correction1;
-            let denom = ((s.exp_avg_sq.sqrt()? / bias_correction2_sqrt)? + eps)?;
-            let update = ((&s.exp_avg * step_size)? / denom)?;
-            p.var.set(&(theta_new - update)?)?;
-        }
-        Ok(())
+    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let cfg = &self.cfg;
+        self.slots.update(grads, |p, s| Self::rule(cfg, p, s, lr))
     }
 
     fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        super::moments_to_tensors(&self.params, &self.moments)
+        self.slots.state_tensors()
     }
 
     fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        super::moments_from_tensors(&self.params, &mut self.moments, tensors)
+        self.slots.load_state_tensors(tensors)
     }
 
     fn steps_taken(&self) -> u64 {
-        self.moments.first().map_or(0, |m| m.step)
+        self.slots.steps_taken()
+    }
+}
+
+impl candle_nn::Optimizer for Adam {
+    type Config = AdamConfig;
+
+    /// Every var decayed by `config.weight_decay`; state named by position (`exp_avg.0`, …).
+    fn new(vars: Vec<Var>, config: AdamConfig) -> Result<Self> {
+        let params = indexed_params(vars, config.weight_decay);
+        Self::with_params(params, config)
+    }
+
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let lr = self.cfg.lr;
+        self.update(grads, lr)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.cfg.lr = lr;
     }
 }

@@ -1,38 +1,56 @@
 //! ADOPT (Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any β2 with the Optimal Rate",
-//! NeurIPS 2024), exactly as the authors' reference implementation (PyPI `torch-adopt` 0.1.0).
+//! NeurIPS 2024, <https://arxiv.org/abs/2411.02853>), in two versions of the authors' code.
 
-use super::{check_common, init_moments, lerp, Moments, Optimizer, Param};
-use anyhow::{bail, Result};
+use super::kernel::Update;
+use super::{check_common, indexed_params, Optimizer, Param, Slots};
 use candle_core::backprop::GradStore;
-use candle_core::Tensor;
+use candle_core::{bail, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
-/// ADOPT's hyperparameters. Each parameter's weight decay comes from its [`Param`].
-///
-/// State s = 0, m = 0, v = 0. Each step:
-/// - if λ ≠ 0 and not decoupled: g ← g + λθ;
-/// - if s = 0: v ← g², s ← 1, and stop (θ and m untouched);
-/// - if decoupled: θ ← θ·(1 − lr·λ);
-/// - ĝ ← g / max(sqrt(v), eps) (v does not yet contain g; eps is a floor, not an addend);
-/// - ĝ ← clamp(ĝ, −s^c, s^c) with c = `clip_exponent` (no clamp when `None`);
-/// - m ← β1·m + (1−β1)·ĝ; θ ← θ − lr·m; v ← β2·v + (1−β2)·g²; s ← s + 1.
+/// Which version of the authors' ADOPT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdoptVariant {
+    /// PyPI `torch-adopt` 0.1.0 (iShohei220/adopt at 6468572), with clipping. State s = 0, m = 0,
+    /// v = 0; each step:
+    /// - if λ ≠ 0 and not decoupled: g ← g + λθ;
+    /// - if s = 0: v ← g², s ← 1, and stop (θ and m untouched);
+    /// - if decoupled: θ ← θ − lr·λ·θ;
+    /// - ĝ ← g / max(sqrt(v), eps) (v does not yet contain g; eps is a floor, not an addend);
+    /// - ĝ ← clamp(ĝ, −s^c, s^c) with c = `clip_exponent` (no clamp when `None`);
+    /// - m ← β1·m + (1−β1)·ĝ; θ ← θ − lr·m; v ← β2·v + (1−β2)·g²; s ← s + 1.
+    #[default]
+    Release,
+    /// The first published code (iShohei220/adopt at 6e94fbc, 2024-11-06), which the paper's GPT-2
+    /// runs appear to use: no clipping; s counted from 1 and incremented first; weight decay
+    /// (coupled g ← g + λθ, or decoupled θ ← θ − lr·λ·θ) before anything else; s = 1: v ← g², stop;
+    /// s = 2: m ← g / max(sqrt(v), eps) (no (1−β1) factor); s ≥ 3: m ← β1·m + (1−β1)·g/max(sqrt(v), eps);
+    /// then θ ← θ − lr·m; v ← β2·v + (1−β2)·g².
+    Original,
+}
+
+/// ADOPT's hyperparameters. Each parameter's weight decay comes from its [`Param`]; `weight_decay`
+/// here is the value [`super::param_groups`] and the `candle_nn::Optimizer` constructor hand out.
+/// See [`AdoptVariant`] for the exact update rules.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdoptConfig {
+    /// Learning rate used by `candle_nn::Optimizer::step` (the crate's own trait passes one per step).
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
-    /// The default weight decay a config hands to [`super::param_groups`].
     pub weight_decay: f64,
     /// Decoupled (AdamW-style) weight decay instead of an L2 term.
     pub decouple: bool,
-    /// Clamp exponent c in ±s^c, or `None` for no clipping.
+    /// Clamp exponent c in ±s^c, or `None` for no clipping (must be `None` for `Original`).
     pub clip_exponent: Option<f64>,
+    pub variant: AdoptVariant,
 }
 
 impl Default for AdoptConfig {
     /// The reference defaults: lr 1e-3, betas (0.9, 0.9999), eps 1e-6, no weight decay,
-    /// coupled decay, clip exponent 0.25.
+    /// coupled decay, clip exponent 0.25, the `torch-adopt` 0.1.0 rules.
     fn default() -> Self {
         Self {
             lr: 1e-3,
@@ -42,33 +60,31 @@ impl Default for AdoptConfig {
             weight_decay: 0.0,
             decouple: false,
             clip_exponent: Some(0.25),
+            variant: AdoptVariant::Release,
         }
     }
 }
 
 /// ADOPT over a set of parameters.
 pub struct Adopt {
-    params: Vec<Param>,
-    moments: Vec<Moments>,
+    slots: Slots,
     cfg: AdoptConfig,
 }
 
 impl Adopt {
-    /// An optimizer with zeroed state.
-    pub fn new(params: Vec<Param>, cfg: AdoptConfig) -> Result<Self> {
-        check_common(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay)?;
-        for p in &params {
-            check_common(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, p.weight_decay)?;
-        }
+    /// An optimizer with zeroed state over named parameters.
+    pub fn with_params(params: Vec<Param>, cfg: AdoptConfig) -> Result<Self> {
+        check_common(cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, &params)?;
         if let Some(c) = cfg.clip_exponent {
             if !(c.is_finite() && c > 0.0) {
                 bail!("clip_exponent must be positive, got {c}");
             }
+            if cfg.variant == AdoptVariant::Original {
+                bail!("the original ADOPT has no clipping: set clip_exponent to none");
+            }
         }
-        let moments = init_moments(&params)?;
         Ok(Self {
-            params,
-            moments,
+            slots: Slots::new(params)?,
             cfg,
         })
     }
@@ -77,60 +93,88 @@ impl Adopt {
     pub fn config(&self) -> &AdoptConfig {
         &self.cfg
     }
+
+    /// `false` runs the update as candle tensor ops instead of the fused CPU kernel (the path CUDA
+    /// takes); the state carries over.
+    pub fn set_fused(&mut self, fused: bool) -> Result<()> {
+        self.slots.set_fused(fused)
+    }
+
+    /// This step's coefficients for a parameter that has had `steps_before` updates.
+    fn rule(cfg: &AdoptConfig, param: &Param, steps_before: u64, lr: f64) -> Update {
+        let wd = param.weight_decay;
+        let coupled_wd = if cfg.decouple { 0.0 } else { wd };
+        let decay_alpha = if cfg.decouple { -lr * wd } else { 0.0 };
+        match cfg.variant {
+            AdoptVariant::Release if steps_before == 0 => Update::AdoptInit {
+                coupled_wd,
+                decay_alpha: 0.0,
+            },
+            AdoptVariant::Release => Update::Adopt {
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                coupled_wd,
+                decay_alpha,
+                lr,
+                clip: cfg.clip_exponent.map(|c| (steps_before as f64).powf(c)),
+            },
+            AdoptVariant::Original if steps_before == 0 => Update::AdoptInit {
+                coupled_wd,
+                decay_alpha,
+            },
+            AdoptVariant::Original => Update::Adopt {
+                // s = 2 sets m ← ĝ: a lerp with weight 1 is exactly that.
+                beta1: if steps_before == 1 { 0.0 } else { cfg.beta1 },
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                coupled_wd,
+                decay_alpha,
+                lr,
+                clip: None,
+            },
+        }
+    }
 }
 
 impl Optimizer for Adopt {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        let AdoptConfig {
-            beta1,
-            beta2,
-            eps,
-            decouple,
-            clip_exponent,
-            ..
-        } = self.cfg;
-        for (p, s) in self.params.iter().zip(self.moments.iter_mut()) {
-            let Some(grad) = grads.get(p.var.as_tensor()) else {
-                continue;
-            };
-            let theta = p.var.as_tensor();
-            let wd = p.weight_decay;
-            let mut grad = grad.clone();
-            if wd != 0.0 && !decouple {
-                grad = (grad + (theta * wd)?)?;
-            }
-            if s.step == 0 {
-                s.exp_avg_sq = grad.sqr()?;
-                s.step = 1;
-                continue;
-            }
-            let mut theta_new = theta.clone();
-            if wd != 0.0 && decouple {
-                theta_new = (theta * (1.0 - lr * wd))?;
-            }
-            let denom = s.exp_avg_sq.sqrt()?.maximum(eps)?;
-            let mut normed = (&grad / denom)?;
-            if let Some(c) = clip_exponent {
-                let clip = (s.step as f64).powf(c);
-                normed = normed.clamp(-clip, clip)?;
-            }
-            s.exp_avg = lerp(&s.exp_avg, &normed, 1.0 - beta1)?;
-            p.var.set(&(theta_new - (&s.exp_avg * lr)?)?)?;
-            s.exp_avg_sq = ((&s.exp_avg_sq * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-            s.step += 1;
-        }
-        Ok(())
+    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let cfg = &self.cfg;
+        self.slots.update(grads, |p, s| Self::rule(cfg, p, s, lr))
     }
 
     fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        super::moments_to_tensors(&self.params, &self.moments)
+        self.slots.state_tensors()
     }
 
     fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        super::moments_from_tensors(&self.params, &mut self.moments, tensors)
+        self.slots.load_state_tensors(tensors)
     }
 
     fn steps_taken(&self) -> u64 {
-        self.moments.first().map_or(0, |m| m.step)
+        self.slots.steps_taken()
+    }
+}
+
+impl candle_nn::Optimizer for Adopt {
+    type Config = AdoptConfig;
+
+    /// Every var decayed by `config.weight_decay`; state named by position (`exp_avg.0`, …).
+    fn new(vars: Vec<Var>, config: AdoptConfig) -> Result<Self> {
+        let params = indexed_params(vars, config.weight_decay);
+        Self::with_params(params, config)
+    }
+
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let lr = self.cfg.lr;
+        self.update(grads, lr)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.cfg.lr = lr;
     }
 }

@@ -1,22 +1,28 @@
-//! Adam, AdamW and ADOPT for candle, with their state (moments and step counts) exposed as named
-//! tensors so checkpoints can save and restore it exactly.
+//! Adam, AdamW and ADOPT for candle, exact to their references, fused on CPU, with their state
+//! (moments and step counts) exposed as named tensors so checkpoints can save and restore it.
 //!
-//! The optimizers work on any candle program's [`Var`]s: build [`Param`]s (a name, a var and its
-//! weight decay), call [`Optimizer::step`] with the [`GradStore`] from `loss.backward()` and the
-//! step's learning rate. The learning-rate schedule lives outside ([`crate::schedule`]).
+//! Two ways in:
+//! - the crate's [`Optimizer`] trait: build [`Param`]s (a name, a var, its weight decay — or
+//!   [`param_groups`] for nanoGPT's grouping), call [`Optimizer::update`] with the `GradStore` from
+//!   `loss.backward()` and the step's learning rate, save [`Optimizer::state_tensors`];
+//! - `candle_nn::Optimizer`, implemented by [`Adam`] and [`Adopt`], so any candle program can use
+//!   them as it uses `candle_nn::AdamW`: `Adopt::new(varmap.all_vars(), AdoptConfig::default())`.
 //!
-//! Semantics follow the references exactly (see each type's docs): `torch.optim.Adam`,
-//! `torch.optim.AdamW`, and the ADOPT authors' `torch-adopt` 0.1.0.
+//! On CPU, f32 and f64 parameters are updated by a fused kernel: one pass over θ, g, m and v,
+//! parallel over chunks, with no temporaries. Elsewhere (CUDA, other dtypes) the same rule runs as
+//! candle tensor ops on the parameter's device.
 
 mod adam;
 mod adopt;
+mod kernel;
+pub mod replay;
 
 pub use adam::{Adam, AdamConfig};
-pub use adopt::{Adopt, AdoptConfig};
+pub use adopt::{Adopt, AdoptConfig, AdoptVariant};
 
-use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{bail, DType, Result, Tensor, Var};
+use kernel::{Moments, Update};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -66,134 +72,182 @@ pub fn param_groups(named_vars: &[(String, Var)], weight_decay: f64, decay_1d: b
         .collect()
 }
 
+/// Unnamed vars (the `candle_nn::Optimizer` entry point) named by position, all decayed alike.
+pub(crate) fn indexed_params(vars: Vec<Var>, weight_decay: f64) -> Vec<Param> {
+    vars.into_iter()
+        .enumerate()
+        .map(|(i, var)| Param {
+            name: i.to_string(),
+            var,
+            weight_decay,
+        })
+        .collect()
+}
+
 /// A first-order optimizer whose state can be saved and restored.
 pub trait Optimizer {
     /// Applies one update with learning rate `lr`. Parameters with no gradient in `grads` are
     /// left alone, state included (as PyTorch skips parameters whose `.grad` is `None`).
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()>;
+    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()>;
 
-    /// Every state tensor by name: `exp_avg.NAME`, `exp_avg_sq.NAME`, `step.NAME`.
+    /// Every state tensor by name: `exp_avg.NAME`, `exp_avg_sq.NAME`, `step.NAME` (i64).
     fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>>;
 
     /// Restores state saved by [`Optimizer::state_tensors`]; names and shapes must match.
     fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()>;
 
-    /// Updates done on the first parameter (all parameters step together in training).
+    /// Updates applied to the first parameter (in training every parameter steps together).
     fn steps_taken(&self) -> u64;
 }
 
 /// Builds the optimizer a config asks for.
 pub fn build(settings: &OptimizerSettings, params: Vec<Param>) -> Result<Box<dyn Optimizer>> {
     Ok(match settings {
-        OptimizerSettings::Adam(cfg) => Box::new(Adam::new(params, cfg.clone())?),
-        OptimizerSettings::Adopt(cfg) => Box::new(Adopt::new(params, cfg.clone())?),
+        OptimizerSettings::Adam(cfg) => Box::new(Adam::with_params(params, cfg.clone())?),
+        OptimizerSettings::Adopt(cfg) => Box::new(Adopt::with_params(params, cfg.clone())?),
     })
 }
 
-/// Moments and step count of one parameter (shared by Adam and ADOPT).
-pub(crate) struct Moments {
-    pub exp_avg: Tensor,
-    pub exp_avg_sq: Tensor,
+/// One parameter with its state: m, v and the number of updates it has had.
+pub(crate) struct Slot {
+    pub param: Param,
+    pub moments: Moments,
     pub step: u64,
 }
 
-impl Moments {
-    fn zeros(var: &Var) -> Result<Self> {
-        Ok(Self {
-            exp_avg: var.as_tensor().zeros_like()?,
-            exp_avg_sq: var.as_tensor().zeros_like()?,
-            step: 0,
-        })
-    }
+/// The parameters and state every optimizer here keeps; the optimizers differ only in the
+/// [`Update`] they compute for each step.
+pub(crate) struct Slots {
+    slots: Vec<Slot>,
+    fused: bool,
 }
 
-/// Zeroed state for each parameter, rejecting duplicate names.
-pub(crate) fn init_moments(params: &[Param]) -> Result<Vec<Moments>> {
-    let mut seen = std::collections::HashSet::new();
-    for p in params {
-        if !seen.insert(&p.name) {
-            bail!("two parameters are named {}", p.name);
+impl Slots {
+    pub fn new(params: Vec<Param>) -> Result<Self> {
+        let mut seen = std::collections::HashSet::new();
+        for p in &params {
+            if !seen.insert(p.name.clone()) {
+                bail!("two parameters are named {}", p.name);
+            }
         }
+        let slots = params
+            .into_iter()
+            .map(|param| {
+                Ok(Slot {
+                    moments: Moments::zeros(&param.var, true)?,
+                    param,
+                    step: 0,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { slots, fused: true })
     }
-    params.iter().map(|p| Moments::zeros(&p.var)).collect()
-}
 
-pub(crate) fn moments_to_tensors(
-    params: &[Param],
-    moments: &[Moments],
-) -> Result<BTreeMap<String, Tensor>> {
-    let mut out = BTreeMap::new();
-    for (p, s) in params.iter().zip(moments) {
-        out.insert(format!("exp_avg.{}", p.name), s.exp_avg.clone());
-        out.insert(format!("exp_avg_sq.{}", p.name), s.exp_avg_sq.clone());
-        let step = Tensor::new(&[s.step as i64], s.exp_avg.device())?;
-        out.insert(format!("step.{}", p.name), step);
+    /// Switches between the fused CPU kernel and tensor ops, keeping the state's values.
+    pub fn set_fused(&mut self, fused: bool) -> Result<()> {
+        if fused == self.fused {
+            return Ok(());
+        }
+        for slot in &mut self.slots {
+            let (m, v) = slot.moments.to_tensors(&slot.param.var)?;
+            let mut moments = Moments::zeros(&slot.param.var, fused)?;
+            moments.load(&slot.param.var, &m, &v)?;
+            slot.moments = moments;
+        }
+        self.fused = fused;
+        Ok(())
     }
-    Ok(out)
-}
 
-pub(crate) fn moments_from_tensors(
-    params: &[Param],
-    moments: &mut [Moments],
-    tensors: &HashMap<String, Tensor>,
-) -> Result<()> {
-    let expected = 3 * params.len();
-    if tensors.len() != expected {
-        bail!(
-            "optimizer state has {} tensors, expected {expected} (another model or optimizer?)",
-            tensors.len()
-        );
-    }
-    for (p, s) in params.iter().zip(moments.iter_mut()) {
-        let get = |kind: &str| {
-            tensors
-                .get(&format!("{kind}.{}", p.name))
-                .with_context(|| format!("optimizer state lacks {kind}.{}", p.name))
-        };
-        let want = p.var.as_tensor();
-        for (kind, slot) in [
-            ("exp_avg", &mut s.exp_avg),
-            ("exp_avg_sq", &mut s.exp_avg_sq),
-        ] {
-            let t = get(kind)?;
-            if t.dims() != want.dims() {
+    /// Runs `rule(param, step_before)` for each parameter that has a gradient and applies the
+    /// update it returns; the step count is incremented afterwards.
+    pub fn update(
+        &mut self,
+        grads: &GradStore,
+        mut rule: impl FnMut(&Param, u64) -> Update,
+    ) -> Result<()> {
+        for slot in &mut self.slots {
+            let Some(grad) = grads.get(slot.param.var.as_tensor()) else {
+                continue;
+            };
+            if grad.dims() != slot.param.var.dims() {
                 bail!(
-                    "optimizer state {kind}.{} has shape {:?}, the parameter has {:?}",
-                    p.name,
-                    t.dims(),
-                    want.dims()
+                    "gradient of {} has shape {:?}, the parameter {:?}",
+                    slot.param.name,
+                    grad.dims(),
+                    slot.param.var.dims()
                 );
             }
-            *slot = t.to_dtype(want.dtype())?.to_device(want.device())?;
+            let update = rule(&slot.param, slot.step);
+            let grad = grad.to_dtype(slot.param.var.dtype())?;
+            slot.moments.apply(&update, &slot.param.var, &grad)?;
+            slot.step += 1;
         }
-        let step = get("step")?
-            .to_dtype(DType::I64)?
-            .flatten_all()?
-            .to_vec1::<i64>()?;
-        match step.as_slice() {
-            [n] if *n >= 0 => s.step = *n as u64,
-            _ => bail!(
-                "optimizer state step.{} is not one non-negative integer",
-                p.name
-            ),
-        }
+        Ok(())
     }
-    Ok(())
-}
 
-/// `torch.lerp_(start, end, weight)` as PyTorch's CPU kernel computes it, so f64 results match
-/// PyTorch to the last bits: `start + w·(end − start)` for w < 0.5, else `end − (end − start)·(1 − w)`.
-pub(crate) fn lerp(start: &Tensor, end: &Tensor, weight: f64) -> Result<Tensor> {
-    let diff = (end - start)?;
-    Ok(if weight < 0.5 {
-        (start + (diff * weight)?)?
-    } else {
-        (end - (diff * (1.0 - weight))?)?
-    })
+    pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for slot in &self.slots {
+            let (m, v) = slot.moments.to_tensors(&slot.param.var)?;
+            let name = &slot.param.name;
+            out.insert(format!("exp_avg.{name}"), m);
+            out.insert(format!("exp_avg_sq.{name}"), v);
+            let step = Tensor::new(&[slot.step as i64], slot.param.var.device())?;
+            out.insert(format!("step.{name}"), step);
+        }
+        Ok(out)
+    }
+
+    pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let expected = 3 * self.slots.len();
+        if tensors.len() != expected {
+            bail!(
+                "optimizer state has {} tensors, expected {expected} (another model or optimizer?)",
+                tensors.len()
+            );
+        }
+        for slot in &mut self.slots {
+            let name = &slot.param.name;
+            let get = |kind: &str| match tensors.get(&format!("{kind}.{name}")) {
+                Some(t) => Ok(t),
+                None => bail!("optimizer state lacks {kind}.{name}"),
+            };
+            let (m, v) = (get("exp_avg")?, get("exp_avg_sq")?);
+            for (kind, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                if t.dims() != slot.param.var.dims() {
+                    bail!(
+                        "optimizer state {kind}.{name} has shape {:?}, the parameter has {:?}",
+                        t.dims(),
+                        slot.param.var.dims()
+                    );
+                }
+            }
+            let step = get("step")?
+                .to_dtype(DType::I64)?
+                .flatten_all()?
+                .to_vec1::<i64>()?;
+            slot.step = match step.as_slice() {
+                [n] if *n >= 0 => *n as u64,
+                _ => bail!("optimizer state step.{name} is not one non-negative integer"),
+            };
+            slot.moments.load(&slot.param.var, m, v)?;
+        }
+        Ok(())
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.slots.first().map_or(0, |s| s.step)
+    }
 }
 
 /// Checks the hyperparameters every Adam-family optimizer shares.
-pub(crate) fn check_common(lr: f64, beta1: f64, beta2: f64, eps: f64, wd: f64) -> Result<()> {
+pub(crate) fn check_common(
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    params: &[Param],
+) -> Result<()> {
     if !(lr.is_finite() && lr >= 0.0) {
         bail!("lr must be >= 0, got {lr}");
     }
@@ -205,8 +259,14 @@ pub(crate) fn check_common(lr: f64, beta1: f64, beta2: f64, eps: f64, wd: f64) -
     if !(eps.is_finite() && eps >= 0.0) {
         bail!("eps must be >= 0, got {eps}");
     }
-    if !(wd.is_finite() && wd >= 0.0) {
-        bail!("weight_decay must be >= 0, got {wd}");
+    for p in params {
+        if !(p.weight_decay.is_finite() && p.weight_decay >= 0.0) {
+            bail!(
+                "weight_decay of {} must be >= 0, got {}",
+                p.name,
+                p.weight_decay
+            );
+        }
     }
     Ok(())
 }
