@@ -1,0 +1,157 @@
+//! One optimizer step over parameter sets shaped like the `baby` (10.7M) and `gpt2` (124M) models,
+//! for Adam, AdamW and ADOPT, against the memory-bandwidth floor measured here too.
+//!
+//! An f32 Adam-family step reads θ, g, m, v and writes θ, m, v: 28 bytes per parameter. The floor
+//! is that traffic at the machine's measured copy bandwidth. `cargo bench --bench optim` prints,
+//! after criterion's own report, each median as a multiple of the floor.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use criterion::{criterion_group, criterion_main, Criterion};
+use gpt_pretrain::model::GptConfig;
+use gpt_pretrain::optim::{
+    param_groups, Adam, AdamConfig, Adopt, AdoptConfig, Optimizer, OptimizerKind, Param,
+};
+use rayon::prelude::*;
+use std::time::{Duration, Instant};
+
+const BYTES_PER_PARAM: f64 = 28.0;
+
+/// Copy bandwidth (bytes read + written per second) of a parallel copy of 512 MiB, best of 5.
+fn copy_bandwidth() -> f64 {
+    let n = 128 << 20;
+    let src = vec![1.0f32; n];
+    let mut dst = vec![0.0f32; n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.par_chunks_mut(1 << 16)
+            .zip(src.par_chunks(1 << 16))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    2.0 * 4.0 * n as f64 / best
+}
+
+/// The model's parameters (random values) and a gradient for each.
+fn parameter_set(preset: &str, vocab: usize) -> (Vec<(String, Var)>, GradStore, usize) {
+    let mut cfg = GptConfig::preset(preset).unwrap();
+    cfg.vocab_size = GptConfig::padded_vocab(vocab);
+    let device = Device::Cpu;
+    let mut vars = Vec::new();
+    let mut loss = Tensor::zeros((), DType::F32, &device).unwrap();
+    for spec in cfg.parameter_specs() {
+        let theta = Tensor::rand(-0.1f32, 0.1, spec.shape.as_slice(), &device).unwrap();
+        let g = Tensor::rand(-1e-3f32, 1e-3, spec.shape.as_slice(), &device).unwrap();
+        let var = Var::from_tensor(&theta).unwrap();
+        loss = (loss + var.as_tensor().mul(&g).unwrap().sum_all().unwrap()).unwrap();
+        vars.push((spec.name, var));
+    }
+    let grads = loss.backward().unwrap();
+    (vars, grads, cfg.n_params())
+}
+
+fn build(kind: &str, params: Vec<Param>, fused: bool) -> Box<dyn Optimizer> {
+    match kind {
+        "adopt" => {
+            let mut o = Adopt::with_params(
+                params,
+                AdoptConfig {
+                    decouple: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            o.set_fused(fused).unwrap();
+            Box::new(o)
+        }
+        k => {
+            let kind = if k == "adam" {
+                OptimizerKind::Adam
+            } else {
+                OptimizerKind::AdamW
+            };
+            let mut o = Adam::with_params(params, AdamConfig::defaults(kind)).unwrap();
+            o.set_fused(fused).unwrap();
+            Box::new(o)
+        }
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v[v.len() / 2].as_secs_f64()
+}
+
+fn bench(c: &mut Criterion) {
+    let bandwidth = copy_bandwidth();
+    let mut summary = vec![format!(
+        "copy bandwidth: {:.1} GB/s (read + write); floor = 28 bytes/parameter at that rate",
+        bandwidth / 1e9
+    )];
+    // baby as nanoGPT's Shakespeare model (65-character vocabulary); gpt2 with 50304 tokens.
+    for (preset, vocab, samples) in [("baby", 65, 30), ("gpt2", 50304, 10)] {
+        let (vars, grads, n) = parameter_set(preset, vocab);
+        let floor = n as f64 * BYTES_PER_PARAM / bandwidth;
+        summary.push(format!(
+            "{preset}: {:.1}M parameters, floor {:.2} ms",
+            n as f64 / 1e6,
+            floor * 1e3
+        ));
+        let mut group = c.benchmark_group(preset);
+        group
+            .sample_size(samples)
+            .warm_up_time(Duration::from_secs(1));
+        let variants: &[(&str, bool)] = if preset == "baby" {
+            &[
+                ("adam", true),
+                ("adamw", true),
+                ("adopt", true),
+                ("adam", false),
+                ("adopt", false),
+            ]
+        } else {
+            &[("adam", true), ("adamw", true), ("adopt", true)]
+        };
+        let mut adam_time = None;
+        for &(kind, fused) in variants {
+            let mut opt = build(kind, param_groups(&vars, 0.1, false), fused);
+            // Two warm-up steps: ADOPT's first step only initialises v.
+            opt.update(&grads, 1e-4).unwrap();
+            opt.update(&grads, 1e-4).unwrap();
+            let mut times = Vec::new();
+            let name = if fused {
+                kind.to_string()
+            } else {
+                format!("{kind}-tensor-ops")
+            };
+            group.bench_function(&name, |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        opt.update(&grads, 1e-4).unwrap();
+                    }
+                    let d = start.elapsed();
+                    times.push(d / iters as u32);
+                    d
+                })
+            });
+            let t = median(times);
+            if kind == "adam" && fused {
+                adam_time = Some(t);
+            }
+            let vs_adam = adam_time.map_or(String::new(), |a| format!(", {:.2}x Adam", t / a));
+            summary.push(format!(
+                "  {name:<18} {:8.2} ms = {:.2}x floor{vs_adam}",
+                t * 1e3,
+                t / floor
+            ));
+        }
+        group.finish();
+    }
+    println!("\n{}", summary.join("\n"));
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
