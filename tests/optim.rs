@@ -777,3 +777,24 @@ fn usable_as_a_candle_nn_optimizer() {
     let state = gpt_pretrain::optim::Optimizer::state_tensors(&opt).unwrap();
     assert!(state.contains_key("exp_avg.0") && state.contains_key("exp_avg_sq.1"));
 }
+
+#[test]
+fn tensor_op_state_keeps_no_backward_graph() {
+    // Ops on a variable record a graph; state built from them would keep every earlier step's
+    // tensors alive. Coupled decay reads θ, so it is the case that would leak.
+    let h = Harness::new(&initial(), DType::F32);
+    let mut adam = Adam::with_params(
+        param_groups(&h.vars, 0.1, true),
+        AdamConfig::defaults(OptimizerKind::Adam),
+    )
+    .unwrap();
+    adam.set_fused(false).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for t in 1..=3 {
+        let g = gradients(&h.values(), t, &mut rng);
+        h.step(&mut adam, &g, 1e-3);
+    }
+    for (name, t) in adam.state_tensors().unwrap() {
+        assert!(!t.track_op(), "{name} keeps a backward graph");
+    }
+}
