@@ -100,11 +100,21 @@ impl Fixture {
         dtype: Option<DType>,
         fused: bool,
     ) -> Result<Vec<BTreeMap<String, Value>>> {
+        self.replay_on(&Device::Cpu, dtype, fused)
+    }
+
+    /// [`Fixture::replay`] with the parameters on `device` (fused applies on CPU only).
+    pub fn replay_on(
+        &self,
+        device: &Device,
+        dtype: Option<DType>,
+        fused: bool,
+    ) -> Result<Vec<BTreeMap<String, Value>>> {
         let dtype = match dtype {
             Some(d) => d,
             None => self.dtype()?,
         };
-        let device = Device::Cpu;
+        let device = device.clone();
         let h = &self.hyperparameters;
         let mut names: Vec<&String> = self.params.keys().collect();
         names.sort();
