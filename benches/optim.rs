@@ -188,6 +188,27 @@ fn bench(c: &mut Criterion) {
             ));
         }
         group.finish();
+        // The machine's noise swamps small differences between separate runs; alternating the
+        // two optimizers step by step exposes both to the same conditions.
+        let mut adam = build("adam", param_groups(&vars, 0.1, false), true);
+        let mut adopt = build("adopt", param_groups(&vars, 0.1, false), true);
+        let (mut ta, mut to) = (Vec::new(), Vec::new());
+        for _ in 0..samples.max(20) {
+            let t = Instant::now();
+            adam.update(&grads, 1e-4).unwrap();
+            ta.push(t.elapsed());
+            let t = Instant::now();
+            adopt.update(&grads, 1e-4).unwrap();
+            to.push(t.elapsed());
+        }
+        if let (Some(a), Some(o)) = (median(ta), median(to)) {
+            summary.push(format!(
+                "  interleaved: adam {:.2} ms, adopt {:.2} ms: ADOPT = {:.2}x Adam",
+                a * 1e3,
+                o * 1e3,
+                o / a
+            ));
+        }
     }
     println!("\n{}", summary.join("\n"));
 }
