@@ -6,6 +6,7 @@
 //! renamed into place: a directory named `step-*` is always complete. Loading verifies checksums
 //! before it trusts any byte.
 
+use crate::faults;
 use crate::fsutil::{sha256_hex, sync_dir, write_synced};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -33,6 +34,9 @@ pub struct TrainState {
     pub best_val_loss: Option<f64>,
     /// SHA-256 of the resolved config.
     pub config_hash: String,
+    /// Steps skipped for a non-finite loss or gradient (`nan_policy = "skip"`).
+    #[serde(default)]
+    pub skipped_steps: u64,
     /// SHA-256 of each file in the checkpoint.
     #[serde(default)]
     pub checksums: BTreeMap<String, String>,
@@ -80,25 +84,30 @@ pub fn save(
         for (file, tensors) in [(MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)] {
             let bytes = serialize(tensors)?;
             state.checksums.insert(file.to_string(), sha256_hex(&bytes));
+            faults::slow_write_pause();
+            if file == OPTIMIZER_FILE && faults::enospc_at(state.step) {
+                // As a full disk does it: part of the file lands, then the write fails.
+                let _ = fs::write(tmp.join(file), &bytes[..bytes.len() / 2]);
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+                    .with_context(|| format!("cannot write {}", tmp.join(file).display()))?;
+            }
             write_synced(&tmp.join(file), &bytes)?;
         }
+        faults::slow_write_pause();
         write_synced(
             &tmp.join(STATE_FILE),
             serde_json::to_string_pretty(&state)?.as_bytes(),
         )?;
         sync_dir(&tmp)?;
+        faults::slow_write_pause();
         let dest = root.join(&name);
         if dest.exists() {
-            // Only after a resume from an older checkpoint: the old copy is set aside first, so
-            // at every moment some complete copy of this step exists or the new one is in place.
-            let old = root.join(format!(".old-{name}-{}", std::process::id()));
-            fs::rename(&dest, &old)?;
-            fs::rename(&tmp, &dest)?;
-            fs::remove_dir_all(&old)?;
-        } else {
-            fs::rename(&tmp, &dest)
-                .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+            // Only when a resume fell back past this step because its checkpoint failed its
+            // checksums: that copy is worthless, the new one replaces it.
+            fs::remove_dir_all(&dest)?;
         }
+        fs::rename(&tmp, &dest)
+            .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
         sync_dir(&root)?;
         Ok(dest)
     })();
@@ -202,4 +211,24 @@ pub fn load_latest(run_dir: &Path, device: &Device) -> Result<Checkpoint> {
         run_dir.display(),
         failures.join("; ")
     )
+}
+
+/// Removes directories a crash left mid-write (`checkpoints/.tmp-*`), returning their names.
+pub fn remove_incomplete(run_dir: &Path) -> Result<Vec<String>> {
+    let root = checkpoints_dir(run_dir);
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(&root) else {
+        return Ok(removed);
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".tmp-") {
+            fs::remove_dir_all(entry.path())
+                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    Ok(removed)
 }

@@ -39,6 +39,7 @@ pub const KEYS: &[&str] = &[
     "clip_exponent",
     "variant",
     "grad_clip",
+    "nan_policy",
     "batch_size",
     "grad_accum",
     "eval_interval",
@@ -82,6 +83,16 @@ pub enum ScheduleKind {
     Cosine,
     /// Linear warmup, then `lr` throughout.
     Constant,
+}
+
+/// What a non-finite loss or gradient does to a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NanPolicy {
+    /// Stop with an error naming the step; the last good checkpoint stays.
+    Stop,
+    /// Skip the update (the batch is consumed), count it, log it, and go on.
+    Skip,
 }
 
 /// Which tokenizer turns the corpus into ids.
@@ -143,6 +154,8 @@ pub struct TrainConfig {
     pub variant: Option<AdoptVariant>,
     /// Clip gradients to this global L2 norm; 0 disables.
     pub grad_clip: f64,
+    /// `stop` (default) or `skip` on a non-finite loss or gradient.
+    pub nan_policy: NanPolicy,
     /// Sequences per micro-step.
     pub batch_size: usize,
     /// Micro-steps per optimizer step.
@@ -193,6 +206,7 @@ impl Default for TrainConfig {
             clip_exponent: None,
             variant: None,
             grad_clip: 1.0,
+            nan_policy: NanPolicy::Stop,
             batch_size: 16,
             grad_accum: 1,
             eval_interval: 250,

@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use gpt_pretrain::config::TrainConfig;
 use gpt_pretrain::sample::{sample, SampleOptions};
-use gpt_pretrain::train::{train_new, train_resume, Reporting};
+use gpt_pretrain::train::{train_new, train_resume, Interrupted, Reporting, ResumeOptions};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -41,6 +41,10 @@ enum Command {
         /// Print only errors.
         #[arg(long)]
         quiet: bool,
+        /// With --resume: accept a corpus or tokenizer that changed since the run started
+        /// (recorded in run.json).
+        #[arg(long, requires = "resume")]
+        allow_data_change: bool,
     },
     /// Generate text from a run's newest checkpoint.
     Sample {
@@ -90,6 +94,10 @@ fn main() {
     // kernel and fault them back in every step (~15% of CPU time; see CANDLE-NOTES).
     gpt_pretrain::fsutil::tune_allocator();
     if let Err(e) = run(Cli::parse()) {
+        if let Some(stop) = e.downcast_ref::<Interrupted>() {
+            eprintln!("{stop}");
+            std::process::exit(128 + stop.signal);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -104,6 +112,7 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             device,
             quiet,
+            allow_data_change,
         } => {
             if let Some(d) = device {
                 set.push(format!("device=\"{d}\""));
@@ -111,7 +120,13 @@ fn run(cli: Cli) -> Result<()> {
             let file = config.as_deref().map(TrainConfig::read_table).transpose()?;
             let reporting = Reporting { quiet };
             let summary = match resume {
-                Some(run_dir) => train_resume(&run_dir, file, &set, &reporting)?,
+                Some(run_dir) => train_resume(
+                    &run_dir,
+                    file,
+                    &set,
+                    &ResumeOptions { allow_data_change },
+                    &reporting,
+                )?,
                 None => {
                     let cfg = TrainConfig::from_layers(file, &set)?;
                     let name = config

@@ -8,10 +8,12 @@
 //! function of the step, and dropout masks are drawn from a stream keyed by the step.
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::{TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
+use crate::config::{NanPolicy, TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
 use crate::data::{eval_windows, BatchSampler, Corpus, Split, TokenData};
+use crate::metrics::{self, Metrics};
 use crate::model::{Gpt, GptConfig, Params};
 use crate::optim::{self, Optimizer};
+use crate::runlock::RunLock;
 use crate::schedule::Schedule;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
@@ -20,14 +22,12 @@ use candle_core::{DType, Device};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 const CONFIG_FILE: &str = "config.toml";
 const RUN_FILE: &str = "run.json";
-const METRICS_FILE: &str = "metrics.jsonl";
 const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// The reproducibility header written once when a run starts (`run.json`).
@@ -45,6 +45,9 @@ pub struct RunHeader {
     pub n_tokens: usize,
     pub n_params: usize,
     pub model: GptConfig,
+    /// Changes accepted on resume with `--allow-data-change`, one line each.
+    #[serde(default)]
+    pub overrides: Vec<String>,
 }
 
 /// How a training run ended.
@@ -61,9 +64,41 @@ pub struct TrainSummary {
 /// Options that affect how a run reports, not what it computes.
 #[derive(Debug, Clone, Default)]
 pub struct Reporting {
-    /// Print nothing but errors (tests).
+    /// Print nothing but errors and warnings (tests).
     pub quiet: bool,
 }
+
+/// Options of `train --resume`.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeOptions {
+    /// Accept a corpus or tokenizer whose content changed since the run started (recorded in
+    /// run.json).
+    pub allow_data_change: bool,
+}
+
+/// A run stopped by SIGINT or SIGTERM after checkpointing; `main` exits with 128 + signal.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: i32,
+    pub step: u64,
+    pub checkpoint: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted by {} after step {}; saved {}; continue with --resume {}",
+            crate::signals::name(self.signal),
+            self.step,
+            self.checkpoint.display(),
+            self.run_dir.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// Everything a run needs, assembled from a config (new run) or a run directory (resume).
 struct Setup {
@@ -78,6 +113,8 @@ struct Setup {
     step: u64,
     tokens: u64,
     best_val_loss: Option<f64>,
+    skipped_steps: u64,
+    lock: RunLock,
 }
 
 /// The run directory's resolved config.
@@ -152,6 +189,13 @@ pub fn train_new(cfg: TrainConfig, run_dir: &Path, reporting: &Reporting) -> Res
     // Inputs are valid: only now touch the disk.
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    let lock = RunLock::acquire(run_dir)?;
+    if run_dir.join(CONFIG_FILE).exists() {
+        bail!(
+            "run directory {} was started by another process meanwhile",
+            run_dir.display()
+        );
+    }
     crate::fsutil::write_atomic(&run_dir.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
     let header = RunHeader {
         crate_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -166,6 +210,7 @@ pub fn train_new(cfg: TrainConfig, run_dir: &Path, reporting: &Reporting) -> Res
         n_tokens: data.len(),
         n_params: model_cfg.n_params(),
         model: model_cfg.clone(),
+        overrides: Vec::new(),
     };
     crate::fsutil::write_atomic(
         &run_dir.join(RUN_FILE),
@@ -191,6 +236,8 @@ pub fn train_new(cfg: TrainConfig, run_dir: &Path, reporting: &Reporting) -> Res
             step: 0,
             tokens: 0,
             best_val_loss: None,
+            skipped_steps: 0,
+            lock,
         },
         reporting,
     )
@@ -202,9 +249,11 @@ pub fn train_resume(
     run_dir: &Path,
     config_file: Option<toml::Table>,
     overrides: &[String],
+    options: &ResumeOptions,
     reporting: &Reporting,
 ) -> Result<TrainSummary> {
     let saved = load_run_config(run_dir)?;
+    let lock = RunLock::acquire(run_dir)?;
     let mut table = saved.to_table()?;
     if let Some(file) = config_file {
         let requested = TrainConfig::from_table(file)?;
@@ -233,7 +282,7 @@ pub fn train_resume(
         table.insert(key, value);
     }
     let cfg = TrainConfig::from_table(table)?;
-    let header: RunHeader = serde_json::from_str(
+    let mut header: RunHeader = serde_json::from_str(
         &std::fs::read_to_string(run_dir.join(RUN_FILE))
             .with_context(|| format!("cannot read {}", run_dir.join(RUN_FILE).display()))?,
     )
@@ -249,22 +298,44 @@ pub fn train_resume(
         );
     }
     let corpus = Corpus::read(Path::new(&cfg.data))?;
-    if corpus.sha256 != header.corpus_sha256 {
-        bail!(
-            "corpus {} changed since the run started (sha256 {} now, {} then)",
-            cfg.data,
-            &corpus.sha256[..12],
-            &header.corpus_sha256[..12]
-        );
-    }
     let tokenizer = load_run_tokenizer(run_dir, &cfg)?;
     let fingerprint = tokenizer.fingerprint()?;
+    let mut changes = Vec::new();
+    if corpus.sha256 != header.corpus_sha256 {
+        changes.push(format!(
+            "corpus {} (sha256 {} then, {} now)",
+            cfg.data,
+            &header.corpus_sha256[..12],
+            &corpus.sha256[..12]
+        ));
+    }
     if fingerprint != header.tokenizer_sha256 {
-        bail!(
-            "tokenizer changed since the run started (sha256 {} now, {} then)",
-            &fingerprint[..12],
-            &header.tokenizer_sha256[..12]
-        );
+        changes.push(format!(
+            "tokenizer (sha256 {} then, {} now)",
+            &header.tokenizer_sha256[..12],
+            &fingerprint[..12]
+        ));
+    }
+    if !changes.is_empty() {
+        if !options.allow_data_change {
+            bail!(
+                "{} changed since the run started; refusing to resume (--allow-data-change accepts it and records it in run.json)",
+                changes.join(" and ")
+            );
+        }
+        for change in changes {
+            eprintln!("warning: resuming with a changed {change}");
+            header.overrides.push(format!(
+                "at step {}: {change}, accepted with --allow-data-change",
+                ckpt.state.step
+            ));
+        }
+        header.corpus_sha256 = corpus.sha256.clone();
+        header.tokenizer_sha256 = fingerprint;
+        crate::fsutil::write_atomic(
+            &run_dir.join(RUN_FILE),
+            serde_json::to_string_pretty(&header)?.as_bytes(),
+        )?;
     }
     let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
     let data = TokenData::load(
@@ -285,6 +356,30 @@ pub fn train_resume(
         .data_word_pos
         .parse()
         .with_context(|| format!("bad data_word_pos in {}", ckpt.dir.display()))?;
+    // What a crash may have left behind: half-written checkpoint directories, and metrics for
+    // steps after the checkpoint (or a torn last line).
+    for name in checkpoint::remove_incomplete(run_dir)? {
+        eprintln!(
+            "warning: removed incomplete checkpoint {name} (a crash interrupted its writing)"
+        );
+    }
+    let reconciled = metrics::reconcile(run_dir, ckpt.state.step)?;
+    if reconciled.torn {
+        eprintln!(
+            "warning: {}: its last line was incomplete (a crash mid-write); moved to {}",
+            metrics::METRICS_FILE,
+            metrics::SUPERSEDED_FILE
+        );
+    }
+    if reconciled.superseded > 0 {
+        eprintln!(
+            "warning: {}: {} events after step {} are superseded by this resume; moved to {}",
+            metrics::METRICS_FILE,
+            reconciled.superseded,
+            ckpt.state.step,
+            metrics::SUPERSEDED_FILE
+        );
+    }
     if !reporting.quiet {
         println!(
             "resuming {} from {} (step {})",
@@ -299,6 +394,8 @@ pub fn train_resume(
             step: ckpt.state.step,
             tokens: ckpt.state.tokens,
             best_val_loss: ckpt.state.best_val_loss,
+            skipped_steps: ckpt.state.skipped_steps,
+            lock,
             cfg,
             run_dir: run_dir.to_path_buf(),
             device,
@@ -318,35 +415,6 @@ fn build_optimizer(cfg: &TrainConfig, params: &Params) -> Result<Box<dyn Optimiz
         cfg.decay_1d,
     );
     Ok(optim::build(&cfg.optimizer_settings(), groups)?)
-}
-
-/// Appends JSON lines to `metrics.jsonl`, flushed per line.
-struct Metrics {
-    file: File,
-}
-
-impl Metrics {
-    fn open(run_dir: &Path) -> Result<Self> {
-        let path = run_dir.join(METRICS_FILE);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(Self { file })
-    }
-
-    fn write(&mut self, value: serde_json::Value) -> Result<()> {
-        let mut line = serde_json::to_string(&value)?;
-        line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .context("cannot append to metrics.jsonl")
-    }
-
-    fn sync(&mut self) -> Result<()> {
-        self.file.sync_data().context("cannot sync metrics.jsonl")
-    }
 }
 
 /// Mean loss over fixed windows, without dropout.
@@ -426,134 +494,124 @@ fn print_config(
     Ok(())
 }
 
-fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
-    let Setup {
-        cfg,
-        run_dir,
-        device,
-        data,
-        model_cfg,
-        params,
-        mut optimizer,
-        mut sampler,
-        mut step,
-        mut tokens,
-        mut best_val_loss,
-    } = setup;
-    let model = Gpt::new(&model_cfg, &params)?;
-    let schedule = Schedule {
-        kind: cfg.schedule,
-        lr: cfg.lr.expect("resolved"),
-        min_lr: cfg.min_lr.expect("resolved"),
-        warmup_steps: cfg.warmup_steps,
-        decay_steps: cfg.lr_decay_steps.expect("resolved"),
-    };
-    let block = model_cfg.block_size;
-    let tokens_per_step = (cfg.batch_size * cfg.grad_accum * block) as u64;
-    let config_hash = identity_hash(&cfg)?;
-    let mut metrics = Metrics::open(&run_dir)?;
-    let quiet = reporting.quiet;
-    if !quiet {
-        print_config(
-            &cfg,
-            &model_cfg,
-            &run_dir,
-            data.split_len(Split::Train),
-            data.split_len(Split::Val),
+/// The training loop's state between steps.
+struct Trainer {
+    cfg: TrainConfig,
+    run_dir: PathBuf,
+    device: Device,
+    data: TokenData,
+    model_cfg: GptConfig,
+    params: Params,
+    model: Gpt,
+    optimizer: Box<dyn Optimizer>,
+    sampler: BatchSampler,
+    step: u64,
+    tokens: u64,
+    best_val_loss: Option<f64>,
+    skipped_steps: u64,
+    metrics: Metrics,
+    config_hash: String,
+    quiet: bool,
+}
+
+/// What one optimizer step produced.
+struct StepOutcome {
+    loss: f64,
+    norm: f64,
+    lr: f64,
+    /// Skipped for a non-finite loss or gradient (`nan_policy = "skip"`).
+    skipped: bool,
+}
+
+impl Trainer {
+    /// Evaluates both splits on the fixed windows and logs the result.
+    fn evaluate(&mut self) -> Result<(f64, f64)> {
+        let val = evaluate(&self.model, &self.data, Split::Val, &self.cfg, &self.device)?;
+        let train = evaluate(
+            &self.model,
+            &self.data,
+            Split::Train,
+            &self.cfg,
+            &self.device,
         )?;
-    }
-    let mut last_val = None;
-    // Fault injection for tests: poison the loss of one step to exercise the NaN path.
-    let inject_nan_at: Option<u64> = std::env::var("GPT_PRETRAIN_INJECT_NAN_AT_STEP")
-        .ok()
-        .and_then(|s| s.parse().ok());
-    let eval_and_checkpoint = |metrics: &mut Metrics,
-                               step: u64,
-                               tokens: u64,
-                               best: &mut Option<f64>,
-                               sampler: &BatchSampler,
-                               optimizer: &dyn Optimizer,
-                               save: bool|
-     -> Result<f64> {
-        let val = evaluate(&model, &data, Split::Val, &cfg, &device)?;
-        let train = evaluate(&model, &data, Split::Train, &cfg, &device)?;
         if !val.is_finite() {
             bail!(
-                "validation loss became {val} at step {step}; stopped without saving a checkpoint"
+                "validation loss became {val} at step {}; stopped without saving a checkpoint",
+                self.step
             );
         }
-        if best.is_none_or(|b| val < b) {
-            *best = Some(val);
+        if self.best_val_loss.is_none_or(|b| val < b) {
+            self.best_val_loss = Some(val);
         }
-        metrics.write(serde_json::json!({
-            "step": step, "tokens": tokens, "split": "val", "loss": val, "train_loss": train,
+        self.metrics.write(serde_json::json!({
+            "step": self.step, "tokens": self.tokens, "split": "val", "loss": val, "train_loss": train,
         }))?;
-        metrics.sync()?;
-        let mut saved = String::new();
-        if save {
-            let state = TrainState {
-                step,
-                tokens,
-                data_seed: cfg.seed,
-                data_word_pos: sampler.word_pos().to_string(),
-                best_val_loss: *best,
-                config_hash: config_hash.clone(),
-                checksums: Default::default(),
-            };
-            let dir = checkpoint::save(
-                &run_dir,
-                &params.tensors(),
-                &optimizer.state_tensors()?,
-                state,
-                cfg.keep_last,
-            )?;
-            saved = format!(", saved {}", dir.display());
-        }
-        if !quiet {
-            println!("step {step}: val loss {val:.4}, train loss {train:.4}{saved}");
+        Ok((val, train))
+    }
+
+    /// Writes a checkpoint of the current step (metrics are synced first, so every saved step has
+    /// its events on disk).
+    fn checkpoint(&mut self) -> Result<PathBuf> {
+        self.metrics.sync()?;
+        let state = TrainState {
+            step: self.step,
+            tokens: self.tokens,
+            data_seed: self.cfg.seed,
+            data_word_pos: self.sampler.word_pos().to_string(),
+            best_val_loss: self.best_val_loss,
+            config_hash: self.config_hash.clone(),
+            skipped_steps: self.skipped_steps,
+            checksums: Default::default(),
+        };
+        checkpoint::save(
+            &self.run_dir,
+            &self.params.tensors(),
+            &self.optimizer.state_tensors()?,
+            state,
+            self.cfg.keep_last,
+        )
+    }
+
+    /// Evaluates, then checkpoints unless this is the step-0 evaluation; returns the val loss.
+    fn evaluate_and_checkpoint(&mut self) -> Result<f64> {
+        let (val, train) = self.evaluate()?;
+        let saved = if self.step > 0 {
+            format!(", saved {}", self.checkpoint()?.display())
+        } else {
+            self.metrics.sync()?;
+            String::new()
+        };
+        if !self.quiet {
+            println!(
+                "step {}: val loss {val:.4}, train loss {train:.4}{saved}",
+                self.step
+            );
         }
         Ok(val)
-    };
-
-    if step == 0 {
-        last_val = Some(eval_and_checkpoint(
-            &mut metrics,
-            0,
-            0,
-            &mut best_val_loss,
-            &sampler,
-            optimizer.as_ref(),
-            false,
-        )?);
     }
-    let progress = (!quiet && std::io::stderr().is_terminal()).then(|| {
-        let bar = indicatif::ProgressBar::new(cfg.max_steps as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps | {msg} | eta {eta}",
-            )
-            .expect("valid template"),
-        );
-        bar.set_position(step);
-        bar
-    });
 
-    while step < cfg.max_steps as u64 {
-        let started = Instant::now();
-        let lr = schedule.lr_at(step as usize);
+    /// One optimizer step: micro-steps with gradient accumulation, clipping, update.
+    fn train_step(&mut self, schedule: &Schedule) -> Result<StepOutcome> {
+        let cfg = &self.cfg;
+        let block = self.model_cfg.block_size;
+        let lr = schedule.lr_at(self.step as usize);
         let mut grads: Option<GradStore> = None;
         let mut loss_sum = 0.0;
         for micro in 0..cfg.grad_accum {
-            let starts = sampler.next_starts(data.split_len(Split::Train), block, cfg.batch_size);
-            let (x, y) = data.batch(Split::Train, &starts, block, &device)?;
+            let starts =
+                self.sampler
+                    .next_starts(self.data.split_len(Split::Train), block, cfg.batch_size);
+            let (x, y) = self
+                .data
+                .batch(Split::Train, &starts, block, &self.device)?;
             // Dropout masks come from a stream keyed by (seed, micro-step index): no state to save.
-            let mut dropout_rng = (model_cfg.dropout > 0.0).then(|| {
+            let mut dropout_rng = (self.model_cfg.dropout > 0.0).then(|| {
                 let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-                rng.set_stream(1 + step * cfg.grad_accum as u64 + micro as u64);
+                rng.set_stream(1 + self.step * cfg.grad_accum as u64 + micro as u64);
                 rng
             });
-            let mut loss = model.loss(&x, &y, dropout_rng.as_mut())?;
-            if inject_nan_at == Some(step + 1) {
+            let mut loss = self.model.loss(&x, &y, dropout_rng.as_mut())?;
+            if crate::faults::nan_at(self.step + 1) {
                 loss = (loss * f64::NAN)?;
             }
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -566,7 +624,7 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
             match grads.as_mut() {
                 None => grads = Some(g),
                 Some(acc) => {
-                    for (_, var) in params.named_vars() {
+                    for (_, var) in self.params.named_vars() {
                         if let Some(gi) = g.get(var.as_tensor()) {
                             let sum = match acc.get(var.as_tensor()) {
                                 Some(a) => (a + gi)?,
@@ -579,58 +637,164 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
             }
         }
         let loss = loss_sum / cfg.grad_accum as f64;
-        if !loss.is_finite() {
-            let last = checkpoint::list_complete(&run_dir)?
-                .last()
-                .map(|(_, d)| d.display().to_string())
-                .unwrap_or_else(|| "none".into());
-            bail!(
-                "loss became {loss} at step {}; stopped without saving (last good checkpoint: {last})",
-                step + 1
-            );
-        }
         let mut grads = grads.expect("grad_accum >= 1");
-        let norm = grad_norm(&params, &grads)?;
-        if cfg.grad_clip > 0.0 && norm > cfg.grad_clip {
-            // torch.nn.utils.clip_grad_norm_'s coefficient.
-            scale_grads(&params, &mut grads, cfg.grad_clip / (norm + 1e-6))?;
+        let norm = grad_norm(&self.params, &grads)?;
+        let finite = loss.is_finite() && norm.is_finite();
+        if !finite {
+            match cfg.nan_policy {
+                NanPolicy::Stop => {
+                    let last = checkpoint::list_complete(&self.run_dir)?
+                        .last()
+                        .map(|(_, d)| d.display().to_string())
+                        .unwrap_or_else(|| "none".into());
+                    bail!(
+                        "loss became {loss} (gradient norm {norm}) at step {}; stopped without saving (last good checkpoint: {last})",
+                        self.step + 1
+                    );
+                }
+                NanPolicy::Skip => self.skipped_steps += 1,
+            }
+        } else {
+            if cfg.grad_clip > 0.0 && norm > cfg.grad_clip {
+                // torch.nn.utils.clip_grad_norm_'s coefficient.
+                scale_grads(&self.params, &mut grads, cfg.grad_clip / (norm + 1e-6))?;
+            }
+            self.optimizer.update(&grads, lr)?;
         }
-        optimizer.update(&grads, lr)?;
-        drop(grads);
-        step += 1;
-        tokens += tokens_per_step;
+        self.step += 1;
+        self.tokens += (cfg.batch_size * cfg.grad_accum * block) as u64;
+        Ok(StepOutcome {
+            loss,
+            norm,
+            lr,
+            skipped: !finite,
+        })
+    }
+}
+
+fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
+    let Setup {
+        cfg,
+        run_dir,
+        device,
+        data,
+        model_cfg,
+        params,
+        optimizer,
+        sampler,
+        step,
+        tokens,
+        best_val_loss,
+        skipped_steps,
+        lock: _lock,
+    } = setup;
+    crate::signals::install().context("cannot install signal handlers")?;
+    let schedule = Schedule {
+        kind: cfg.schedule,
+        lr: cfg.lr.expect("resolved"),
+        min_lr: cfg.min_lr.expect("resolved"),
+        warmup_steps: cfg.warmup_steps,
+        decay_steps: cfg.lr_decay_steps.expect("resolved"),
+    };
+    let quiet = reporting.quiet;
+    if !quiet {
+        print_config(
+            &cfg,
+            &model_cfg,
+            &run_dir,
+            data.split_len(Split::Train),
+            data.split_len(Split::Val),
+        )?;
+    }
+    let mut t = Trainer {
+        model: Gpt::new(&model_cfg, &params)?,
+        metrics: Metrics::open(&run_dir)?,
+        config_hash: identity_hash(&cfg)?,
+        cfg,
+        run_dir,
+        device,
+        data,
+        model_cfg,
+        params,
+        optimizer,
+        sampler,
+        step,
+        tokens,
+        best_val_loss,
+        skipped_steps,
+        quiet,
+    };
+    let mut last_val = None;
+    if t.step == 0 {
+        last_val = Some(t.evaluate_and_checkpoint()?);
+    }
+    let max_steps = t.cfg.max_steps as u64;
+    let progress = (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(max_steps);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps | {msg} | eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        bar.set_position(t.step);
+        bar
+    });
+    let tokens_per_step = (t.cfg.batch_size * t.cfg.grad_accum * t.model_cfg.block_size) as f64;
+
+    while t.step < max_steps {
+        let started = Instant::now();
+        let out = t.train_step(&schedule)?;
+        let step = t.step;
         let secs = started.elapsed().as_secs_f64();
-        let tok_per_s = tokens_per_step as f64 / secs;
-        metrics.write(serde_json::json!({
-            "step": step, "tokens": tokens, "split": "train", "loss": loss, "lr": lr,
-            "grad_norm": norm, "ms": secs * 1e3, "tok_per_s": tok_per_s,
-        }))?;
+        let tok_per_s = tokens_per_step / secs;
+        if out.skipped {
+            t.metrics.write(serde_json::json!({
+                "step": step, "tokens": t.tokens, "split": "train", "loss": null, "lr": out.lr,
+                "grad_norm": null, "ms": secs * 1e3, "tok_per_s": tok_per_s,
+                "skipped": true, "skipped_steps": t.skipped_steps,
+            }))?;
+            eprintln!(
+                "warning: step {step} skipped: non-finite loss {} or gradient norm {} ({} skipped so far)",
+                out.loss, out.norm, t.skipped_steps
+            );
+        } else {
+            t.metrics.write(serde_json::json!({
+                "step": step, "tokens": t.tokens, "split": "train", "loss": out.loss, "lr": out.lr,
+                "grad_norm": out.norm, "ms": secs * 1e3, "tok_per_s": tok_per_s,
+            }))?;
+        }
         if let Some(bar) = &progress {
             bar.set_position(step);
-            bar.set_message(format!("loss {loss:.4} | {tok_per_s:.0} tok/s"));
-        } else if !quiet && (step % cfg.log_interval as u64 == 0 || step == 1) {
+            bar.set_message(format!("loss {:.4} | {tok_per_s:.0} tok/s", out.loss));
+        } else if !quiet && (step % t.cfg.log_interval as u64 == 0 || step == 1) {
             println!(
-                "step {step}/{} | loss {loss:.4} | lr {lr:.3e} | grad norm {norm:.3} | {:.0} ms | {tok_per_s:.0} tok/s",
-                cfg.max_steps,
+                "step {step}/{max_steps} | loss {:.4} | lr {:.3e} | grad norm {:.3} | {:.0} ms | {tok_per_s:.0} tok/s",
+                out.loss,
+                out.lr,
+                out.norm,
                 secs * 1e3
             );
         }
-        if step % cfg.eval_interval as u64 == 0 || step == cfg.max_steps as u64 {
-            let mut eval_now = || {
-                eval_and_checkpoint(
-                    &mut metrics,
-                    step,
-                    tokens,
-                    &mut best_val_loss,
-                    &sampler,
-                    optimizer.as_ref(),
-                    true,
-                )
-            };
+        if let Some(signal) = crate::signals::requested() {
+            // Finish what this step started: checkpoint it, then stop.
+            let checkpoint = t.checkpoint()?;
+            if let Some(bar) = &progress {
+                bar.abandon();
+            }
+            return Err(Interrupted {
+                signal,
+                step,
+                checkpoint,
+                run_dir: t.run_dir.clone(),
+            }
+            .into());
+        }
+        if step % t.cfg.eval_interval as u64 == 0 || step == max_steps {
             // Keep the progress bar from overwriting the evaluation line.
             let val = match &progress {
-                Some(bar) => bar.suspend(eval_now)?,
-                None => eval_now()?,
+                Some(bar) => bar.suspend(|| t.evaluate_and_checkpoint())?,
+                None => t.evaluate_and_checkpoint()?,
             };
             last_val = Some(val);
         }
@@ -639,9 +803,9 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
         bar.finish_and_clear();
     }
     Ok(TrainSummary {
-        run_dir,
-        step,
+        run_dir: t.run_dir,
+        step: t.step,
         val_loss: last_val,
-        best_val_loss,
+        best_val_loss: t.best_val_loss,
     })
 }

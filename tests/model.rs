@@ -300,6 +300,7 @@ fn checkpoint_round_trip_is_exact_and_checksummed() {
         data_word_pos: (u64::MAX as u128 * 3).to_string(),
         best_val_loss: Some(2.5),
         config_hash: "abc".into(),
+        skipped_steps: 0,
         checksums: Default::default(),
     };
     for step in 1..=4 {

@@ -1,0 +1,32 @@
+//! Fault injection for the test suite, switched on by environment variables and inert otherwise:
+//! - `GPT_PRETRAIN_SLOW_WRITES_MS=N`: pause N ms inside checkpoint writes and between the two
+//!   halves of each metrics line, so that a `kill -9` at a random moment often lands mid-write;
+//! - `GPT_PRETRAIN_ENOSPC_AT_STEP=N`: the checkpoint of step N fails with ENOSPC halfway through
+//!   its optimizer file (where a small tmpfs cannot be mounted);
+//! - `GPT_PRETRAIN_INJECT_NAN_AT_STEP=N`: step N's loss is NaN.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
+/// The slow-write pause, if switched on.
+pub fn slow_write_pause() {
+    static PAUSE: OnceLock<Option<u64>> = OnceLock::new();
+    if let Some(ms) = *PAUSE.get_or_init(|| env_u64("GPT_PRETRAIN_SLOW_WRITES_MS")) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+/// Whether the checkpoint of `step` should fail as if the disk were full.
+pub fn enospc_at(step: u64) -> bool {
+    env_u64("GPT_PRETRAIN_ENOSPC_AT_STEP") == Some(step)
+}
+
+/// Whether the loss of `step` should be poisoned.
+pub fn nan_at(step: u64) -> bool {
+    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    *AT.get_or_init(|| env_u64("GPT_PRETRAIN_INJECT_NAN_AT_STEP")) == Some(step)
+}
