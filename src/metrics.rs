@@ -81,7 +81,7 @@ pub fn reconcile(run_dir: &Path, step: u64) -> Result<Reconciled> {
         let parsed = serde_json::from_str::<serde_json::Value>(line).ok();
         let line_step = parsed.as_ref().and_then(|v| v["step"].as_u64());
         match line_step {
-            Some(s) if !(is_last && !complete) => {
+            Some(s) if !is_last || complete => {
                 if s <= step {
                     kept.push_str(line);
                     kept.push('\n');

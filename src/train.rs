@@ -767,7 +767,7 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
         if let Some(bar) = &progress {
             bar.set_position(step);
             bar.set_message(format!("loss {:.4} | {tok_per_s:.0} tok/s", out.loss));
-        } else if !quiet && (step % t.cfg.log_interval as u64 == 0 || step == 1) {
+        } else if !quiet && (step.is_multiple_of(t.cfg.log_interval as u64) || step == 1) {
             println!(
                 "step {step}/{max_steps} | loss {:.4} | lr {:.3e} | grad norm {:.3} | {:.0} ms | {tok_per_s:.0} tok/s",
                 out.loss,
@@ -790,7 +790,7 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
             }
             .into());
         }
-        if step % t.cfg.eval_interval as u64 == 0 || step == max_steps {
+        if step.is_multiple_of(t.cfg.eval_interval as u64) || step == max_steps {
             // Keep the progress bar from overwriting the evaluation line.
             let val = match &progress {
                 Some(bar) => bar.suspend(|| t.evaluate_and_checkpoint())?,
