@@ -84,7 +84,7 @@ pub fn save(
         for (file, tensors) in [(MODEL_FILE, model), (OPTIMIZER_FILE, optimizer)] {
             let bytes = serialize(tensors)?;
             state.checksums.insert(file.to_string(), sha256_hex(&bytes));
-            faults::slow_write_pause();
+            faults::slow_checkpoint_pause();
             if file == OPTIMIZER_FILE && faults::enospc_at(state.step) {
                 // As a full disk does it: part of the file lands, then the write fails.
                 let _ = fs::write(tmp.join(file), &bytes[..bytes.len() / 2]);
@@ -93,13 +93,13 @@ pub fn save(
             }
             write_synced(&tmp.join(file), &bytes)?;
         }
-        faults::slow_write_pause();
+        faults::slow_checkpoint_pause();
         write_synced(
             &tmp.join(STATE_FILE),
             serde_json::to_string_pretty(&state)?.as_bytes(),
         )?;
         sync_dir(&tmp)?;
-        faults::slow_write_pause();
+        faults::slow_checkpoint_pause();
         let dest = root.join(&name);
         if dest.exists() {
             // Only when a resume fell back past this step because its checkpoint failed its

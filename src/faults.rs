@@ -1,6 +1,8 @@
 //! Fault injection for the test suite, switched on by environment variables and inert otherwise:
-//! - `GPT_PRETRAIN_SLOW_WRITES_MS=N`: pause N ms inside checkpoint writes and between the two
-//!   halves of each metrics line, so that a `kill -9` at a random moment often lands mid-write;
+//! - `GPT_PRETRAIN_SLOW_CHECKPOINT_MS=N`: pause N ms before each file of a checkpoint and before
+//!   its rename, so that a `kill -9` at a random moment often lands mid-checkpoint;
+//! - `GPT_PRETRAIN_SLOW_METRICS_MS=N`: pause N ms between the two halves of each metrics line, so
+//!   that a kill can leave a torn line;
 //! - `GPT_PRETRAIN_ENOSPC_AT_STEP=N`: the checkpoint of step N fails with ENOSPC halfway through
 //!   its optimizer file (where a small tmpfs cannot be mounted);
 //! - `GPT_PRETRAIN_INJECT_NAN_AT_STEP=N`: step N's loss is NaN.
@@ -12,10 +14,18 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.parse().ok())
 }
 
-/// The slow-write pause, if switched on.
-pub fn slow_write_pause() {
+/// The checkpoint-write pause, if switched on.
+pub fn slow_checkpoint_pause() {
     static PAUSE: OnceLock<Option<u64>> = OnceLock::new();
-    if let Some(ms) = *PAUSE.get_or_init(|| env_u64("GPT_PRETRAIN_SLOW_WRITES_MS")) {
+    if let Some(ms) = *PAUSE.get_or_init(|| env_u64("GPT_PRETRAIN_SLOW_CHECKPOINT_MS")) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
+/// The metrics-line pause, if switched on.
+pub fn slow_metrics_pause() {
+    static PAUSE: OnceLock<Option<u64>> = OnceLock::new();
+    if let Some(ms) = *PAUSE.get_or_init(|| env_u64("GPT_PRETRAIN_SLOW_METRICS_MS")) {
         std::thread::sleep(Duration::from_millis(ms));
     }
 }

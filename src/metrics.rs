@@ -41,7 +41,7 @@ impl Metrics {
         (|| {
             self.file.write_all(&bytes[..half])?;
             // Tests widen the window in which a kill leaves a torn line.
-            faults::slow_write_pause();
+            faults::slow_metrics_pause();
             self.file.write_all(&bytes[half..])
         })()
         .context("cannot append to metrics.jsonl")

@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// The data directory: `$DATA_MIRROR`, else the project's `data/` (filled by
 /// `scripts/get_data.sh`), else `../shared/data` beside the project.
@@ -38,4 +39,107 @@ pub fn gpt2_tokenizer() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The binary under test.
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpt-pretrain"));
+    // Offline and with an empty Hugging Face cache, whatever the machine has.
+    c.env("HF_HUB_OFFLINE", "1");
+    c
+}
+
+/// A temporary workspace with a small-model config whose paths point inside it.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes a config for a 2-layer, 32-wide model on `corpus`; keys in `extra` (TOML) replace
+    /// or add to the base ones.
+    pub fn config(&self, name: &str, corpus: &Path, extra: &str) -> PathBuf {
+        let base = format!(
+            "model = \"tiny\"\nn_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 32\n\
+             data = \"{}\"\ntokenizer = \"byte\"\ncache_dir = \"{}\"\nbatch_size = 4\n\
+             max_steps = 20\nlr_decay_steps = 20\nwarmup_steps = 4\nlr = 1e-2\neval_interval = 5\n\
+             eval_iters = 2\nkeep_last = 2\n",
+            corpus.display(),
+            self.path("cache").display()
+        );
+        let mut table: toml::Table = toml::from_str(&base).unwrap();
+        table.extend(toml::from_str::<toml::Table>(extra).unwrap());
+        let p = self.path(&format!("{name}.toml"));
+        std::fs::write(&p, toml::to_string(&table).unwrap()).unwrap();
+        p
+    }
+
+    pub fn train(&self, args: &[&str]) -> Output {
+        bin()
+            .current_dir(self.dir.path())
+            .arg("train")
+            .arg("--quiet")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+pub fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        stdout
+    );
+    stdout
+}
+
+/// The command failed with a single-line error containing `needle`.
+pub fn fails_with(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure mentioning {needle:?}, it succeeded"
+    );
+    assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "error is not one line: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+}
+
+pub fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Per step, the last train loss logged for it (a later line for the same step wins).
+pub fn train_losses(run: &Path) -> Vec<(u64, f64)> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for v in read_json_lines(&run.join("metrics.jsonl")) {
+        if v["split"] == "train" {
+            by_step.insert(
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+    }
+    by_step.into_iter().collect()
+}
+
+pub fn file_bytes(run: &Path, step: u64, file: &str) -> Vec<u8> {
+    std::fs::read(run.join(format!("checkpoints/step-{step:08}/{file}"))).unwrap()
 }
