@@ -12,6 +12,7 @@ use std::path::Path;
 /// Every key a config file or `--set` may name.
 pub const KEYS: &[&str] = &[
     "model",
+    "init_from",
     "n_layer",
     "n_head",
     "n_embd",
@@ -114,6 +115,10 @@ pub enum TokenizerKind {
 pub struct TrainConfig {
     /// Model preset: `tiny`, `baby`, `gpt2`.
     pub model: String,
+    /// `scratch`, or weights to start from: `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` (from
+    /// the Hugging Face cache or Hub) or a `transformers` GPT-2 directory. Their shape replaces the
+    /// preset's.
+    pub init_from: String,
     pub n_layer: Option<usize>,
     pub n_head: Option<usize>,
     pub n_embd: Option<usize>,
@@ -179,6 +184,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             model: "tiny".into(),
+            init_from: "scratch".into(),
             n_layer: None,
             n_head: None,
             n_embd: None,
@@ -291,7 +297,10 @@ impl TrainConfig {
     pub fn model_config(&self, vocab_size: usize) -> Result<GptConfig> {
         let preset = GptConfig::preset(&self.model)?;
         let block_size = self.block_size.unwrap_or(preset.block_size);
-        if block_size > preset.block_size {
+        // Pretrained weights bring their own shape (set from their config by `train`) and their
+        // exact vocabulary: padded rows would be untrained logits.
+        let pretrained = self.pretrained();
+        if block_size > preset.block_size && !pretrained {
             bail!(
                 "block_size {block_size} is larger than the '{}' preset allows ({})",
                 self.model,
@@ -305,23 +314,38 @@ impl TrainConfig {
             block_size,
             bias: self.bias.unwrap_or(preset.bias),
             dropout: self.dropout.unwrap_or(preset.dropout),
-            vocab_size: GptConfig::padded_vocab(vocab_size),
+            vocab_size: if pretrained {
+                vocab_size
+            } else {
+                GptConfig::padded_vocab(vocab_size)
+            },
         };
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// Whether the run starts from pretrained weights (`init_from` other than `scratch`).
+    pub fn pretrained(&self) -> bool {
+        self.init_from != "scratch"
+    }
+
     /// Checks every value and fills optimizer and schedule defaults, so the saved config is explicit.
     pub fn resolved(mut self) -> Result<Self> {
         let preset = GptConfig::preset(&self.model)?;
-        self.n_layer.get_or_insert(preset.n_layer);
-        self.n_head.get_or_insert(preset.n_head);
-        self.n_embd.get_or_insert(preset.n_embd);
-        self.block_size.get_or_insert(preset.block_size);
-        self.bias.get_or_insert(preset.bias);
         self.dropout.get_or_insert(preset.dropout);
-        // The vocabulary comes from the tokenizer; 256 stands in here only to validate the shape.
-        self.model_config(256)?;
+        if self.init_from.is_empty() {
+            bail!("init_from must be scratch, a GPT-2 model name or a directory");
+        }
+        // With pretrained weights the shape is theirs, filled in when they are read.
+        if !self.pretrained() {
+            self.n_layer.get_or_insert(preset.n_layer);
+            self.n_head.get_or_insert(preset.n_head);
+            self.n_embd.get_or_insert(preset.n_embd);
+            self.block_size.get_or_insert(preset.block_size);
+            self.bias.get_or_insert(preset.bias);
+            // The vocabulary comes from the tokenizer; 256 stands in here only to validate the shape.
+            self.model_config(256)?;
+        }
 
         match self.optimizer {
             OptimizerKind::Adam | OptimizerKind::AdamW => {

@@ -51,7 +51,10 @@ pub fn sync_dir(path: &Path) -> Result<()> {
 /// Replaces `path` atomically: write `path.tmp-PID`, fsync, rename over `path`, fsync the parent.
 /// Readers see either the old or the new content, never a torn file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let parent = path.parent().unwrap_or(Path::new("."));
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let file_name = path
         .file_name()
         .with_context(|| format!("{} has no file name", path.display()))?;
@@ -86,5 +89,19 @@ pub fn tune_allocator() {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn write_atomic_accepts_a_bare_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::env::current_dir().unwrap();
+        std::env::set_current_dir(dir.path()).unwrap();
+        let result = super::write_atomic(std::path::Path::new("x.json"), b"{}");
+        std::env::set_current_dir(old).unwrap();
+        result.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("x.json")).unwrap(), b"{}");
     }
 }

@@ -66,6 +66,34 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Write a run's newest checkpoint as a Hugging Face transformers GPT-2 directory.
+    Export {
+        /// The run directory.
+        run_dir: PathBuf,
+        /// Output directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
+        #[arg(long, value_name = "OUT_DIR")]
+        hf: PathBuf,
+    },
+    /// Loss and perplexity on a text file, with sliding windows.
+    Eval {
+        /// A run directory or a Hugging Face GPT-2 directory.
+        model: PathBuf,
+        /// The UTF-8 text file to score.
+        #[arg(long)]
+        data: PathBuf,
+        /// Window length in tokens (default: the model's block size).
+        #[arg(long)]
+        block: Option<usize>,
+        /// Tokens between window starts (default: block / 2).
+        #[arg(long)]
+        stride: Option<usize>,
+        /// Where to write the JSON report (default: MODEL/eval-<data name>.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Device: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Optimizer tools.
     Optim {
         #[command(subcommand)]
@@ -180,6 +208,42 @@ fn run(cli: Cli) -> Result<()> {
                 let _ = stdout.flush();
             })?;
             println!();
+        }
+        Command::Export { run_dir, hf } => {
+            gpt_pretrain::hf::export(&run_dir, &hf)?;
+            println!(
+                "wrote {} (load it with transformers.GPT2LMHeadModel.from_pretrained)",
+                hf.display()
+            );
+        }
+        Command::Eval {
+            model,
+            data,
+            block,
+            stride,
+            out,
+            device,
+        } => {
+            let device = gpt_pretrain::device::parse_device(&device)?;
+            let scorer = gpt_pretrain::eval::Scorer::load(&model, &device)?;
+            let report = gpt_pretrain::eval::evaluate_text(&scorer, &data, block, stride, &device)?;
+            let stem = data
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let out = out.unwrap_or_else(|| model.join(format!("eval-{stem}.json")));
+            let json = serde_json::to_string_pretty(&report)?;
+            gpt_pretrain::fsutil::write_atomic(&out, json.as_bytes())?;
+            println!(
+                "{}: loss {:.4}, perplexity {:.3} over {} tokens (block {}, stride {}); wrote {}",
+                report.data,
+                report.loss,
+                report.perplexity,
+                report.scored,
+                report.block,
+                report.stride,
+                out.display()
+            );
         }
         Command::Optim {
             command:

@@ -155,7 +155,11 @@ fn identity_hash(cfg: &TrainConfig) -> Result<String> {
 }
 
 /// Starts a new run in `run_dir`, which must not exist yet (or be empty).
-pub fn train_new(cfg: TrainConfig, run_dir: &Path, reporting: &Reporting) -> Result<TrainSummary> {
+pub fn train_new(
+    mut cfg: TrainConfig,
+    run_dir: &Path,
+    reporting: &Reporting,
+) -> Result<TrainSummary> {
     if run_dir.exists()
         && std::fs::read_dir(run_dir)
             .map(|mut d| d.next().is_some())
@@ -175,6 +179,10 @@ pub fn train_new(cfg: TrainConfig, run_dir: &Path, reporting: &Reporting) -> Res
             Tokenizer::train_bpe(corpus.training_text(cfg.val_fraction), cfg.bpe_vocab_size)?
         }
     };
+    let pretrained = match cfg.pretrained() {
+        true => Some(adopt_pretrained_shape(&mut cfg, tokenizer.vocab_size())?),
+        false => None,
+    };
     let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
     let data = TokenData::load(
         &corpus,
@@ -183,7 +191,10 @@ pub fn train_new(cfg: TrainConfig, run_dir: &Path, reporting: &Reporting) -> Res
         cfg.val_fraction,
         model_cfg.block_size,
     )?;
-    let params = Params::init(&model_cfg, cfg.seed, DType::F32, &device)?;
+    let params = match &pretrained {
+        Some(dir) => crate::hf::read_weights(dir, &model_cfg, &device)?,
+        None => Params::init(&model_cfg, cfg.seed, DType::F32, &device)?,
+    };
     let optimizer = build_optimizer(&cfg, &params)?;
 
     // Inputs are valid: only now touch the disk.
@@ -241,6 +252,51 @@ pub fn train_new(cfg: TrainConfig, run_dir: &Path, reporting: &Reporting) -> Res
         },
         reporting,
     )
+}
+
+/// Finds the `init_from` weights and makes their shape the run's: explicit shape keys must agree,
+/// `block_size` may crop the position table. Returns the weights' directory.
+fn adopt_pretrained_shape(cfg: &mut TrainConfig, vocab: usize) -> Result<PathBuf> {
+    let dir = crate::hf::resolve(&cfg.init_from)?;
+    let shape = crate::hf::read_config(&dir)?;
+    if shape.vocab_size != vocab {
+        bail!(
+            "init_from {} has a vocabulary of {}, the {:?} tokenizer {vocab}",
+            cfg.init_from,
+            shape.vocab_size,
+            cfg.tokenizer
+        );
+    }
+    for (key, set, theirs) in [
+        ("n_layer", cfg.n_layer, shape.n_layer),
+        ("n_head", cfg.n_head, shape.n_head),
+        ("n_embd", cfg.n_embd, shape.n_embd),
+    ] {
+        if set.is_some_and(|v| v != theirs) {
+            bail!(
+                "{key} = {} disagrees with init_from {} ({theirs})",
+                set.unwrap(),
+                cfg.init_from
+            );
+        }
+    }
+    if cfg.bias == Some(false) {
+        bail!("init_from GPT-2 weights have biases; drop bias = false");
+    }
+    let block = cfg.block_size.unwrap_or(shape.block_size);
+    if block > shape.block_size {
+        bail!(
+            "block_size {block} is larger than init_from {} allows ({})",
+            cfg.init_from,
+            shape.block_size
+        );
+    }
+    cfg.n_layer = Some(shape.n_layer);
+    cfg.n_head = Some(shape.n_head);
+    cfg.n_embd = Some(shape.n_embd);
+    cfg.block_size = Some(block);
+    cfg.bias = Some(true);
+    Ok(dir)
 }
 
 /// Continues the run in `run_dir` from its newest complete checkpoint. `config_file` (if given)
