@@ -174,7 +174,7 @@ pub fn byte_tokenizer_json() -> Result<String> {
     use tokenizers::models::bpe::BPE;
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     // ByteLevel's alphabet maps every byte to a printable char; invert it byte by byte.
-    let mut vocab = ahash_map();
+    let mut vocab = tokenizers::models::bpe::Vocab::default();
     for b in 0u16..256 {
         let ch = byte_level_char(b as u8);
         vocab.insert(ch.to_string(), b as u32);
@@ -188,10 +188,6 @@ pub fn byte_tokenizer_json() -> Result<String> {
     tok.with_decoder(Some(ByteLevel::default()));
     tok.to_string(false)
         .map_err(|e| anyhow!("cannot serialize byte tokenizer: {e}"))
-}
-
-fn ahash_map() -> tokenizers::models::bpe::Vocab {
-    Default::default()
 }
 
 /// GPT-2's byte → unicode table (`bytes_to_unicode`): printable bytes map to themselves, the rest

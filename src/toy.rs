@@ -93,7 +93,6 @@ pub fn simulate(optimizer: ToyOptimizer, run: &ToyRun) -> Result<Vec<f64>> {
     let (rare, common) = (store_for(run.k * run.k)?, store_for(-run.k)?);
     let mut rng = ChaCha8Rng::seed_from_u64(run.seed);
     let mut trajectory = Vec::with_capacity(run.steps);
-    let mut value = 0.0f64;
     for t in 0..run.steps {
         let lr = run.alpha / (1.0 + run.alpha * t as f64).sqrt();
         let grads = if rng.random_bool(1.0 / run.k) {
@@ -103,12 +102,11 @@ pub fn simulate(optimizer: ToyOptimizer, run: &ToyRun) -> Result<Vec<f64>> {
         };
         opt.update(grads, lr)?;
         let updated = theta.as_tensor().to_vec1::<f64>()?[0];
-        value = updated.clamp(-1.0, 1.0);
+        let value = updated.clamp(-1.0, 1.0);
         if value != updated {
             theta.set(&Tensor::new(&[value], &device)?)?;
         }
         trajectory.push(value);
     }
-    let _ = value;
     Ok(trajectory)
 }

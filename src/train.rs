@@ -804,22 +804,22 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
         let step = t.step;
         let secs = started.elapsed().as_secs_f64();
         let tok_per_s = tokens_per_step / secs;
+        let mut event = serde_json::json!({
+            "step": step, "tokens": t.tokens, "split": "train", "loss": out.loss, "lr": out.lr,
+            "grad_norm": out.norm, "ms": secs * 1e3, "tok_per_s": tok_per_s,
+        });
         if out.skipped {
-            t.metrics.write(serde_json::json!({
-                "step": step, "tokens": t.tokens, "split": "train", "loss": null, "lr": out.lr,
-                "grad_norm": null, "ms": secs * 1e3, "tok_per_s": tok_per_s,
-                "skipped": true, "skipped_steps": t.skipped_steps,
-            }))?;
+            // JSON has no NaN: a skipped step logs null loss and norm, and says it was skipped.
+            event["loss"] = serde_json::Value::Null;
+            event["grad_norm"] = serde_json::Value::Null;
+            event["skipped"] = true.into();
+            event["skipped_steps"] = t.skipped_steps.into();
             eprintln!(
                 "warning: step {step} skipped: non-finite loss {} or gradient norm {} ({} skipped so far)",
                 out.loss, out.norm, t.skipped_steps
             );
-        } else {
-            t.metrics.write(serde_json::json!({
-                "step": step, "tokens": t.tokens, "split": "train", "loss": out.loss, "lr": out.lr,
-                "grad_norm": out.norm, "ms": secs * 1e3, "tok_per_s": tok_per_s,
-            }))?;
         }
+        t.metrics.write(event)?;
         if let Some(bar) = &progress {
             bar.set_position(step);
             bar.set_message(format!("loss {:.4} | {tok_per_s:.0} tok/s", out.loss));

@@ -455,19 +455,10 @@ fn non_finite_loss_stops_with_the_step_named_and_keeps_the_good_checkpoint() {
         &common::tinyshakespeare(),
         "max_steps = 12\neval_interval = 4",
     );
-    let out = bin()
-        .current_dir(ws.dir.path())
-        .env("GPT_PRETRAIN_INJECT_NAN_AT_STEP", "7")
-        .args([
-            "train",
-            "--quiet",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            "run",
-        ])
-        .output()
-        .unwrap();
+    let out = ws.train_env(
+        &["--config", cfg.to_str().unwrap(), "--out", "run"],
+        &[("GPT_PRETRAIN_INJECT_NAN_AT_STEP", "7")],
+    );
     fails_with(&out, "loss became NaN (gradient norm NaN) at step 7");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -505,19 +505,10 @@ fn nan_policy_skip_counts_and_logs_skipped_steps() {
         &common::tinyshakespeare(),
         "max_steps = 9\nlr_decay_steps = 9\neval_interval = 3\nnan_policy = \"skip\"",
     );
-    let out = bin()
-        .current_dir(ws.dir.path())
-        .env("GPT_PRETRAIN_INJECT_NAN_AT_STEP", "5")
-        .args([
-            "train",
-            "--quiet",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            "run",
-        ])
-        .output()
-        .unwrap();
+    let out = ws.train_env(
+        &["--config", cfg.to_str().unwrap(), "--out", "run"],
+        &[("GPT_PRETRAIN_INJECT_NAN_AT_STEP", "5")],
+    );
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("step 5 skipped"));
     let events = read_json_lines(&ws.path("run/metrics.jsonl"));

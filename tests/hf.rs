@@ -371,3 +371,54 @@ print(json.dumps({"ids": ids, "logits": logits.flatten().tolist()}))
         "transformers' logits differ from ours by {diff:e}"
     );
 }
+
+#[test]
+fn older_checkpoint_layouts_load_too() {
+    // The released GPT-2 files name tensors without the `transformer.` prefix and carry the
+    // causal-mask buffers `attn.bias` / `attn.masked_bias` and sometimes `lm_head.weight`.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture_dir().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for (name, t) in
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+    {
+        if name == "transformer.wte.weight" {
+            tensors.insert("lm_head.weight".to_string(), t.clone());
+        }
+        tensors.insert(name.strip_prefix("transformer.").unwrap().to_string(), t);
+    }
+    for i in 0..2 {
+        let mask = Tensor::tril2(32, candle_core::DType::F32, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 32, 32))
+            .unwrap();
+        tensors.insert(format!("h.{i}.attn.bias"), mask);
+        tensors.insert(
+            format!("h.{i}.attn.masked_bias"),
+            Tensor::new(-1e4f32, &Device::Cpu).unwrap(),
+        );
+    }
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    let (ids, expected) = fixture_logits();
+    let diff = max_abs_diff(&our_logits(dir.path(), &ids), &expected);
+    assert!(diff < 1e-4, "{diff:e}");
+    // A tensor the model does not have is an error naming it.
+    tensors.insert(
+        "h.0.attn.extra".to_string(),
+        Tensor::new(1f32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    let cfg = hf::read_config(dir.path()).unwrap();
+    let err = hf::read_weights(dir.path(), &cfg, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("transformer.h.0.attn.extra"),
+        "{err:#}"
+    );
+}

@@ -2,7 +2,7 @@
 //! NeurIPS 2024, <https://arxiv.org/abs/2411.02853>), in two versions of the authors' code.
 
 use super::kernel::Update;
-use super::{check_common, indexed_params, Optimizer, Param, Slots};
+use super::{check_common, Param, Slots};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -137,44 +137,4 @@ impl Adopt {
     }
 }
 
-impl Optimizer for Adopt {
-    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
-        let cfg = &self.cfg;
-        self.slots.update(grads, |p, s| Self::rule(cfg, p, s, lr))
-    }
-
-    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
-        self.slots.state_tensors()
-    }
-
-    fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        self.slots.load_state_tensors(tensors)
-    }
-
-    fn steps_taken(&self) -> u64 {
-        self.slots.steps_taken()
-    }
-}
-
-impl candle_nn::Optimizer for Adopt {
-    type Config = AdoptConfig;
-
-    /// Every var decayed by `config.weight_decay`; state named by position (`exp_avg.0`, …).
-    fn new(vars: Vec<Var>, config: AdoptConfig) -> Result<Self> {
-        let params = indexed_params(vars, config.weight_decay);
-        Self::with_params(params, config)
-    }
-
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        let lr = self.cfg.lr;
-        self.update(grads, lr)
-    }
-
-    fn learning_rate(&self) -> f64 {
-        self.cfg.lr
-    }
-
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.cfg.lr = lr;
-    }
-}
+super::impl_optimizer!(Adopt, AdoptConfig);

@@ -12,11 +12,6 @@
 //! parallel over chunks, with no temporaries. Elsewhere (CUDA, other dtypes) the same rule runs as
 //! candle tensor ops on the parameter's device.
 
-mod adam;
-mod adopt;
-mod kernel;
-pub mod replay;
-
 pub use adam::{Adam, AdamConfig};
 pub use adopt::{Adopt, AdoptConfig, AdoptVariant};
 
@@ -99,6 +94,60 @@ pub trait Optimizer {
     /// Updates applied to the first parameter (in training every parameter steps together).
     fn steps_taken(&self) -> u64;
 }
+
+/// Implements [`Optimizer`] and `candle_nn::Optimizer` for a type with `slots: Slots`, `cfg` (with
+/// `lr` and `weight_decay`) and `fn rule(cfg, param, steps_before, lr) -> Update`.
+macro_rules! impl_optimizer {
+    ($ty:ty, $config:ty) => {
+        impl $crate::optim::Optimizer for $ty {
+            fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+                let cfg = &self.cfg;
+                self.slots.update(grads, |p, s| Self::rule(cfg, p, s, lr))
+            }
+
+            fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+                self.slots.state_tensors()
+            }
+
+            fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+                self.slots.load_state_tensors(tensors)
+            }
+
+            fn steps_taken(&self) -> u64 {
+                self.slots.steps_taken()
+            }
+        }
+
+        impl candle_nn::Optimizer for $ty {
+            type Config = $config;
+
+            /// Every var decayed by `config.weight_decay`; state named by position (`exp_avg.0`, …).
+            fn new(vars: Vec<Var>, config: $config) -> Result<Self> {
+                let params = $crate::optim::indexed_params(vars, config.weight_decay);
+                Self::with_params(params, config)
+            }
+
+            fn step(&mut self, grads: &GradStore) -> Result<()> {
+                let lr = self.cfg.lr;
+                $crate::optim::Optimizer::update(self, grads, lr)
+            }
+
+            fn learning_rate(&self) -> f64 {
+                self.cfg.lr
+            }
+
+            fn set_learning_rate(&mut self, lr: f64) {
+                self.cfg.lr = lr;
+            }
+        }
+    };
+}
+pub(crate) use impl_optimizer;
+
+mod adam;
+mod adopt;
+mod kernel;
+pub mod replay;
 
 /// Builds the optimizer a config asks for.
 pub fn build(settings: &OptimizerSettings, params: Vec<Param>) -> Result<Box<dyn Optimizer>> {

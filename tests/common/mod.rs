@@ -84,13 +84,20 @@ impl Workspace {
     }
 
     pub fn train(&self, args: &[&str]) -> Output {
-        bin()
-            .current_dir(self.dir.path())
+        self.train_env(args, &[])
+    }
+
+    /// `train --quiet ARGS` in the workspace with extra environment variables.
+    pub fn train_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = bin();
+        cmd.current_dir(self.dir.path())
             .arg("train")
             .arg("--quiet")
-            .args(args)
-            .output()
-            .unwrap()
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
     }
 }
 
