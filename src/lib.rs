@@ -12,6 +12,8 @@
 //! - [`train`]: the training loop; [`sample`]: text generation.
 
 pub mod checkpoint;
+pub mod compare;
+pub mod compare_plots;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -27,6 +29,7 @@ pub mod runlock;
 pub mod sample;
 pub mod schedule;
 pub mod signals;
+pub mod sweep;
 pub mod tokenizer;
 pub mod toy;
 pub mod train;

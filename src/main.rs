@@ -94,6 +94,39 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Train every combination of a grid of config values × seeds (resumable).
+    Sweep {
+        /// Base TOML config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a base key for every run (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// A grid axis, e.g. --grid optimizer=adam,adamw,adopt (repeatable).
+        #[arg(long, value_name = "KEY=V1,V2,...")]
+        grid: Vec<String>,
+        /// Seeds, e.g. 0,1,2.
+        #[arg(long, value_delimiter = ',', default_value = "0")]
+        seeds: Vec<u64>,
+        /// Folder for the run directories.
+        #[arg(long)]
+        out: PathBuf,
+        /// Print only errors and warnings.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Compare runs: grouped by configuration over seeds, with statistics and plots.
+    Compare {
+        /// Run directories, or folders of run directories (a sweep's --out).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Report folder (report.md and PNG/SVG plots).
+        #[arg(long, default_value = "reports/compare")]
+        out: PathBuf,
+        /// Report the tokens each run needed to reach this validation loss.
+        #[arg(long)]
+        target_loss: Option<f64>,
+    },
     /// Optimizer tools.
     Optim {
         #[command(subcommand)]
@@ -208,6 +241,42 @@ fn run(cli: Cli) -> Result<()> {
                 let _ = stdout.flush();
             })?;
             println!();
+        }
+        Command::Sweep {
+            config,
+            set,
+            grid,
+            seeds,
+            out,
+            quiet,
+        } => {
+            let base = config.as_deref().map(TrainConfig::read_table).transpose()?;
+            let axes = grid
+                .iter()
+                .map(|g| gpt_pretrain::sweep::parse_axis(g))
+                .collect::<Result<Vec<_>>>()?;
+            let summary =
+                gpt_pretrain::sweep::sweep(base, &set, &axes, &seeds, &out, &Reporting { quiet })?;
+            println!(
+                "sweep {}: {} runs ({} already done, {} resumed, {} started)",
+                out.display(),
+                summary.run_dirs.len(),
+                summary.already_done,
+                summary.resumed,
+                summary.started
+            );
+        }
+        Command::Compare {
+            runs,
+            out,
+            target_loss,
+        } => {
+            let report = gpt_pretrain::compare::compare(&runs, &out, target_loss)?;
+            println!("{report}");
+            println!(
+                "wrote {}/report.md and plots (val_loss, train_loss, lr_grad_norm .png/.svg)",
+                out.display()
+            );
         }
         Command::Export { run_dir, hf } => {
             gpt_pretrain::hf::export(&run_dir, &hf)?;

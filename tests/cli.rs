@@ -502,9 +502,12 @@ fn an_overflowing_learning_rate_is_caught_before_a_checkpoint() {
 
 #[test]
 fn committed_configs_are_valid() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
     let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
+    let files = std::fs::read_dir(&root)
+        .unwrap()
+        .chain(std::fs::read_dir(root.join("study")).unwrap());
+    for entry in files {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let table = gpt_pretrain::config::TrainConfig::read_table(&path).unwrap();
@@ -514,7 +517,7 @@ fn committed_configs_are_valid() {
         }
     }
     assert!(
-        n >= 4,
-        "expected quick.toml and the three baby configs, found {n}"
+        n >= 8,
+        "expected quick, the three baby configs and the four study configs, found {n}"
     );
 }

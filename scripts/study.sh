@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The ADOPT-vs-Adam study: every optimizer config in configs/study/ at a large and a 5x smaller
+# batch, 3 seeds each, as resumable sweeps into runs/study/, then `compare` into
+# reports/adopt-vs-adam/. Re-running skips finished runs and resumes unfinished ones.
+#
+#   scripts/study.sh            the study (configs/study/*.toml as they are)
+#   scripts/study.sh --quick    a minutes-long version (tiny model, few steps, 2 seeds) into
+#                               runs/study-quick/ and runs/study-quick/report/; CI runs it
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${GPT_PRETRAIN_BIN:-target/release/gpt-pretrain}
+if [[ ! -x $BIN ]]; then
+    cargo build --release
+fi
+
+if [[ ${1:-} == "--quick" ]]; then
+    OUT=runs/study-quick
+    REPORT=$OUT/report
+    SEEDS=0,1
+    BATCHES=8,2
+    EXTRA=(--set model=\"tiny\" --set n_layer=2 --set n_embd=64 --set n_head=2 --set block_size=32
+           --set max_steps=20 --set warmup_steps=4 --set eval_interval=5 --set eval_iters=2)
+else
+    OUT=runs/study
+    REPORT=reports/adopt-vs-adam
+    SEEDS=0,1,2
+    BATCHES=40,8
+    EXTRA=()
+fi
+
+for cfg in configs/study/*.toml; do
+    name=$(basename "$cfg" .toml)
+    "$BIN" sweep --quiet --config "$cfg" "${EXTRA[@]}" --grid "batch_size=$BATCHES" --seeds "$SEEDS" --out "$OUT/$name"
+done
+"$BIN" compare "$OUT"/* --out "$REPORT"
+for f in report.md val_loss.png train_loss.png lr_grad_norm.png; do
+    [[ -s $REPORT/$f ]] || { echo "error: $REPORT/$f was not written" >&2; exit 1; }
+done
+echo "study report: $REPORT/report.md"

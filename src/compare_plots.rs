@@ -1,0 +1,298 @@
+//! The plots of `gpt-pretrain compare`, as PNG and SVG: validation loss against tokens (seed mean,
+//! band = min–max over seeds), train loss against step (smoothed, raw faint), learning rate and
+//! gradient norm against step.
+
+use crate::compare::Group;
+use crate::plot::{register_fonts, FONT};
+use anyhow::{anyhow, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+/// Per x: (mean, min, max) over the group's runs that have a finite value there.
+fn across_seeds(series: Vec<Vec<(f64, f64)>>) -> Vec<(f64, f64, f64, f64)> {
+    let mut at: BTreeMap<u64, (f64, Vec<f64>)> = BTreeMap::new();
+    for run in series {
+        for (x, y) in run {
+            if y.is_finite() {
+                at.entry(x.to_bits()).or_insert((x, vec![])).1.push(y);
+            }
+        }
+    }
+    let mut out: Vec<(f64, f64, f64, f64)> = at
+        .into_values()
+        .map(|(x, ys)| {
+            let mean = ys.iter().sum::<f64>() / ys.len() as f64;
+            let min = ys.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            (x, mean, min, max)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    out
+}
+
+fn bounds(points: &[(f64, f64)]) -> (f64, f64, f64, f64) {
+    let finite = points.iter().filter(|p| p.0.is_finite() && p.1.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    );
+    for &(x, y) in finite {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if !x0.is_finite() {
+        return (0.0, 1.0, 0.0, 1.0);
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-9);
+    (x0, x1.max(x0 + 1.0), y0 - pad, y1 + pad)
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("plotting failed: {e:?}")
+}
+
+/// One group's curve: its label, the main line, an optional band (x, lo, hi), an optional faint raw line.
+type Line = (String, Vec<(f64, f64)>, Vec<(f64, f64, f64)>, Vec<(f64, f64)>);
+
+/// One chart: a line per group.
+struct Curves {
+    title: String,
+    x_label: &'static str,
+    y_label: &'static str,
+    lines: Vec<Line>,
+}
+
+fn draw_curves<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, c: &Curves) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let mut all: Vec<(f64, f64)> = Vec::new();
+    for (_, main, band, raw) in &c.lines {
+        all.extend(main);
+        all.extend(band.iter().flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]));
+        all.extend(raw);
+    }
+    let (x0, x1, y0, y1) = bounds(&all);
+    let mut chart = ChartBuilder::on(area)
+        .caption(&c.title, (FONT, 22))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(c.x_label)
+        .y_desc(c.y_label)
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .x_label_formatter(&|x| {
+            if x.abs() >= 1e6 {
+                format!("{:.1}M", x / 1e6)
+            } else if x.abs() >= 1e3 {
+                format!("{:.0}k", x / 1e3)
+            } else {
+                format!("{x:.0}")
+            }
+        })
+        .y_label_formatter(&|y| {
+            if y.abs() < 1e-2 && *y != 0.0 {
+                format!("{y:.1e}")
+            } else {
+                format!("{y:.2}")
+            }
+        })
+        .draw()
+        .map_err(err)?;
+    for (i, (label, main, band, raw)) in c.lines.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        if band.len() > 1 {
+            let mut polygon: Vec<(f64, f64)> = band.iter().map(|&(x, _, hi)| (x, hi)).collect();
+            polygon.extend(band.iter().rev().map(|&(x, lo, _)| (x, lo)));
+            chart
+                .draw_series(std::iter::once(Polygon::new(polygon, color.mix(0.15))))
+                .map_err(err)?;
+        }
+        if !raw.is_empty() {
+            chart
+                .draw_series(LineSeries::new(
+                    raw.iter().copied(),
+                    color.mix(0.25).stroke_width(1),
+                ))
+                .map_err(err)?;
+        }
+        chart
+            .draw_series(LineSeries::new(main.iter().copied(), color.stroke_width(2)))
+            .map_err(err)?
+            .label(label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .label_font((FONT, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+/// An exponential moving average (α = 0.05), skipping non-finite values.
+fn smooth(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut ema: Option<f64> = None;
+    points
+        .iter()
+        .filter(|p| p.1.is_finite())
+        .map(|&(x, y)| {
+            let v = ema.map_or(y, |e| 0.95 * e + 0.05 * y);
+            ema = Some(v);
+            (x, v)
+        })
+        .collect()
+}
+
+fn val_curves(groups: &[Group]) -> Curves {
+    Curves {
+        title: "Validation loss (seed mean; band = min–max over seeds)".into(),
+        x_label: "training tokens",
+        y_label: "validation loss (nats/token)",
+        lines: groups
+            .iter()
+            .map(|g| {
+                let stats = across_seeds(
+                    g.runs
+                        .iter()
+                        .map(|r| r.val.iter().map(|v| (v.1 as f64, v.2)).collect())
+                        .collect(),
+                );
+                let main = stats.iter().map(|s| (s.0, s.1)).collect();
+                let band = stats.iter().map(|s| (s.0, s.2, s.3)).collect();
+                (
+                    format!("{} (n={})", g.label, g.runs.len()),
+                    main,
+                    band,
+                    vec![],
+                )
+            })
+            .collect(),
+    }
+}
+
+fn train_curves(groups: &[Group]) -> Curves {
+    Curves {
+        title: "Train loss (seed mean; smoothed, raw faint)".into(),
+        x_label: "step",
+        y_label: "train loss (nats/token)",
+        lines: groups
+            .iter()
+            .map(|g| {
+                let stats = across_seeds(
+                    g.runs
+                        .iter()
+                        .map(|r| r.train.iter().map(|t| (t.0 as f64, t.2)).collect())
+                        .collect(),
+                );
+                let raw: Vec<(f64, f64)> = stats.iter().map(|s| (s.0, s.1)).collect();
+                (
+                    format!("{} (n={})", g.label, g.runs.len()),
+                    smooth(&raw),
+                    vec![],
+                    raw,
+                )
+            })
+            .collect(),
+    }
+}
+
+fn series_curves(
+    groups: &[Group],
+    title: &str,
+    y_label: &'static str,
+    pick: fn(&(u64, u64, f64, f64, f64)) -> f64,
+) -> Curves {
+    Curves {
+        title: title.into(),
+        x_label: "step",
+        y_label,
+        lines: groups
+            .iter()
+            .map(|g| {
+                let stats = across_seeds(
+                    g.runs
+                        .iter()
+                        .map(|r| r.train.iter().map(|t| (t.0 as f64, pick(t))).collect())
+                        .collect(),
+                );
+                (
+                    g.label.clone(),
+                    stats.iter().map(|s| (s.0, s.1)).collect(),
+                    vec![],
+                    vec![],
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Writes `val_loss`, `train_loss` and `lr_grad_norm` as `.png` and `.svg` into `out`.
+pub fn draw_all(groups: &[Group], out: &Path) -> Result<()> {
+    register_fonts();
+    let val = val_curves(groups);
+    let train = train_curves(groups);
+    let lr = series_curves(groups, "Learning rate (seed mean)", "learning rate", |t| {
+        t.3
+    });
+    let norm = series_curves(
+        groups,
+        "Gradient norm before clipping (seed mean)",
+        "global L2 norm",
+        |t| t.4,
+    );
+    for (name, curves) in [
+        ("val_loss", vec![&val]),
+        ("train_loss", vec![&train]),
+        ("lr_grad_norm", vec![&lr, &norm]),
+    ] {
+        let height = 650 * curves.len() as u32;
+        let png = out.join(format!("{name}.png"));
+        let svg = out.join(format!("{name}.svg"));
+        {
+            let root = BitMapBackend::new(&png, (1200, height)).into_drawing_area();
+            root.fill(&WHITE).map_err(err)?;
+            for (area, c) in root.split_evenly((curves.len(), 1)).iter().zip(&curves) {
+                draw_curves(area, c)?;
+            }
+            root.present().map_err(err)?;
+        }
+        {
+            let root = SVGBackend::new(&svg, (1200, height)).into_drawing_area();
+            root.fill(&WHITE).map_err(err)?;
+            for (area, c) in root.split_evenly((curves.len(), 1)).iter().zip(&curves) {
+                draw_curves(area, c)?;
+            }
+            root.present().map_err(err)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! `sweep` and `compare`: statistics against hand/mpmath values, grouping rules, and the report
+//! and plots of a real (small) sweep.
+
+mod common;
+
+use common::*;
+use gpt_pretrain::compare::{count_spikes, mean_sd, welch};
+
+#[test]
+fn welch_matches_an_independent_computation() {
+    // mpmath: t = -2.19970672532, df = 5.32902033272, p = 0.0757845099246 (regularized
+    // incomplete beta I_{df/(df+t²)}(df/2, 1/2)).
+    let (t, df, p) = welch(&[1.0, 2.0, 3.0, 4.0], &[3.0, 4.5, 5.0, 7.5]).unwrap();
+    assert!((t + 2.19970672532).abs() < 1e-9, "{t}");
+    assert!((df - 5.32902033272).abs() < 1e-9, "{df}");
+    assert!((p - 0.0757845099246).abs() < 1e-9, "{p}");
+    assert!(
+        welch(&[1.0], &[2.0, 3.0]).is_none(),
+        "one seed cannot be tested"
+    );
+    let (m, sd) = mean_sd(&[2.0, 4.0, 6.0]);
+    assert_eq!((m, sd), (4.0, 2.0));
+}
+
+#[test]
+fn spikes_follow_the_stated_rule() {
+    let mut losses = vec![3.0; 60];
+    losses[30] = 3.31; // > 1.1 × 3.0
+    losses[40] = 3.29; // not
+    losses[50] = f64::NAN; // a skipped step
+    losses[5] = 10.0; // too little history to judge
+    assert_eq!(count_spikes(&losses), 2);
+}
+
+fn sweep(ws: &Workspace, extra: &[&str], seeds: &str) -> String {
+    let cfg = ws.config(
+        "base",
+        &common::tinyshakespeare(),
+        "max_steps = 12\nlr_decay_steps = 12\neval_interval = 4",
+    );
+    let mut args = vec![
+        "sweep",
+        "--quiet",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--seeds",
+        seeds,
+        "--out",
+        "sweep",
+    ];
+    args.extend_from_slice(extra);
+    ok(&bin()
+        .current_dir(ws.dir.path())
+        .args(&args)
+        .output()
+        .unwrap())
+}
+
+#[test]
+fn sweep_runs_every_combination_once_and_resumes() {
+    let ws = Workspace::new();
+    let out = sweep(
+        &ws,
+        &["--grid", "optimizer=adam,adopt", "--grid", "batch_size=2,4"],
+        "0,1",
+    );
+    assert!(
+        out.contains("8 runs (0 already done, 0 resumed, 8 started)"),
+        "{out}"
+    );
+    let dirs: Vec<String> = std::fs::read_dir(ws.path("sweep"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        dirs.contains(&"optimizer-adopt_batch_size-4_seed-1".to_string()),
+        "{dirs:?}"
+    );
+    // Interrupt one run (drop its last checkpoint) and re-run: the rest are skipped.
+    let victim = ws.path("sweep/optimizer-adam_batch_size-2_seed-0");
+    std::fs::remove_dir_all(victim.join("checkpoints/step-00000012")).unwrap();
+    let again = sweep(
+        &ws,
+        &["--grid", "optimizer=adam,adopt", "--grid", "batch_size=2,4"],
+        "0,1",
+    );
+    assert!(
+        again.contains("8 runs (7 already done, 1 resumed, 0 started)"),
+        "{again}"
+    );
+    // The seed changes initialisation and data together; same seed, same first batch loss.
+    let first_loss = |name: &str| train_losses(&ws.path(&format!("sweep/{name}")))[0].1;
+    assert_eq!(
+        first_loss("optimizer-adam_batch_size-2_seed-0"),
+        first_loss("optimizer-adopt_batch_size-2_seed-0")
+    );
+    assert_ne!(
+        first_loss("optimizer-adam_batch_size-2_seed-0"),
+        first_loss("optimizer-adam_batch_size-2_seed-1")
+    );
+}
+
+#[test]
+fn compare_writes_a_report_and_readable_plots() {
+    let ws = Workspace::new();
+    sweep(&ws, &["--grid", "optimizer=adamw,adopt"], "0,1,2");
+    let out = ok(&bin()
+        .current_dir(ws.dir.path())
+        .args([
+            "compare",
+            "sweep",
+            "--out",
+            "report",
+            "--target-loss",
+            "5.0",
+        ])
+        .output()
+        .unwrap());
+    let report = std::fs::read_to_string(ws.path("report/report.md")).unwrap();
+    assert!(out.contains("# Optimizer comparison"));
+    assert!(
+        report.contains("| adamw, batch 4") && report.contains("| adopt (release), batch 4"),
+        "{report}"
+    );
+    assert!(report.contains("| 3 |"), "three seeds per group: {report}");
+    assert!(report.contains("significant") || report.contains("not significant"));
+    assert!(report.contains("tokens to val ≤ 5"));
+    for plot in ["val_loss", "train_loss", "lr_grad_norm"] {
+        for ext in ["png", "svg"] {
+            let size = std::fs::metadata(ws.path(&format!("report/{plot}.{ext}")))
+                .unwrap()
+                .len();
+            assert!(size > 10_000, "{plot}.{ext} is only {size} bytes");
+        }
+        let svg = std::fs::read_to_string(ws.path(&format!("report/{plot}.svg"))).unwrap();
+        assert!(
+            svg.contains("step") || svg.contains("tokens"),
+            "{plot}: no axis label"
+        );
+        assert!(svg.contains("adopt"), "{plot}: no legend");
+    }
+}
+
+#[test]
+fn compare_refuses_runs_on_different_data() {
+    let ws = Workspace::new();
+    let other = ws.path("other.txt");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(common::tinyshakespeare())
+            .unwrap()
+            .replace('e', "E"),
+    )
+    .unwrap();
+    for (name, corpus) in [("a", common::tinyshakespeare()), ("b", other)] {
+        let cfg = ws.config(name, &corpus, "max_steps = 2\neval_interval = 2");
+        ok(&ws.train(&["--config", cfg.to_str().unwrap(), "--out", name]));
+    }
+    let out = bin()
+        .current_dir(ws.dir.path())
+        .args(["compare", "a", "b", "--out", "r"])
+        .output()
+        .unwrap();
+    fails_with(&out, "differ in data");
+}
