@@ -70,7 +70,12 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 }
 
 /// One group's curve: its label, the main line, an optional band (x, lo, hi), an optional faint raw line.
-type Line = (String, Vec<(f64, f64)>, Vec<(f64, f64, f64)>, Vec<(f64, f64)>);
+type Line = (
+    String,
+    Vec<(f64, f64)>,
+    Vec<(f64, f64, f64)>,
+    Vec<(f64, f64)>,
+);
 
 /// One chart: a line per group.
 struct Curves {

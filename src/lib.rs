@@ -21,6 +21,7 @@ pub mod eval;
 pub mod faults;
 pub mod fsutil;
 pub mod hf;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -522,8 +522,17 @@ impl Gpt {
     }
 }
 
-/// Mean negative log-likelihood of `targets` (N,) under `logits` (N, V).
+/// Mean negative log-likelihood of `targets` (N,) under `logits` (N, V): the fused kernel on
+/// CPU, candle ops elsewhere.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if crate::kernels::fused_cross_entropy_applies(logits) {
+        return Ok(crate::kernels::fused_cross_entropy(logits, targets)?);
+    }
+    cross_entropy_ops(logits, targets)
+}
+
+/// [`cross_entropy`] from plain candle ops (the reference the fused kernel is tested against).
+pub fn cross_entropy_ops(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

@@ -506,7 +506,8 @@ fn committed_configs_are_valid() {
     let mut n = 0;
     let files = std::fs::read_dir(&root)
         .unwrap()
-        .chain(std::fs::read_dir(root.join("study")).unwrap());
+        .chain(std::fs::read_dir(root.join("study")).unwrap())
+        .chain(std::fs::read_dir(root.join("gpt2-124m")).unwrap());
     for entry in files {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {

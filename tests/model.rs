@@ -386,3 +386,68 @@ fn checkpoint_round_trip_is_exact_and_checksummed() {
         "{err}"
     );
 }
+
+#[test]
+fn fused_cross_entropy_matches_candle_ops_in_value_and_gradient() {
+    use gpt_pretrain::model::cross_entropy_ops;
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        for (n, v) in [(7, 5), (64, 1000), (3, 50304)] {
+            let values: Vec<f64> = (0..n * v).map(|_| rng.random_range(-8.0..8.0)).collect();
+            let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+            let logits = Var::from_tensor(
+                &Tensor::from_vec(values, (n, v), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let t = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+            let fused = cross_entropy(logits.as_tensor(), &t).unwrap();
+            let plain = cross_entropy_ops(logits.as_tensor(), &t).unwrap();
+            let (a, b) = (
+                fused
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap(),
+                plain
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap(),
+            );
+            assert!(
+                (a - b).abs() <= tol * b.abs(),
+                "{dtype:?} {n}x{v}: loss {a} vs {b}"
+            );
+            // Scale the loss so the upstream gradient is not 1.
+            let ga = (fused * 3.0).unwrap().backward().unwrap();
+            let gb = (plain * 3.0).unwrap().backward().unwrap();
+            let flat = |g: &candle_core::backprop::GradStore| -> Vec<f64> {
+                g.get(logits.as_tensor())
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (fa, fb) = (flat(&ga), flat(&gb));
+            let worst = fa
+                .iter()
+                .zip(&fb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
+            let scale = fb.iter().map(|x| x.abs()).fold(0.0, f64::max);
+            assert!(
+                worst <= tol * scale.max(1e-12) * 10.0,
+                "{dtype:?} {n}x{v}: gradient differs by {worst:e} (max {scale:e})"
+            );
+        }
+    }
+    // A target outside the vocabulary is an error, not a read out of bounds.
+    let logits = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(cross_entropy(&logits, &Tensor::new(&[1u32, 4], &Device::Cpu).unwrap()).is_err());
+}

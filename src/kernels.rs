@@ -1,0 +1,172 @@
+//! Fused CPU kernels for the model, as candle custom ops with their own backward pass. Each has a
+//! plain candle-op twin (used on other devices) and is tested against it, values and gradients.
+//!
+//! - Softmax cross-entropy: with GPT-2's 50,304-token vocabulary the logits are the largest tensor
+//!   of a step; the composed version makes about eight full-size temporaries forward and as many
+//!   backward. The fused one reads the logits twice forward (max, then log-sum-exp and the target)
+//!   and writes the gradient in one pass backward, in parallel over rows, deterministically.
+
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Mean cross-entropy of integer `targets` (N,) under `logits` (N, V).
+struct CrossEntropy;
+
+/// Its gradient with respect to the logits: (softmax − one-hot) · scale.
+struct CrossEntropyGrad {
+    scale: f64,
+}
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => bail!("fused cross-entropy: {what} must be contiguous"),
+    }
+}
+
+fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    match s {
+        CpuStorage::U32(t) => contiguous(t, l, "targets"),
+        _ => bail!("fused cross-entropy: targets must be u32"),
+    }
+}
+
+/// Per row: log-sum-exp of the row.
+#[inline]
+fn log_sum_exp<T: Float>(row: &[T]) -> T {
+    let max = row.iter().copied().fold(T::neg_infinity(), T::max);
+    let sum = row.iter().fold(T::zero(), |acc, &x| acc + (x - max).exp());
+    max + sum.ln()
+}
+
+fn forward<T: Float + Send + Sync>(logits: &[T], targets: &[u32], v: usize) -> Result<f64> {
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+        bail!("cross-entropy target {bad} is outside the vocabulary of {v}");
+    }
+    // Per-row losses in row order, summed sequentially: the same result on every run.
+    let per_row: Vec<f64> = logits
+        .par_chunks(v)
+        .zip(targets.par_iter())
+        .map(|(row, &t)| {
+            (log_sum_exp(row) - row[t as usize])
+                .to_f64()
+                .unwrap_or(f64::NAN)
+        })
+        .collect();
+    Ok(per_row.iter().sum::<f64>() / per_row.len() as f64)
+}
+
+fn backward<T: Float + Send + Sync>(logits: &[T], targets: &[u32], v: usize, scale: f64) -> Vec<T> {
+    let scale = T::from(scale).expect("finite scale");
+    let mut grad = vec![T::zero(); logits.len()];
+    grad.par_chunks_mut(v)
+        .zip(logits.par_chunks(v))
+        .zip(targets.par_iter())
+        .for_each(|((g, row), &t)| {
+            let lse = log_sum_exp(row);
+            for (gj, &x) in g.iter_mut().zip(row) {
+                *gj = (x - lse).exp() * scale;
+            }
+            g[t as usize] = g[t as usize] - scale;
+        });
+    grad
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let targets = targets_of(s2, l2)?;
+        if targets.len() != n {
+            bail!(
+                "fused cross-entropy: {n} rows but {} targets",
+                targets.len()
+            );
+        }
+        let mean = match s1 {
+            CpuStorage::F32(x) => forward(contiguous(x, l1, "logits")?, targets, v)?,
+            CpuStorage::F64(x) => forward(contiguous(x, l1, "logits")?, targets, v)?,
+            _ => bail!("fused cross-entropy: logits must be f32 or f64"),
+        };
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(vec![mean as f32]),
+            _ => CpuStorage::F64(vec![mean]),
+        };
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = logits.dim(0)?;
+        let upstream = grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let grad = logits.apply_op2_no_bwd(
+            targets,
+            &CrossEntropyGrad {
+                scale: upstream / n as f64,
+            },
+        )?;
+        Ok((Some(grad), None))
+    }
+}
+
+impl CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, v) = l1.shape().dims2()?;
+        let targets = targets_of(s2, l2)?;
+        let out = match s1 {
+            CpuStorage::F32(x) => CpuStorage::F32(backward(
+                contiguous(x, l1, "logits")?,
+                targets,
+                v,
+                self.scale,
+            )),
+            CpuStorage::F64(x) => CpuStorage::F64(backward(
+                contiguous(x, l1, "logits")?,
+                targets,
+                v,
+                self.scale,
+            )),
+            _ => bail!("fused cross-entropy: logits must be f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Mean cross-entropy with the fused kernel (CPU, f32/f64, contiguous logits).
+pub fn fused_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = logits.contiguous()?;
+    let targets = targets.contiguous()?;
+    logits.apply_op2(&targets, CrossEntropy)
+}
+
+/// Whether [`fused_cross_entropy`] serves these logits.
+pub fn fused_cross_entropy_applies(logits: &Tensor) -> bool {
+    logits.device().is_cpu()
+        && matches!(logits.dtype(), DType::F32 | DType::F64)
+        && logits.rank() == 2
+}
