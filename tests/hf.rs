@@ -64,6 +64,7 @@ fn transformers_weights_load_and_give_the_fixture_logits() {
     );
     let (ids, expected) = fixture_logits();
     let diff = max_abs_diff(&our_logits(&fixture_dir(), &ids), &expected);
+    eprintln!("fixture logits: max |ours - transformers| = {diff:e}");
     assert!(diff < 1e-4, "logits differ from transformers by {diff:e}");
 }
 
@@ -366,6 +367,7 @@ print(json.dumps({"ids": ids, "logits": logits.flatten().tolist()}))
     );
     let theirs: Vec<f64> = serde_json::from_value(v["logits"].clone()).unwrap();
     let diff = max_abs_diff(&our_logits(&out, &[ids]), &theirs);
+    eprintln!("export in transformers: max |ours - transformers| = {diff:e}");
     assert!(
         diff < 1e-4,
         "transformers' logits differ from ours by {diff:e}"
