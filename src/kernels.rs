@@ -170,3 +170,25 @@ pub fn fused_cross_entropy_applies(logits: &Tensor) -> bool {
         && matches!(logits.dtype(), DType::F32 | DType::F64)
         && logits.rank() == 2
 }
+
+/// Σx² of a tensor in f64, summed in element order (the same result on every run). On CPU for
+/// contiguous f32/f64 it reads the storage directly instead of materialising x² and an f64 copy.
+pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
+    if t.device().is_cpu() && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            match cpu {
+                CpuStorage::F32(v) => {
+                    let v = contiguous(v, layout, "tensor")?;
+                    return Ok(v.iter().map(|&x| (x as f64) * (x as f64)).sum());
+                }
+                CpuStorage::F64(v) => {
+                    let v = contiguous(v, layout, "tensor")?;
+                    return Ok(v.iter().map(|&x| x * x).sum());
+                }
+                _ => {}
+            }
+        }
+    }
+    t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()
+}

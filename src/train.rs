@@ -506,11 +506,7 @@ pub fn grad_norm(params: &Params, grads: &GradStore) -> Result<f64> {
     let mut sum = 0.0;
     for (_, var) in params.named_vars() {
         if let Some(g) = grads.get(var.as_tensor()) {
-            sum += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            sum += crate::kernels::sum_of_squares(g)?;
         }
     }
     Ok(sum.sqrt())

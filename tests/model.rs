@@ -451,3 +451,26 @@ fn fused_cross_entropy_matches_candle_ops_in_value_and_gradient() {
     let logits = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
     assert!(cross_entropy(&logits, &Tensor::new(&[1u32, 4], &Device::Cpu).unwrap()).is_err());
 }
+
+#[test]
+fn sum_of_squares_matches_f64_ops() {
+    use gpt_pretrain::kernels::sum_of_squares;
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let values: Vec<f64> = (0..10_007).map(|_| rng.random_range(-3.0..3.0)).collect();
+    let expected: f64 = values.iter().map(|x| x * x).sum();
+    let t64 = Tensor::new(values.as_slice(), &Device::Cpu).unwrap();
+    assert_eq!(sum_of_squares(&t64).unwrap(), expected);
+    let t32 = t64.to_dtype(DType::F32).unwrap();
+    let expected32: f64 = values.iter().map(|&x| (x as f32 as f64).powi(2)).sum();
+    assert!((sum_of_squares(&t32).unwrap() - expected32).abs() < 1e-9 * expected32);
+    // A non-contiguous view takes the op path and agrees.
+    let m = t64
+        .narrow(0, 0, 10_000)
+        .unwrap()
+        .reshape((100, 100))
+        .unwrap()
+        .t()
+        .unwrap();
+    let direct: f64 = values[..10_000].iter().map(|x| x * x).sum();
+    assert!((sum_of_squares(&m).unwrap() - direct).abs() < 1e-9 * direct);
+}
