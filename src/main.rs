@@ -127,6 +127,24 @@ enum Command {
         #[arg(long)]
         target_loss: Option<f64>,
     },
+    /// Time training steps on random tokens: forward, backward, optimizer, tokens/s, MFU, memory.
+    Bench {
+        /// tiny, baby or gpt2 (the shapes of ../shared/bench/torch_gpt_bench.py).
+        #[arg(long, default_value = "baby")]
+        preset: String,
+        /// Timed steps (after 2 warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Also print the figures as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Optimizer tools.
     Optim {
         #[command(subcommand)]
@@ -277,6 +295,47 @@ fn run(cli: Cli) -> Result<()> {
                 "wrote {}/report.md and plots (val_loss, train_loss, lr_grad_norm .png/.svg)",
                 out.display()
             );
+        }
+        Command::Bench {
+            preset,
+            steps,
+            threads,
+            device,
+            json,
+        } => {
+            if let Some(n) = threads {
+                // Read by candle's and gemm's thread pools when they start, which is later.
+                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            }
+            let device = gpt_pretrain::device::parse_device(&device)?;
+            let setup = gpt_pretrain::bench::BenchSetup::preset(&preset)?;
+            let r = gpt_pretrain::bench::run(&setup, steps, &device)?;
+            println!(
+                "{} ({} layers, {} wide, block {}, batch {}, vocab {}), {} threads, median of {} steps:",
+                setup.preset, setup.n_layer, setup.n_embd, setup.block_size, setup.batch_size, setup.vocab_size, r.threads, r.steps
+            );
+            println!(
+                "  forward {:.1} ms, backward {:.1} ms, optimizer {:.2} ms, step {:.1} ms",
+                r.fwd_ms, r.bwd_ms, r.opt_ms, r.step_ms
+            );
+            println!(
+                "  {:.0} tokens/s, {:.1} GFLOP/s, MFU {:.1}% of the measured matmul peak {:.0} GFLOP/s, peak RSS {:.0} MB",
+                r.tokens_per_s,
+                r.gflops,
+                100.0 * r.mfu,
+                r.matmul_peak_gflops,
+                r.peak_rss_mb
+            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "tokens_per_s": r.tokens_per_s, "fwd_ms": r.fwd_ms, "bwd_ms": r.bwd_ms,
+                        "opt_ms": r.opt_ms, "gflops": r.gflops, "mfu": r.mfu, "peak_rss_mb": r.peak_rss_mb,
+                        "preset": setup.preset, "threads": r.threads,
+                    })
+                );
+            }
         }
         Command::Export { run_dir, hf } => {
             gpt_pretrain::hf::export(&run_dir, &hf)?;

@@ -522,3 +522,38 @@ fn committed_configs_are_valid() {
         "expected quick, the three baby configs and the four study configs, found {n}"
     );
 }
+
+#[test]
+fn bench_prints_its_figures_as_json() {
+    let out = ok(&bin()
+        .args([
+            "bench",
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap());
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    for key in [
+        "tokens_per_s",
+        "fwd_ms",
+        "bwd_ms",
+        "opt_ms",
+        "gflops",
+        "mfu",
+        "peak_rss_mb",
+    ] {
+        let v = last[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing: {last}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    assert_eq!(last["threads"], 1);
+    let out = bin().args(["bench", "--preset", "huge"]).output().unwrap();
+    fails_with(&out, "bench preset must be tiny, baby or gpt2");
+}

@@ -1,0 +1,182 @@
+//! `gpt-pretrain bench`: training-step timing on random tokens (no data needed), split into
+//! forward, backward and optimizer, with achieved GFLOP/s and model-FLOPs utilisation against the
+//! matmul peak measured on the same machine, and peak resident memory. The configurations match
+//! `../shared/bench/torch_gpt_bench.py` so the two can be run side by side.
+
+use crate::model::{Gpt, GptConfig, Params};
+use crate::optim::{param_groups, Adam, AdamConfig, Optimizer, OptimizerKind};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::time::Instant;
+
+/// The model and batch a benchmark runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchSetup {
+    pub preset: String,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub block_size: usize,
+    pub batch_size: usize,
+    pub vocab_size: usize,
+}
+
+impl BenchSetup {
+    /// The torch benchmark's configurations: tiny (batch 16, block 128, vocab 65), baby (batch 8,
+    /// block 256, vocab 65), gpt2 (batch 2, block 256, vocab 50304).
+    pub fn preset(name: &str) -> Result<Self> {
+        let (batch_size, block_size, vocab_size) = match name {
+            "tiny" => (16, 128, 65),
+            "baby" => (8, 256, 65),
+            "gpt2" => (2, 256, 50304),
+            _ => bail!("bench preset must be tiny, baby or gpt2, got '{name}'"),
+        };
+        let m = GptConfig::preset(name)?;
+        Ok(Self {
+            preset: name.into(),
+            n_layer: m.n_layer,
+            n_head: m.n_head,
+            n_embd: m.n_embd,
+            block_size,
+            batch_size,
+            vocab_size,
+        })
+    }
+
+    fn model_config(&self) -> GptConfig {
+        GptConfig {
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_embd: self.n_embd,
+            block_size: self.block_size,
+            bias: true,
+            dropout: 0.0,
+            vocab_size: self.vocab_size,
+        }
+    }
+
+    /// Training FLOPs per token as nanoGPT's `estimate_mfu` counts them: 6·N (N without the
+    /// position table) + 12·L·C·T for attention.
+    pub fn flops_per_token(&self) -> f64 {
+        let m = self.model_config();
+        let n = (m.n_params() - m.block_size * m.n_embd) as f64;
+        6.0 * n + 12.0 * (m.n_layer * m.n_embd * m.block_size) as f64
+    }
+}
+
+/// What `bench` measured (medians over the timed steps).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub setup: BenchSetup,
+    pub threads: usize,
+    pub steps: usize,
+    pub tokens_per_s: f64,
+    pub fwd_ms: f64,
+    pub bwd_ms: f64,
+    pub opt_ms: f64,
+    pub step_ms: f64,
+    pub gflops: f64,
+    pub matmul_peak_gflops: f64,
+    pub mfu: f64,
+    pub peak_rss_mb: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Best f32 matmul throughput on the model's MLP shape, (B·T × C) · (C × 4C), best of 5.
+fn matmul_peak(setup: &BenchSetup, device: &Device) -> Result<f64> {
+    let (m, k, n) = (
+        setup.batch_size * setup.block_size,
+        setup.n_embd,
+        4 * setup.n_embd,
+    );
+    let a = Tensor::rand(-1f32, 1f32, (m, k), device)?;
+    let b = Tensor::rand(-1f32, 1f32, (k, n), device)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        c.device().synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+fn peak_rss_mb() -> f64 {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    usage.ru_maxrss as f64 / 1024.0 // kilobytes on Linux
+}
+
+/// Times `steps` training steps (after 2 warm-up steps) of AdamW on random tokens.
+pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchReport> {
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let cfg = setup.model_config();
+    let params = Params::init(&cfg, 0, DType::F32, device)?;
+    let model = Gpt::new(&cfg, &params)?;
+    let mut opt = Adam::with_params(
+        param_groups(&params.named_vars(), 0.1, false),
+        AdamConfig::defaults(OptimizerKind::AdamW),
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let (b, t) = (setup.batch_size, setup.block_size);
+    let mut batch = || -> Result<(Tensor, Tensor)> {
+        let ids: Vec<u32> = (0..b * (t + 1))
+            .map(|_| rng.random_range(0..setup.vocab_size as u32))
+            .collect();
+        let all = Tensor::from_vec(ids, (b, t + 1), device)?;
+        Ok((
+            all.narrow(1, 0, t)?.contiguous()?,
+            all.narrow(1, 1, t)?.contiguous()?,
+        ))
+    };
+    let (mut fwd, mut bwd, mut upd) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..steps + 2 {
+        let (x, y) = batch()?;
+        let t0 = Instant::now();
+        let loss = model.loss(&x, &y, None)?;
+        let _ = loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        device.synchronize()?;
+        let t2 = Instant::now();
+        opt.update(&grads, 1e-4)?;
+        device.synchronize()?;
+        let t3 = Instant::now();
+        if i >= 2 {
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+            upd.push((t3 - t2).as_secs_f64());
+        }
+    }
+    let totals: Vec<f64> = (0..fwd.len()).map(|i| fwd[i] + bwd[i] + upd[i]).collect();
+    let step = median(totals);
+    let tokens_per_s = (b * t) as f64 / step;
+    let gflops = setup.flops_per_token() * tokens_per_s / 1e9;
+    let peak = matmul_peak(setup, device)?;
+    Ok(BenchReport {
+        setup: setup.clone(),
+        threads: candle_core::utils::get_num_threads(),
+        steps,
+        tokens_per_s,
+        fwd_ms: median(fwd) * 1e3,
+        bwd_ms: median(bwd) * 1e3,
+        opt_ms: median(upd) * 1e3,
+        step_ms: step * 1e3,
+        gflops,
+        matmul_peak_gflops: peak,
+        mfu: gflops / peak,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
