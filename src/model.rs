@@ -310,9 +310,17 @@ impl LayerNorm {
     }
 }
 
-/// GELU with the tanh approximation GPT-2 uses, built from differentiable ops (candle's fused
-/// `gelu` backward uses 6-digit constants, which finite-difference checks notice).
-fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+/// GELU with the tanh approximation GPT-2 uses: the fused kernel on CPU, candle ops elsewhere
+/// (candle's own `gelu` backward uses 6-digit constants, which finite-difference checks notice).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if crate::kernels::fused_gelu_applies(x) {
+        return Ok(crate::kernels::fused_gelu_tanh(x)?);
+    }
+    gelu_tanh_ops(x)
+}
+
+/// [`gelu_tanh`] from plain candle ops (the reference the fused kernel is tested against).
+pub fn gelu_tanh_ops(x: &Tensor) -> Result<Tensor> {
     let sqrt_2_over_pi = (2.0 / std::f64::consts::PI).sqrt();
     let inner = ((x.sqr()? * 0.044715)? + 1.0)?.mul(x)?;
     let tanh = (inner * sqrt_2_over_pi)?.tanh()?;

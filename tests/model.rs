@@ -474,3 +474,54 @@ fn sum_of_squares_matches_f64_ops() {
     let direct: f64 = values[..10_000].iter().map(|x| x * x).sum();
     assert!((sum_of_squares(&m).unwrap() - direct).abs() < 1e-9 * direct);
 }
+
+#[test]
+fn fused_gelu_matches_candle_ops_in_value_and_gradient() {
+    use gpt_pretrain::model::{gelu_tanh, gelu_tanh_ops};
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let values: Vec<f64> = (0..40_000).map(|_| rng.random_range(-6.0..6.0)).collect();
+        let x = Var::from_tensor(
+            &Tensor::from_vec(values, (200, 200), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let upstream = Tensor::rand(-1f32, 1f32, (200, 200), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let run = |f: fn(&Tensor) -> anyhow::Result<Tensor>| -> (Vec<f64>, Vec<f64>) {
+            let y = f(x.as_tensor()).unwrap();
+            let g = y
+                .mul(&upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let flat = |t: &Tensor| -> Vec<f64> {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            (flat(&y), flat(g.get(x.as_tensor()).unwrap()))
+        };
+        let (ya, ga) = run(gelu_tanh);
+        let (yb, gb) = run(gelu_tanh_ops);
+        for (name, a, b) in [("value", &ya, &yb), ("gradient", &ga, &gb)] {
+            // Relative to the O(1) scale of GELU and its derivative: near x = -6 both are ~1e-7
+            // and carry cancellation error in any f32 formula.
+            let worst = a
+                .iter()
+                .zip(b.iter())
+                .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+                .fold(0.0, f64::max);
+            assert!(worst < tol, "{dtype:?} {name}: {worst:e}");
+        }
+    }
+}
