@@ -39,11 +39,7 @@ pub struct RunData {
 /// Reads a run directory (tolerating a torn last metrics line; a later event for a step wins).
 pub fn read_run(dir: &Path) -> Result<RunData> {
     let cfg = crate::train::load_run_config(dir)?;
-    let header: RunHeader = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("run.json"))
-            .with_context(|| format!("cannot read {}", dir.join("run.json").display()))?,
-    )
-    .with_context(|| format!("{} is corrupted", dir.join("run.json").display()))?;
+    let header = crate::train::load_run_header(dir)?;
     let text = std::fs::read_to_string(dir.join(crate::metrics::METRICS_FILE)).unwrap_or_default();
     let mut train = BTreeMap::new();
     let mut val = BTreeMap::new();

@@ -27,11 +27,13 @@ impl Scorer {
     /// `model.safetensors` and `tokenizer.json` as `transformers` saves them.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         if path.join("config.toml").is_file() {
-            let cfg = crate::train::load_run_config(path)?;
-            let tokenizer = crate::train::load_run_tokenizer(path, &cfg)?;
-            let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
-            let ckpt = crate::checkpoint::load_latest(path, device)?;
-            let params = Params::from_tensors(&model_cfg, ckpt.model, DType::F32, device)?;
+            let (run, _) = crate::train::load_run_model(path, Some(device))?;
+            let crate::train::RunModel {
+                tokenizer,
+                model_cfg,
+                params,
+                ..
+            } = run;
             let vocab = tokenizer.vocab_size();
             Ok(Self {
                 model_cfg,

@@ -206,11 +206,13 @@ fn byte_level_char(b: u8) -> char {
 /// Writes a run's newest checkpoint as a `transformers` GPT-2 directory: `config.json`,
 /// `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`.
 pub fn export(run_dir: &Path, out: &Path) -> Result<()> {
-    let cfg = crate::train::load_run_config(run_dir)?;
-    let tokenizer = crate::train::load_run_tokenizer(run_dir, &cfg)?;
-    let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
-    let ckpt = crate::checkpoint::load_latest(run_dir, &Device::Cpu)?;
-    let params = Params::from_tensors(&model_cfg, ckpt.model, DType::F32, &Device::Cpu)?;
+    let (run, _) = crate::train::load_run_model(run_dir, Some(&Device::Cpu))?;
+    let crate::train::RunModel {
+        tokenizer,
+        model_cfg,
+        params,
+        ..
+    } = run;
     let vocab = tokenizer.vocab_size();
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, t) in params.tensors() {

@@ -243,6 +243,11 @@ impl Params {
             .collect()
     }
 
+    /// The variables in name order, borrowed (no allocation: the training loop calls this every step).
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.vars.values()
+    }
+
     /// Current values by name, for saving.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         self.vars

@@ -1,10 +1,9 @@
 //! Text generation from a run's newest checkpoint.
 
-use crate::checkpoint;
 use crate::config::TokenizerKind;
-use crate::model::{Gpt, Params};
+use crate::model::Gpt;
 use crate::tokenizer::END_OF_TEXT;
-use crate::train::{load_run_config, load_run_tokenizer};
+use crate::train::{load_run_model, RunModel};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -32,12 +31,18 @@ pub fn sample(
     opts: &SampleOptions,
     mut on_text: impl FnMut(&str),
 ) -> Result<String> {
-    let cfg = load_run_config(run_dir)?;
-    let device = crate::device::parse_device(opts.device.as_deref().unwrap_or(&cfg.device))?;
-    let tokenizer = load_run_tokenizer(run_dir, &cfg)?;
-    let ckpt = checkpoint::load_latest(run_dir, &device)?;
-    let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
-    let params = Params::from_tensors(&model_cfg, ckpt.model, DType::F32, &device)?;
+    let device = opts
+        .device
+        .as_deref()
+        .map(crate::device::parse_device)
+        .transpose()?;
+    let (run, device) = load_run_model(run_dir, device.as_ref())?;
+    let RunModel {
+        cfg,
+        tokenizer,
+        model_cfg,
+        params,
+    } = run;
     let model = Gpt::new(&model_cfg, &params)?;
 
     let mut ids = if opts.prompt.is_empty() {

@@ -138,6 +138,46 @@ pub fn load_run_tokenizer(run_dir: &Path, cfg: &TrainConfig) -> Result<Tokenizer
     }
 }
 
+/// A run's reproducibility header (`run.json`).
+pub fn load_run_header(run_dir: &Path) -> Result<RunHeader> {
+    let path = run_dir.join(RUN_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is corrupted", path.display()))
+}
+
+/// A run's trained model as its newest checkpoint holds it: the config, the tokenizer, the model
+/// shape and the parameters (on `device`).
+pub struct RunModel {
+    pub cfg: TrainConfig,
+    pub tokenizer: Tokenizer,
+    pub model_cfg: GptConfig,
+    pub params: Params,
+}
+
+/// Loads [`RunModel`] from `run_dir`; `device` defaults to the run's own.
+pub fn load_run_model(run_dir: &Path, device: Option<&Device>) -> Result<(RunModel, Device)> {
+    let cfg = load_run_config(run_dir)?;
+    let device = match device {
+        Some(d) => d.clone(),
+        None => crate::device::parse_device(&cfg.device)?,
+    };
+    let tokenizer = load_run_tokenizer(run_dir, &cfg)?;
+    let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
+    let ckpt = checkpoint::load_latest(run_dir, &device)?;
+    let params = Params::from_tensors(&model_cfg, ckpt.model, DType::F32, &device)
+        .with_context(|| format!("cannot load {}", ckpt.dir.display()))?;
+    Ok((
+        RunModel {
+            cfg,
+            tokenizer,
+            model_cfg,
+            params,
+        },
+        device,
+    ))
+}
+
 /// The config with the keys a resume may change set to fixed values: equal identities mean the
 /// same computation per step.
 fn identity(cfg: &TrainConfig) -> Result<toml::Table> {
@@ -338,11 +378,7 @@ pub fn train_resume(
         table.insert(key, value);
     }
     let cfg = TrainConfig::from_table(table)?;
-    let mut header: RunHeader = serde_json::from_str(
-        &std::fs::read_to_string(run_dir.join(RUN_FILE))
-            .with_context(|| format!("cannot read {}", run_dir.join(RUN_FILE).display()))?,
-    )
-    .with_context(|| format!("{} is corrupted", run_dir.join(RUN_FILE).display()))?;
+    let mut header = load_run_header(run_dir)?;
 
     let device = crate::device::parse_device(&cfg.device)?;
     let ckpt = checkpoint::load_latest(run_dir, &device)?;
@@ -504,7 +540,7 @@ fn evaluate(
 /// Global L2 norm of the gradients, summed in name order in f64 so it is reproducible.
 pub fn grad_norm(params: &Params, grads: &GradStore) -> Result<f64> {
     let mut sum = 0.0;
-    for (_, var) in params.named_vars() {
+    for var in params.vars() {
         if let Some(g) = grads.get(var.as_tensor()) {
             sum += crate::kernels::sum_of_squares(g)?;
         }
@@ -514,7 +550,7 @@ pub fn grad_norm(params: &Params, grads: &GradStore) -> Result<f64> {
 
 /// Multiplies every gradient by `factor`.
 fn scale_grads(params: &Params, grads: &mut GradStore, factor: f64) -> Result<()> {
-    for (_, var) in params.named_vars() {
+    for var in params.vars() {
         if let Some(g) = grads.remove(var.as_tensor()) {
             grads.insert(var.as_tensor(), (g * factor)?);
         }
@@ -676,7 +712,7 @@ impl Trainer {
             match grads.as_mut() {
                 None => grads = Some(g),
                 Some(acc) => {
-                    for (_, var) in self.params.named_vars() {
+                    for var in self.params.vars() {
                         if let Some(gi) = g.get(var.as_tensor()) {
                             let sum = match acc.get(var.as_tensor()) {
                                 Some(a) => (a + gi)?,
