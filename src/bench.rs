@@ -3,6 +3,7 @@
 //! matmul peak measured on the same machine, and peak resident memory. The configurations match
 //! `../shared/bench/torch_gpt_bench.py` so the two can be run side by side.
 
+use crate::config::Precision;
 use crate::model::{Gpt, GptConfig, Params};
 use crate::optim::{param_groups, Adam, AdamConfig, Optimizer, OptimizerKind};
 use anyhow::{bail, Result};
@@ -22,6 +23,8 @@ pub struct BenchSetup {
     pub block_size: usize,
     pub batch_size: usize,
     pub vocab_size: usize,
+    /// `f32`, or `bf16` mixed precision (CUDA).
+    pub dtype: Precision,
 }
 
 impl BenchSetup {
@@ -43,7 +46,33 @@ impl BenchSetup {
             block_size,
             batch_size,
             vocab_size,
+            dtype: Precision::F32,
         })
+    }
+
+    /// Overrides the batch size and context length (the context at most the preset's).
+    pub fn with_batch(
+        mut self,
+        batch_size: Option<usize>,
+        block_size: Option<usize>,
+    ) -> Result<Self> {
+        if let Some(b) = batch_size {
+            if b == 0 {
+                bail!("--batch-size must be at least 1");
+            }
+            self.batch_size = b;
+        }
+        if let Some(t) = block_size {
+            let max = GptConfig::preset(&self.preset)?.block_size;
+            if t == 0 || t > max {
+                bail!(
+                    "--block-size must be in [1, {max}] for {}, got {t}",
+                    self.preset
+                );
+            }
+            self.block_size = t;
+        }
+        Ok(self)
     }
 
     fn model_config(&self) -> GptConfig {
@@ -79,8 +108,16 @@ pub struct BenchReport {
     pub opt_ms: f64,
     pub step_ms: f64,
     pub gflops: f64,
+    /// Best measured matmul throughput in the compute dtype: on CPU on the model's MLP shape,
+    /// on a GPU an 8192³ product.
     pub matmul_peak_gflops: f64,
     pub mfu: f64,
+    /// The GPU's name, when on CUDA.
+    pub device_name: Option<String>,
+    /// The data-sheet dense peak for the compute dtype when the GPU is one we know, and MFU
+    /// against it (as nanoGPT's `estimate_mfu` reports against the A100's 312 TFLOP/s).
+    pub nominal_peak_gflops: Option<f64>,
+    pub mfu_nominal: Option<f64>,
     pub peak_rss_mb: f64,
 }
 
@@ -89,23 +126,68 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Best f32 matmul throughput on the model's MLP shape, (B·T × C) · (C × 4C), best of 5.
-fn matmul_peak(setup: &BenchSetup, device: &Device) -> Result<f64> {
-    let (m, k, n) = (
-        setup.batch_size * setup.block_size,
-        setup.n_embd,
-        4 * setup.n_embd,
-    );
-    let a = Tensor::rand(-1f32, 1f32, (m, k), device)?;
-    let b = Tensor::rand(-1f32, 1f32, (k, n), device)?;
+/// Best matmul throughput in `dtype`: on CPU on the model's MLP shape, (B·T × C) · (C × 4C),
+/// best of 5; on a GPU on 8192³ (big enough to saturate it), best of 10 after warm-up.
+fn matmul_peak(setup: &BenchSetup, device: &Device, dtype: DType) -> Result<f64> {
+    let (m, k, n, reps) = if device.is_cpu() {
+        let m = setup.batch_size * setup.block_size;
+        (m, setup.n_embd, 4 * setup.n_embd, 5)
+    } else {
+        (8192, 8192, 8192, 10)
+    };
+    let a = Tensor::rand(-1f32, 1f32, (m, k), device)?.to_dtype(dtype)?;
+    let b = Tensor::rand(-1f32, 1f32, (k, n), device)?.to_dtype(dtype)?;
+    if !device.is_cpu() {
+        a.matmul(&b)?;
+        device.synchronize()?;
+    }
     let mut best = f64::MAX;
-    for _ in 0..5 {
+    for _ in 0..reps {
         let t = Instant::now();
         let c = a.matmul(&b)?;
         c.device().synchronize()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
+}
+
+/// The GPU's name (None on CPU).
+fn device_name(device: &Device) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        return cuda.cuda_stream().context().name().ok();
+    }
+    let _ = device;
+    None
+}
+
+/// Data-sheet dense tensor-core peaks in GFLOP/s (no sparsity): H100/H200 SXM 989.4 TFLOP/s bf16
+/// and 494.7 tf32 (f32 matmuls run as tf32 only when enabled; candle's default is full f32, 67),
+/// H100 PCIe 756.5 bf16, A100 312 bf16 and 19.5 f32.
+fn nominal_peak_gflops(name: &str, dtype: DType) -> Option<f64> {
+    let bf16 = dtype == DType::BF16;
+    let tflops = if name.contains("H100") && name.contains("PCIe") {
+        if bf16 {
+            756.5
+        } else {
+            51.2
+        }
+    } else if name.contains("H100") || name.contains("H200") {
+        if bf16 {
+            989.4
+        } else {
+            66.9
+        }
+    } else if name.contains("A100") {
+        if bf16 {
+            312.0
+        } else {
+            19.5
+        }
+    } else {
+        return None;
+    };
+    Some(tflops * 1e3)
 }
 
 fn peak_rss_mb() -> f64 {
@@ -123,8 +205,12 @@ pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchRep
         bail!("--steps must be at least 1");
     }
     let cfg = setup.model_config();
+    if setup.dtype == Precision::Bf16 && device.is_cpu() {
+        bail!("--dtype bf16 needs a CUDA device (f32 is the only CPU dtype)");
+    }
+    let compute = setup.dtype.compute_dtype();
     let params = Params::init(&cfg, 0, DType::F32, device)?;
-    let model = Gpt::new(&cfg, &params)?;
+    let model = Gpt::with_compute_dtype(&cfg, &params, compute)?;
     let mut opt = Adam::with_params(
         param_groups(&params.named_vars(), 0.1, false),
         AdamConfig::defaults(OptimizerKind::AdamW),
@@ -164,7 +250,11 @@ pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchRep
     let step = median(totals);
     let tokens_per_s = (b * t) as f64 / step;
     let gflops = setup.flops_per_token() * tokens_per_s / 1e9;
-    let peak = matmul_peak(setup, device)?;
+    let peak = matmul_peak(setup, device, compute)?;
+    let name = device_name(device);
+    let nominal = name
+        .as_deref()
+        .and_then(|n| nominal_peak_gflops(n, compute));
     Ok(BenchReport {
         setup: setup.clone(),
         threads: candle_core::utils::get_num_threads(),
@@ -177,6 +267,9 @@ pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchRep
         gflops,
         matmul_peak_gflops: peak,
         mfu: gflops / peak,
+        device_name: name,
+        nominal_peak_gflops: nominal,
+        mfu_nominal: nominal.map(|p| gflops / p),
         peak_rss_mb: peak_rss_mb(),
     })
 }

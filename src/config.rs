@@ -50,6 +50,7 @@ pub const KEYS: &[&str] = &[
     "keep_last",
     "seed",
     "device",
+    "dtype",
 ];
 
 /// Keys that `train --resume` may change: they affect how long the run goes and how often
@@ -94,6 +95,28 @@ pub enum NanPolicy {
     Stop,
     /// Skip the update (the batch is consumed), count it, log it, and go on.
     Skip,
+}
+
+/// The precision a run computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32 (the default, and the only CPU precision).
+    F32,
+    /// CUDA mixed precision as nanoGPT's `torch.autocast(dtype=torch.bfloat16)`: bf16 matmuls,
+    /// attention and MLP activations; f32 master weights, optimizer state, LayerNorm, softmax,
+    /// residual stream and loss.
+    Bf16,
+}
+
+impl Precision {
+    /// The dtype matmuls run in.
+    pub fn compute_dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 /// Which tokenizer turns the corpus into ids.
@@ -178,6 +201,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// `f32`, or `bf16` mixed precision on CUDA.
+    pub dtype: Precision,
 }
 
 impl Default for TrainConfig {
@@ -222,6 +247,7 @@ impl Default for TrainConfig {
             keep_last: 3,
             seed: 1337,
             device: "cpu".into(),
+            dtype: Precision::F32,
         }
     }
 }
@@ -456,6 +482,9 @@ impl TrainConfig {
             bail!("data must name a corpus file");
         }
         crate::device::parse_device_spec(&self.device)?;
+        if self.dtype == Precision::Bf16 && !self.device.starts_with("cuda") {
+            bail!("dtype = \"bf16\" needs a CUDA device (f32 is the only CPU dtype)");
+        }
         Ok(())
     }
 

@@ -23,6 +23,8 @@ pub mod faults;
 pub mod fsutil;
 pub mod hf;
 pub mod kernels;
+#[cfg(feature = "cuda")]
+mod kernels_cuda;
 pub mod metrics;
 pub mod model;
 pub mod optim;

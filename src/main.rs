@@ -141,6 +141,15 @@ enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// f32, or bf16 mixed precision (CUDA only).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+        dtype: String,
+        /// Sequences per step instead of the preset's.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Context length instead of the preset's (at most the model's).
+        #[arg(long)]
+        block_size: Option<usize>,
         /// Also print the figures as one JSON object on the last line.
         #[arg(long)]
         json: bool,
@@ -301,6 +310,9 @@ fn run(cli: Cli) -> Result<()> {
             steps,
             threads,
             device,
+            dtype,
+            batch_size,
+            block_size,
             json,
         } => {
             if let Some(n) = threads {
@@ -308,11 +320,21 @@ fn run(cli: Cli) -> Result<()> {
                 std::env::set_var("RAYON_NUM_THREADS", n.to_string());
             }
             let device = gpt_pretrain::device::parse_device(&device)?;
-            let setup = gpt_pretrain::bench::BenchSetup::preset(&preset)?;
+            let mut setup = gpt_pretrain::bench::BenchSetup::preset(&preset)?
+                .with_batch(batch_size, block_size)?;
+            setup.dtype = if dtype == "bf16" {
+                gpt_pretrain::config::Precision::Bf16
+            } else {
+                gpt_pretrain::config::Precision::F32
+            };
             let r = gpt_pretrain::bench::run(&setup, steps, &device)?;
+            let on = match &r.device_name {
+                Some(name) => name.clone(),
+                None => format!("{} threads", r.threads),
+            };
             println!(
-                "{} ({} layers, {} wide, block {}, batch {}, vocab {}), {} threads, median of {} steps:",
-                setup.preset, setup.n_layer, setup.n_embd, setup.block_size, setup.batch_size, setup.vocab_size, r.threads, r.steps
+                "{} ({} layers, {} wide, block {}, batch {}, vocab {}, {dtype}), {on}, median of {} steps:",
+                setup.preset, setup.n_layer, setup.n_embd, setup.block_size, setup.batch_size, setup.vocab_size, r.steps
             );
             println!(
                 "  forward {:.1} ms, backward {:.1} ms, optimizer {:.2} ms, step {:.1} ms",
@@ -326,13 +348,23 @@ fn run(cli: Cli) -> Result<()> {
                 r.matmul_peak_gflops,
                 r.peak_rss_mb
             );
+            if let (Some(peak), Some(mfu)) = (r.nominal_peak_gflops, r.mfu_nominal) {
+                println!(
+                    "  MFU {:.1}% of the data-sheet peak {:.0} GFLOP/s",
+                    100.0 * mfu,
+                    peak
+                );
+            }
             if json {
                 println!(
                     "{}",
                     serde_json::json!({
                         "tokens_per_s": r.tokens_per_s, "fwd_ms": r.fwd_ms, "bwd_ms": r.bwd_ms,
                         "opt_ms": r.opt_ms, "gflops": r.gflops, "mfu": r.mfu, "peak_rss_mb": r.peak_rss_mb,
-                        "preset": setup.preset, "threads": r.threads,
+                        "preset": setup.preset, "threads": r.threads, "dtype": dtype,
+                        "batch_size": setup.batch_size, "block_size": setup.block_size,
+                        "matmul_peak_gflops": r.matmul_peak_gflops, "device_name": r.device_name,
+                        "nominal_peak_gflops": r.nominal_peak_gflops, "mfu_nominal": r.mfu_nominal,
                     })
                 );
             }

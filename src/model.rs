@@ -257,14 +257,17 @@ impl Params {
     }
 }
 
-/// A linear layer `y = x Wᵀ + b` with `W` stored `[out, in]`.
+/// A linear layer `y = x Wᵀ + b` with `W` stored `[out, in]`, computed in `compute` dtype: the
+/// input, weight and bias are cast to it (differentiably, so gradients reach the master weights in
+/// their own dtype) and the output stays in it, as under PyTorch's autocast.
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    compute: DType,
 }
 
 impl Linear {
-    fn new(params: &Params, prefix: &str, bias: bool) -> Result<Self> {
+    fn new(params: &Params, prefix: &str, bias: bool, compute: DType) -> Result<Self> {
         Ok(Self {
             weight: params.get(&format!("{prefix}.weight"))?.as_tensor().clone(),
             bias: if bias {
@@ -272,15 +275,18 @@ impl Linear {
             } else {
                 None
             },
+            compute,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // (B, T, in) → (B·T, in) so one 2-D matmul does the work.
         let (b, t, c) = x.dims3()?;
-        let y = x.reshape((b * t, c))?.matmul(&self.weight.t()?)?;
+        let x = x.to_dtype(self.compute)?;
+        let weight = self.weight.to_dtype(self.compute)?;
+        let y = x.reshape((b * t, c))?.matmul(&weight.t()?)?;
         let y = match &self.bias {
-            Some(bias) => y.broadcast_add(bias)?,
+            Some(bias) => y.broadcast_add(&bias.to_dtype(self.compute)?)?,
             None => y,
         };
         Ok(y.reshape((b, t, ()))?)
@@ -295,14 +301,16 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn new(params: &Params, prefix: &str, bias: bool) -> Result<Self> {
-        let lin = Linear::new(params, prefix, bias)?;
+        let lin = Linear::new(params, prefix, bias, DType::F32)?;
         Ok(Self {
             weight: lin.weight,
             bias: lin.bias,
         })
     }
 
+    /// Normalises in the weights' dtype whatever the input's (autocast keeps LayerNorm in f32).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = &x.to_dtype(self.weight.dtype())?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -381,9 +389,17 @@ impl CausalSelfAttention {
                 .contiguous()?)
         };
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
-        let scores = scores.broadcast_add(mask)?;
-        let att = softmax_last_dim(&scores)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let raw = q.matmul(&k.t()?)?;
+        let att = if crate::kernels::fused_causal_softmax_applies(&raw) {
+            // The mask is causal: the fused kernel applies it itself.
+            crate::kernels::fused_causal_softmax(&raw, scale)?
+        } else {
+            // Mask and softmax in the mask's dtype (f32 under bf16 autocast, as flash attention
+            // keeps its softmax statistics in f32); the probabilities go back to v's dtype.
+            let scores = (raw * scale)?.to_dtype(mask.dtype())?.broadcast_add(mask)?;
+            softmax_last_dim(&scores)?.to_dtype(v.dtype())?
+        };
         let att = dropout(&att, self.dropout, rng.as_deref_mut())?;
         // (B, n_head, T, head_dim) → (B, T, C)
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
@@ -412,20 +428,20 @@ struct Block {
 }
 
 impl Block {
-    fn new(params: &Params, cfg: &GptConfig, i: usize) -> Result<Self> {
+    fn new(params: &Params, cfg: &GptConfig, i: usize, compute: DType) -> Result<Self> {
         let p = |s: &str| format!("transformer.h.{i}.{s}");
         Ok(Self {
             ln_1: LayerNorm::new(params, &p("ln_1"), cfg.bias)?,
             attn: CausalSelfAttention {
-                c_attn: Linear::new(params, &p("attn.c_attn"), cfg.bias)?,
-                c_proj: Linear::new(params, &p("attn.c_proj"), cfg.bias)?,
+                c_attn: Linear::new(params, &p("attn.c_attn"), cfg.bias, compute)?,
+                c_proj: Linear::new(params, &p("attn.c_proj"), cfg.bias, compute)?,
                 n_head: cfg.n_head,
                 dropout: cfg.dropout,
             },
             ln_2: LayerNorm::new(params, &p("ln_2"), cfg.bias)?,
             mlp: Mlp {
-                c_fc: Linear::new(params, &p("mlp.c_fc"), cfg.bias)?,
-                c_proj: Linear::new(params, &p("mlp.c_proj"), cfg.bias)?,
+                c_fc: Linear::new(params, &p("mlp.c_fc"), cfg.bias, compute)?,
+                c_proj: Linear::new(params, &p("mlp.c_proj"), cfg.bias, compute)?,
                 dropout: cfg.dropout,
             },
         })
@@ -437,10 +453,13 @@ impl Block {
         mask: &Tensor,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
-        let x = (x + self
+        // The residual stream stays in the parameters' dtype; branch outputs are cast back to it.
+        let attn = self
             .attn
-            .forward(&self.ln_1.forward(x)?, mask, rng.as_deref_mut())?)?;
-        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?)
+            .forward(&self.ln_1.forward(x)?, mask, rng.as_deref_mut())?;
+        let x = (x + attn.to_dtype(x.dtype())?)?;
+        let mlp = self.mlp.forward(&self.ln_2.forward(&x)?, rng)?;
+        Ok((&x + mlp.to_dtype(x.dtype())?)?)
     }
 }
 
@@ -453,11 +472,22 @@ pub struct Gpt {
     ln_f: LayerNorm,
     /// 0 on and below the diagonal, −∞ above: added to attention scores.
     causal_mask: Tensor,
+    /// The dtype of matmuls and their outputs (the parameters' own dtype unless autocast).
+    compute: DType,
 }
 
 impl Gpt {
-    /// Builds the model over `params` (which it shares: optimizer updates are seen at once).
+    /// Builds the model over `params` (which it shares: optimizer updates are seen at once),
+    /// computing in the parameters' dtype.
     pub fn new(cfg: &GptConfig, params: &Params) -> Result<Self> {
+        let dtype = params.get("transformer.wte.weight")?.dtype();
+        Self::with_compute_dtype(cfg, params, dtype)
+    }
+
+    /// Mixed precision, as nanoGPT under `torch.autocast`: matmuls, attention and the MLP in
+    /// `compute` (bf16), with LayerNorm, softmax, the residual stream, the logits handed to the
+    /// loss, and the parameters and their gradients in the parameters' own dtype (f32).
+    pub fn with_compute_dtype(cfg: &GptConfig, params: &Params, compute: DType) -> Result<Self> {
         cfg.validate()?;
         let wte = params.get("transformer.wte.weight")?.as_tensor().clone();
         let (device, dtype) = (wte.device().clone(), wte.dtype());
@@ -475,11 +505,12 @@ impl Gpt {
             cfg: cfg.clone(),
             wpe: params.get("transformer.wpe.weight")?.as_tensor().clone(),
             blocks: (0..cfg.n_layer)
-                .map(|i| Block::new(params, cfg, i))
+                .map(|i| Block::new(params, cfg, i, compute))
                 .collect::<Result<_>>()?,
             ln_f: LayerNorm::new(params, "transformer.ln_f", cfg.bias)?,
             causal_mask: Tensor::from_vec(mask, (n, n), &device)?.to_dtype(dtype)?,
             wte,
+            compute,
         })
     }
 
@@ -517,10 +548,11 @@ impl Gpt {
             x = block.forward(&x, &mask, dropout_rng.as_deref_mut())?;
         }
         let x = self.ln_f.forward(&x)?;
-        // lm_head is tied to wte.
+        // lm_head is tied to wte. Logits leave in the parameters' dtype (f32 for the loss).
         let c = self.cfg.n_embd;
-        let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?;
-        Ok(logits.reshape((b, t, ()))?)
+        let x = x.reshape((b * t, c))?.to_dtype(self.compute)?;
+        let logits = x.matmul(&self.wte.to_dtype(self.compute)?.t()?)?;
+        Ok(logits.to_dtype(self.wte.dtype())?.reshape((b, t, ()))?)
     }
 
     /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`.

@@ -18,7 +18,7 @@ use crate::schedule::Schedule;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -537,13 +537,24 @@ fn evaluate(
     Ok(total / windows.len() as f64)
 }
 
-/// Global L2 norm of the gradients, summed in name order in f64 so it is reproducible.
+/// Global L2 norm of the gradients, summed in name order in f64 so it is reproducible. On a GPU
+/// each tensor's sum of squares stays on the device and one scalar comes back.
 pub fn grad_norm(params: &Params, grads: &GradStore) -> Result<f64> {
     let mut sum = 0.0;
+    let mut device_sums = Vec::new();
     for var in params.vars() {
         if let Some(g) = grads.get(var.as_tensor()) {
-            sum += crate::kernels::sum_of_squares(g)?;
+            if g.device().is_cpu() {
+                sum += crate::kernels::sum_of_squares(g)?;
+            } else {
+                device_sums.push(crate::kernels::sum_of_squares_on_device(g)?);
+            }
         }
+    }
+    if !device_sums.is_empty() {
+        sum += Tensor::stack(&device_sums, 0)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
 }
@@ -684,7 +695,8 @@ impl Trainer {
         let block = self.model_cfg.block_size;
         let lr = schedule.lr_at(self.step as usize);
         let mut grads: Option<GradStore> = None;
-        let mut loss_sum = 0.0;
+        // Micro-step losses stay on the device until the step ends: one transfer per step.
+        let mut losses = Vec::with_capacity(cfg.grad_accum);
         for micro in 0..cfg.grad_accum {
             let starts =
                 self.sampler
@@ -702,7 +714,7 @@ impl Trainer {
             if crate::faults::nan_at(self.step + 1) {
                 loss = (loss * f64::NAN)?;
             }
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            losses.push(loss.detach().to_dtype(DType::F64)?);
             let loss = if cfg.grad_accum > 1 {
                 (loss / cfg.grad_accum as f64)?
             } else {
@@ -724,7 +736,8 @@ impl Trainer {
                 }
             }
         }
-        let loss = loss_sum / cfg.grad_accum as f64;
+        let loss =
+            Tensor::stack(&losses, 0)?.sum_all()?.to_scalar::<f64>()? / cfg.grad_accum as f64;
         let mut grads = grads.expect("grad_accum >= 1");
         let norm = grad_norm(&self.params, &grads)?;
         let finite = loss.is_finite() && norm.is_finite();
@@ -795,7 +808,7 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
         )?;
     }
     let mut t = Trainer {
-        model: Gpt::new(&model_cfg, &params)?,
+        model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
         metrics: Metrics::open(&run_dir)?,
         config_hash: identity_hash(&cfg)?,
         cfg,

@@ -70,8 +70,8 @@ impl Adam {
         &self.cfg
     }
 
-    /// `false` runs the update as candle tensor ops instead of the fused CPU kernel (the path CUDA
-    /// takes); the state carries over.
+    /// `false` runs the update as candle tensor ops instead of the fused CPU or CUDA kernel (the
+    /// reference they are tested against); the state carries over.
     pub fn set_fused(&mut self, fused: bool) -> Result<()> {
         self.slots.set_fused(fused)
     }

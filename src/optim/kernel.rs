@@ -1,6 +1,7 @@
-//! The per-element update rules shared by Adam and ADOPT, and the two ways to apply them:
-//! a fused CPU kernel (one pass over θ, g, m, v, parallel over chunks, no temporaries) and plain
-//! candle tensor ops (CUDA, other dtypes, and the reference the fused kernel is tested against).
+//! The per-element update rules shared by Adam and ADOPT, and the ways to apply them: a fused CPU
+//! kernel (one pass over θ, g, m, v, parallel over chunks, no temporaries), its CUDA twin
+//! (cuda.rs, same rules and operation order), and plain candle tensor ops (other dtypes, and the
+//! reference the fused kernels are tested against).
 
 use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, Var};
 use num_traits::Float;
@@ -283,11 +284,20 @@ impl InplaceOp2 for FusedStep<'_> {
     }
 }
 
-/// The optimizer state of one parameter: exactly m and v, on the host for the fused kernel or as
-/// tensors on the parameter's device.
+/// The optimizer state of one parameter: exactly m and v, on the host for the fused CPU kernel,
+/// on the GPU for the fused CUDA kernel, or as tensors on the parameter's device for candle ops.
 pub(crate) enum Moments {
     Host(HostMoments),
-    Tensors { m: Tensor, v: Tensor },
+    /// Owned by this parameter alone (readers get copies), updated in place by the CUDA kernel.
+    #[cfg(feature = "cuda")]
+    Cuda {
+        m: Tensor,
+        v: Tensor,
+    },
+    Tensors {
+        m: Tensor,
+        v: Tensor,
+    },
 }
 
 impl Moments {
@@ -295,6 +305,17 @@ impl Moments {
     pub fn zeros(var: &Var, fused: bool) -> Result<Self> {
         let n = var.elem_count();
         let host = fused && var.device().is_cpu() && var.is_contiguous();
+        #[cfg(feature = "cuda")]
+        if fused
+            && var.device().is_cuda()
+            && var.is_contiguous()
+            && matches!(var.dtype(), DType::F32 | DType::F64)
+        {
+            return Ok(Self::Cuda {
+                m: var.zeros_like()?,
+                v: var.zeros_like()?,
+            });
+        }
         Ok(match var.dtype() {
             DType::F32 if host => Self::Host(HostMoments::F32 {
                 m: vec![0.0; n],
@@ -323,6 +344,8 @@ impl Moments {
                 Tensor::from_slice(m, shape, device)?,
                 Tensor::from_slice(v, shape, device)?,
             ),
+            #[cfg(feature = "cuda")]
+            Self::Cuda { m, v } => (m.copy()?, v.copy()?),
             Self::Tensors { m, v } => (m.clone(), v.clone()),
         })
     }
@@ -338,6 +361,18 @@ impl Moments {
             Self::Host(HostMoments::F64 { m, v }) => {
                 *m = flat(m_new)?.to_vec1()?;
                 *v = flat(v_new)?.to_vec1()?;
+            }
+            #[cfg(feature = "cuda")]
+            Self::Cuda { m, v } => {
+                // Fresh contiguous storage that nothing else holds: the kernel writes it in place.
+                let own = |t: &Tensor| -> Result<Tensor> {
+                    t.to_dtype(var.dtype())?
+                        .to_device(var.device())?
+                        .reshape(var.shape())?
+                        .copy()
+                };
+                *m = own(m_new)?;
+                *v = own(v_new)?;
             }
             Self::Tensors { m, v } => {
                 *m = m_new.to_dtype(var.dtype())?.to_device(var.device())?;
@@ -359,6 +394,20 @@ impl Moments {
                 let op = FusedStep {
                     update: *update,
                     moments: Mutex::new(host),
+                };
+                var.as_tensor().inplace_op2(&grad, &op)
+            }
+            #[cfg(feature = "cuda")]
+            Self::Cuda { m, v } => {
+                let grad = if grad.is_contiguous() {
+                    grad.clone()
+                } else {
+                    grad.contiguous()?
+                };
+                let op = super::cuda::CudaFusedStep {
+                    update: *update,
+                    m,
+                    v,
                 };
                 var.as_tensor().inplace_op2(&grad, &op)
             }

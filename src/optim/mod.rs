@@ -8,9 +8,10 @@
 //! - `candle_nn::Optimizer`, implemented by [`Adam`] and [`Adopt`], so any candle program can use
 //!   them as it uses `candle_nn::AdamW`: `Adopt::new(varmap.all_vars(), AdoptConfig::default())`.
 //!
-//! On CPU, f32 and f64 parameters are updated by a fused kernel: one pass over θ, g, m and v,
-//! parallel over chunks, with no temporaries. Elsewhere (CUDA, other dtypes) the same rule runs as
-//! candle tensor ops on the parameter's device.
+//! f32 and f64 parameters are updated by a fused kernel: one pass over θ, g, m and v with no
+//! temporaries — on CPU parallel over chunks, on CUDA (with the `cuda` feature) one launch per
+//! parameter tensor with the state kept on the device. Other dtypes run the same rule as candle
+//! tensor ops on the parameter's device.
 
 pub use adam::{Adam, AdamConfig};
 pub use adopt::{Adopt, AdoptConfig, AdoptVariant};
@@ -146,6 +147,8 @@ pub(crate) use impl_optimizer;
 
 mod adam;
 mod adopt;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod kernel;
 pub mod replay;
 

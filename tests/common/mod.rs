@@ -4,10 +4,19 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The project's root: `$GPT_PRETRAIN_ROOT` when the test binaries were copied to another machine
+/// (scripts/gpu_check.sh), else the source tree they were built from.
+pub fn project_root() -> PathBuf {
+    match std::env::var_os("GPT_PRETRAIN_ROOT") {
+        Some(root) => PathBuf::from(root),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
+
 /// The data directory: `$DATA_MIRROR`, else the project's `data/` (filled by
 /// `scripts/get_data.sh`), else `../shared/data` beside the project.
 pub fn data_dir() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = project_root();
     if let Some(d) = std::env::var_os("DATA_MIRROR") {
         let d = PathBuf::from(d);
         return if d.is_absolute() { d } else { root.join(d) };
@@ -41,9 +50,13 @@ pub fn gpt2_tokenizer() -> PathBuf {
     p
 }
 
-/// The binary under test.
+/// The binary under test: `$GPT_PRETRAIN_BIN` when set (binaries copied to a GPU machine), else
+/// the one cargo built beside the tests.
 pub fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_gpt-pretrain"));
+    let path = std::env::var_os("GPT_PRETRAIN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gpt-pretrain")));
+    let mut c = Command::new(path);
     // Offline and with an empty Hugging Face cache, whatever the machine has.
     c.env("HF_HUB_OFFLINE", "1");
     c
