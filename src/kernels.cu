@@ -6,6 +6,9 @@
 //   write.
 // - softmax_bwd: dx = scale · y ⊙ (dy − Σ dy⊙y), one warp per row (masked entries have y = 0).
 // - sum_squares_partials: Σx² per block in f64 (fixed grid, so the same result on every run).
+// - gelu_fwd / gelu_bwd: GPT-2's tanh-GELU and its derivative, elementwise, in f32.
+// - layernorm_fwd / layernorm_bwd_dx / layernorm_bwd_params: LayerNorm over rows of f32, one warp
+//   per row; the weight and bias gradients as per-chunk column sums (deterministic, no atomics).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -90,6 +93,31 @@ __device__ void sum_squares_partials(const T* __restrict__ x, size_t n, double* 
     if (threadIdx.x == 0) out[blockIdx.x] = shared[0];
 }
 
+// The constants and operation order of gelu_value / gelu_derivative in kernels.rs.
+#define GELU_C 0.7978845608028654f
+#define GELU_A 0.044715f
+
+template <typename T>
+__device__ void gelu_fwd(const T* __restrict__ x, T* __restrict__ y, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float v = to_f32(x[i]);
+        y[i] = from_f32<T>((((tanhf((v * v * GELU_A + 1.f) * v * GELU_C) + 1.f) * 0.5f) * v));
+    }
+}
+
+template <typename T>
+__device__ void gelu_bwd(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
+                         size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const float v = to_f32(x[i]);
+        const float t = tanhf(GELU_C * (v + GELU_A * v * v * v));
+        const float d = 0.5f * (1.f + t) + 0.5f * v * (1.f - t * t) * GELU_C * (1.f + 3.f * GELU_A * v * v);
+        dx[i] = from_f32<T>(d * to_f32(dy[i]));
+    }
+}
+
 #define INSTANTIATE(T, SUFFIX)                                                                 \
     extern "C" __global__ void causal_softmax_fwd_##SUFFIX(const T* x, T* y, size_t rows,       \
                                                             int tq, int tk, float scale) {      \
@@ -101,8 +129,108 @@ __device__ void sum_squares_partials(const T* __restrict__ x, size_t n, double* 
     }                                                                                          \
     extern "C" __global__ void sum_squares_partials_##SUFFIX(const T* x, size_t n, double* out) { \
         sum_squares_partials<T>(x, n, out);                                                    \
+    }                                                                                          \
+    extern "C" __global__ void gelu_fwd_##SUFFIX(const T* x, T* y, size_t n) {                 \
+        gelu_fwd<T>(x, y, n);                                                                  \
+    }                                                                                          \
+    extern "C" __global__ void gelu_bwd_##SUFFIX(const T* x, const T* dy, T* dx, size_t n) {   \
+        gelu_bwd<T>(x, dy, dx, n);                                                             \
     }
 
 INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)
 INSTANTIATE(__half, f16)
+
+// Mean and 1/sqrt(var + eps) of one row, by a warp.
+__device__ __forceinline__ void row_stats(const float* __restrict__ xr, int c, float eps, int lane,
+                                          float* mean, float* rstd) {
+    float s = 0.f;
+    for (int j = lane; j < c; j += 32) s += xr[j];
+    const float m = warp_sum(s) / c;
+    float v = 0.f;
+    for (int j = lane; j < c; j += 32) {
+        const float d = xr[j] - m;
+        v += d * d;
+    }
+    *mean = m;
+    *rstd = 1.f / sqrtf(warp_sum(v) / c + eps);
+}
+
+// y = (x − mean)·rstd·w + b per row of c; b may be null (no bias).
+extern "C" __global__ void layernorm_fwd_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                             const float* __restrict__ b, float* __restrict__ y,
+                                             size_t rows, int c, float eps) {
+    const size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const float* xr = x + row * c;
+    float* yr = y + row * c;
+    float mean, rstd;
+    row_stats(xr, c, eps, lane, &mean, &rstd);
+    for (int j = lane; j < c; j += 32) {
+        const float v = (xr[j] - mean) * rstd * w[j];
+        yr[j] = b ? v + b[j] : v;
+    }
+}
+
+// Each row's mean and rstd (2 floats per row), for layernorm_bwd_params.
+extern "C" __global__ void layernorm_stats_f32(const float* __restrict__ x, float* __restrict__ stats,
+                                               size_t rows, int c, float eps) {
+    const size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    float mean, rstd;
+    row_stats(x + row * c, c, eps, lane, &mean, &rstd);
+    if (lane == 0) {
+        stats[2 * row] = mean;
+        stats[2 * row + 1] = rstd;
+    }
+}
+
+// dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) with g = dy·w, per row.
+extern "C" __global__ void layernorm_bwd_dx_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                                const float* __restrict__ dy, float* __restrict__ dx,
+                                                size_t rows, int c, float eps) {
+    const size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const float* xr = x + row * c;
+    const float* dyr = dy + row * c;
+    float* dxr = dx + row * c;
+    float mean, rstd;
+    row_stats(xr, c, eps, lane, &mean, &rstd);
+    float sum_g = 0.f, sum_gx = 0.f;
+    for (int j = lane; j < c; j += 32) {
+        const float g = dyr[j] * w[j];
+        sum_g += g;
+        sum_gx += g * (xr[j] - mean) * rstd;
+    }
+    const float mean_g = warp_sum(sum_g) / c;
+    const float mean_gx = warp_sum(sum_gx) / c;
+    for (int j = lane; j < c; j += 32) {
+        const float xhat = (xr[j] - mean) * rstd;
+        dxr[j] = rstd * (dyr[j] * w[j] - mean_g - xhat * mean_gx);
+    }
+}
+
+// Column sums over a chunk of rows: partials[0][chunk][j] = Σ dy·x̂ (weight), partials[1][chunk][j]
+// = Σ dy (bias). Grid: (ceil(c/256), chunks); each thread owns a column, rows in order.
+extern "C" __global__ void layernorm_bwd_params_f32(const float* __restrict__ x, const float* __restrict__ dy,
+                                                    const float* __restrict__ stats,
+                                                    float* __restrict__ partials, size_t rows, int c,
+                                                    int rows_per_chunk) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    const size_t chunk = blockIdx.y;
+    const size_t chunks = gridDim.y;
+    const size_t first = chunk * rows_per_chunk;
+    const size_t last = min(rows, first + rows_per_chunk);
+    float dw = 0.f, db = 0.f;
+    for (size_t r = first; r < last; ++r) {
+        const float g = dy[r * c + j];
+        dw += g * (x[r * c + j] - stats[2 * r]) * stats[2 * r + 1];
+        db += g;
+    }
+    partials[chunk * c + j] = dw;
+    partials[(chunks + chunk) * c + j] = db;
+}

@@ -215,3 +215,293 @@ impl CustomOp1 for SumSquaresPartials {
         Ok((out, Shape::from(blocks)))
     }
 }
+
+/// Threads for an elementwise grid-stride kernel over `n` elements.
+fn elementwise_config(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS as usize).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The tanh-GELU forward on CUDA (the CUDA half of `kernels::Gelu`).
+pub(crate) fn gelu_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let (start, end) = contiguous_range(l, "gelu input")?;
+    let n = end - start;
+    let dev = s.device.clone();
+    let out = by_dtype!(s.dtype(), |T, suffix| {
+        let x = s.as_cuda_slice::<T>()?.slice(start..end);
+        // SAFETY: the kernel writes every element.
+        let mut y = unsafe { dev.alloc::<T>(n) }?;
+        let func = dev.get_or_load_custom_func(&format!("gelu_fwd_{suffix}"), MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&x).arg(&mut y).arg(&n);
+        // SAFETY: arguments match gelu_fwd_* in kernels.cu; x and y hold n elements.
+        unsafe { b.launch(elementwise_config(n)) }.map_err(cuda_err)?;
+        CudaStorage::wrap_cuda_slice(y, dev.clone())
+    });
+    Ok((out, l.shape().clone()))
+}
+
+/// The tanh-GELU backward on CUDA: gelu'(x) · dy (the CUDA half of `kernels::GeluGrad`).
+pub(crate) fn gelu_bwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    dy: &CudaStorage,
+    dyl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let (xs, xe) = contiguous_range(xl, "gelu input")?;
+    let (gs, ge) = contiguous_range(dyl, "gelu gradient")?;
+    if xe - xs != ge - gs || x.dtype() != dy.dtype() {
+        bail!("gelu gradient: input and gradient differ in size or dtype");
+    }
+    let n = xe - xs;
+    let dev = x.device.clone();
+    let out = by_dtype!(x.dtype(), |T, suffix| {
+        let xv = x.as_cuda_slice::<T>()?.slice(xs..xe);
+        let dyv = dy.as_cuda_slice::<T>()?.slice(gs..ge);
+        // SAFETY: the kernel writes every element.
+        let mut dx = unsafe { dev.alloc::<T>(n) }?;
+        let func = dev.get_or_load_custom_func(&format!("gelu_bwd_{suffix}"), MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&xv).arg(&dyv).arg(&mut dx).arg(&n);
+        // SAFETY: arguments match gelu_bwd_* in kernels.cu; all buffers hold n elements.
+        unsafe { b.launch(elementwise_config(n)) }.map_err(cuda_err)?;
+        CudaStorage::wrap_cuda_slice(dx, dev.clone())
+    });
+    Ok((out, xl.shape().clone()))
+}
+
+/// Rows of a LayerNorm input: (rows, width) from its layout, checked contiguous.
+fn rows_of(l: &Layout) -> Result<(usize, usize, usize, usize)> {
+    let (start, end) = contiguous_range(l, "layer norm input")?;
+    let c = l.shape().dims().last().copied().unwrap_or(0);
+    if c == 0 {
+        bail!("layer norm over an empty dimension");
+    }
+    Ok((start, end, (end - start) / c, c))
+}
+
+fn f32_slice<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
+    let (start, end) = contiguous_range(l, what)?;
+    Ok(s.as_cuda_slice::<f32>()?.slice(start..end))
+}
+
+/// LayerNorm over the last dimension of f32 x with weight w and bias b (zeros when the model has
+/// none), as `torch.nn.LayerNorm`: y = (x − mean) / sqrt(var + eps) · w + b.
+pub(crate) struct LayerNorm {
+    pub eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("the fused layer norm runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_, _, rows, c) = rows_of(xl)?;
+        let (xv, wv, bv) = (
+            f32_slice(x, xl, "layer norm input")?,
+            f32_slice(w, wl, "layer norm weight")?,
+            f32_slice(b, bl, "layer norm bias")?,
+        );
+        if wv.len() != c || bv.len() != c {
+            bail!("layer norm: weight and bias must have {c} elements");
+        }
+        let dev = x.device.clone();
+        // SAFETY: the kernel writes every element.
+        let mut y = unsafe { dev.alloc::<f32>(rows * c) }?;
+        let func = dev.get_or_load_custom_func("layernorm_fwd_f32", MODULE, PTX)?;
+        let ci = c as i32;
+        let mut launch = func.builder();
+        launch
+            .arg(&xv)
+            .arg(&wv)
+            .arg(&bv)
+            .arg(&mut y)
+            .arg(&rows)
+            .arg(&ci)
+            .arg(&self.eps);
+        // SAFETY: arguments match layernorm_fwd_f32; x and y hold rows·c, w and b hold c.
+        unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = grad_res.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &LayerNormGradInput { eps: self.eps })?;
+        let partials = x.apply_op2_no_bwd(&dy, &LayerNormGradParams { eps: self.eps })?;
+        let sums = partials.sum(1)?; // (2, c)
+        Ok((Some(dx), Some(sums.get(0)?), Some(sums.get(1)?)))
+    }
+}
+
+/// dx of [`LayerNorm`] from (x, w, dy).
+struct LayerNormGradInput {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormGradInput {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("the fused layer norm runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        dy: &CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_, _, rows, c) = rows_of(xl)?;
+        let xv = f32_slice(x, xl, "layer norm input")?;
+        let wv = f32_slice(w, wl, "layer norm weight")?;
+        let dyv = f32_slice(dy, dyl, "layer norm gradient")?;
+        if dyv.len() != rows * c || wv.len() != c {
+            bail!("layer norm gradient: shapes differ");
+        }
+        let dev = x.device.clone();
+        // SAFETY: the kernel writes every element.
+        let mut dx = unsafe { dev.alloc::<f32>(rows * c) }?;
+        let func = dev.get_or_load_custom_func("layernorm_bwd_dx_f32", MODULE, PTX)?;
+        let ci = c as i32;
+        let mut launch = func.builder();
+        launch
+            .arg(&xv)
+            .arg(&wv)
+            .arg(&dyv)
+            .arg(&mut dx)
+            .arg(&rows)
+            .arg(&ci)
+            .arg(&self.eps);
+        // SAFETY: arguments match layernorm_bwd_dx_f32.
+        unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
+    }
+}
+
+/// Rows summed per chunk by the weight/bias gradient kernel: enough chunks to fill the GPU, then
+/// a (2, chunks, c) → (2, c) sum in candle.
+const ROWS_PER_CHUNK: usize = 64;
+
+/// Per-chunk column sums (Σ dy·x̂, Σ dy) of [`LayerNorm`] from (x, dy), shape (2, chunks, c).
+struct LayerNormGradParams {
+    eps: f32,
+}
+
+impl CustomOp2 for LayerNormGradParams {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad-params"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("the fused layer norm runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        dy: &CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_, _, rows, c) = rows_of(xl)?;
+        let xv = f32_slice(x, xl, "layer norm input")?;
+        let dyv = f32_slice(dy, dyl, "layer norm gradient")?;
+        if dyv.len() != rows * c {
+            bail!("layer norm gradient: shapes differ");
+        }
+        let dev = x.device.clone();
+        let ci = c as i32;
+        // SAFETY: layernorm_stats_f32 writes 2 floats for every row.
+        let mut stats = unsafe { dev.alloc::<f32>(2 * rows) }?;
+        let func = dev.get_or_load_custom_func("layernorm_stats_f32", MODULE, PTX)?;
+        let mut launch = func.builder();
+        launch
+            .arg(&xv)
+            .arg(&mut stats)
+            .arg(&rows)
+            .arg(&ci)
+            .arg(&self.eps);
+        // SAFETY: arguments match layernorm_stats_f32.
+        unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
+
+        let chunks = rows.div_ceil(ROWS_PER_CHUNK).max(1);
+        // SAFETY: every (chunk, column) pair is written, for both sums.
+        let mut partials = unsafe { dev.alloc::<f32>(2 * chunks * c) }?;
+        let func = dev.get_or_load_custom_func("layernorm_bwd_params_f32", MODULE, PTX)?;
+        let rows_per_chunk = ROWS_PER_CHUNK as i32;
+        let mut launch = func.builder();
+        launch
+            .arg(&xv)
+            .arg(&dyv)
+            .arg(&stats)
+            .arg(&mut partials)
+            .arg(&rows)
+            .arg(&ci)
+            .arg(&rows_per_chunk);
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(THREADS as usize) as u32, chunks as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match layernorm_bwd_params_f32; the grid covers c × chunks.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err)?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(partials, dev),
+            Shape::from((2, chunks, c)),
+        ))
+    }
+}

@@ -311,6 +311,14 @@ impl LayerNorm {
     /// Normalises in the weights' dtype whatever the input's (autocast keeps LayerNorm in f32).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = &x.to_dtype(self.weight.dtype())?;
+        if crate::kernels::fused_layer_norm_applies(x, &self.weight) {
+            return Ok(crate::kernels::fused_layer_norm(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                1e-5,
+            )?);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;

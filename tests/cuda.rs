@@ -245,8 +245,10 @@ fn cuda_kernels_match_the_cpu_kernel() {
                     if fused {
                         assert_eq!(differing, 0, "{label} step {} p{i}", step + 1);
                     }
+                    // Tensor ops: ADOPT divides by sqrt(v) of gradients ~1e-3, which magnifies
+                    // rounding differences; 1e-3 still catches a wrong rule.
                     assert!(
-                        worst <= 1e-4,
+                        worst <= 1e-3,
                         "{label} fused={fused} step {} p{i}: relative error {worst:e}",
                         step + 1
                     );
@@ -254,7 +256,10 @@ fn cuda_kernels_match_the_cpu_kernel() {
             }
             for (name, c) in &cpu_state {
                 let (worst, _) = compare(&gpu_state[name], c);
-                assert!(worst <= 1e-4, "{label} fused={fused} {name}: {worst:e}");
+                if fused {
+                    assert_eq!(compare(&gpu_state[name], c).1, 0, "{label} {name}");
+                }
+                assert!(worst <= 1e-3, "{label} fused={fused} {name}: {worst:e}");
             }
             eprintln!(
                 "{label} fused={fused}: {total_differing} of {} values differ from the CPU kernel's",
@@ -546,5 +551,158 @@ fn gradient_norm_on_cuda_matches_the_cpu() {
             (ours - exact).abs() <= 1e-12 * exact,
             "n={n}: {ours} vs {exact}"
         );
+    }
+}
+
+fn to_host(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest |a − b| / max(|b|, 1).
+fn worst_error(ours: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    ours.iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn fused_gelu_on_cuda_matches_f64_reference() {
+    let Some(gpu) = cuda("fused_gelu_on_cuda_matches_f64_reference") else {
+        return;
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let normal = Normal::new(0.0f64, 3.0).unwrap();
+    let n = 70_001;
+    let x: Vec<f64> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+    let r: Vec<f64> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+    let xr = Var::from_tensor(&Tensor::from_slice(&x, n, &Device::Cpu).unwrap()).unwrap();
+    let yr = gpt_pretrain::model::gelu_tanh_ops(xr.as_tensor()).unwrap();
+    let rr = Tensor::from_slice(&r, n, &Device::Cpu).unwrap();
+    let gr = yr.mul(&rr).unwrap().sum_all().unwrap().backward().unwrap();
+    let (y_ref, dx_ref) = (to_host(&yr), to_host(gr.get(xr.as_tensor()).unwrap()));
+    for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
+        let xv = Var::from_tensor(
+            &Tensor::from_slice(&x, n, &gpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(gpt_pretrain::kernels::fused_gelu_applies(xv.as_tensor()));
+        let y = gpt_pretrain::kernels::fused_gelu_tanh(xv.as_tensor()).unwrap();
+        let rt = Tensor::from_slice(&r, n, &gpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let g = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g.get(xv.as_tensor()).unwrap();
+        let ey = worst_error(&to_host(&y), &y_ref);
+        // bf16: x itself is rounded to 8 bits of mantissa before the kernel sees it, and r too.
+        let edx = worst_error(&to_host(dx), &dx_ref);
+        assert!(ey < tolerance, "{dtype:?} gelu: {ey:e}");
+        assert!(edx < tolerance * 4.0, "{dtype:?} gelu grad: {edx:e}");
+    }
+}
+
+#[test]
+fn fused_layer_norm_on_cuda_matches_f64_reference() {
+    let Some(gpu) = cuda("fused_layer_norm_on_cuda_matches_f64_reference") else {
+        return;
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let normal = Normal::new(0.0f64, 1.0).unwrap();
+    // Rows not a multiple of the 64-row chunks; a width not a multiple of 32 lanes.
+    for (rows, c, bias) in [(1000usize, 768usize, true), (37, 50, false)] {
+        let draw = |n: usize, rng: &mut ChaCha8Rng| -> Vec<f64> {
+            (0..n).map(|_| normal.sample(rng)).collect()
+        };
+        let x: Vec<f64> = draw(rows * c, &mut rng)
+            .iter()
+            .map(|v| 3.0 * v + 0.5)
+            .collect();
+        let w = draw(c, &mut rng);
+        let b = draw(c, &mut rng);
+        let r = draw(rows * c, &mut rng);
+        // f64 reference with candle ops on the CPU.
+        let cpu = |v: &[f64], shape: &[usize]| {
+            Var::from_tensor(&Tensor::from_slice(v, shape, &Device::Cpu).unwrap()).unwrap()
+        };
+        let (xr, wr, br) = (cpu(&x, &[rows, c]), cpu(&w, &[c]), cpu(&b, &[c]));
+        let xt = xr.as_tensor();
+        let mean = xt.mean_keepdim(1).unwrap();
+        let centered = xt.broadcast_sub(&mean).unwrap();
+        let var = centered.sqr().unwrap().mean_keepdim(1).unwrap();
+        let normed = centered
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap();
+        let mut yr = normed.broadcast_mul(wr.as_tensor()).unwrap();
+        if bias {
+            yr = yr.broadcast_add(br.as_tensor()).unwrap();
+        }
+        let rr = Tensor::from_slice(&r, (rows, c), &Device::Cpu).unwrap();
+        let gr = yr.mul(&rr).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let gpu_var = |v: &[f64], shape: &[usize]| {
+            Var::from_tensor(
+                &Tensor::from_slice(v, shape, &gpu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let (xg, wg, bg) = (
+            gpu_var(&x, &[rows, c]),
+            gpu_var(&w, &[c]),
+            gpu_var(&b, &[c]),
+        );
+        assert!(gpt_pretrain::kernels::fused_layer_norm_applies(
+            xg.as_tensor(),
+            wg.as_tensor()
+        ));
+        let y = gpt_pretrain::kernels::fused_layer_norm(
+            xg.as_tensor(),
+            wg.as_tensor(),
+            bias.then(|| bg.as_tensor()),
+            1e-5,
+        )
+        .unwrap();
+        let rt = Tensor::from_slice(&r, (rows, c), &gpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let g = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut pairs = vec![
+            ("y", to_host(&y), to_host(&yr)),
+            (
+                "dx",
+                to_host(g.get(xg.as_tensor()).unwrap()),
+                to_host(gr.get(xr.as_tensor()).unwrap()),
+            ),
+            (
+                "dw",
+                to_host(g.get(wg.as_tensor()).unwrap()),
+                to_host(gr.get(wr.as_tensor()).unwrap()),
+            ),
+        ];
+        if bias {
+            pairs.push((
+                "db",
+                to_host(g.get(bg.as_tensor()).unwrap()),
+                to_host(gr.get(br.as_tensor()).unwrap()),
+            ));
+        }
+        for (what, ours, reference) in pairs {
+            // dw and db sum over up to 1000 rows in f32.
+            let e = worst_error(&ours, &reference);
+            assert!(e < 5e-5, "rows {rows} width {c} {what}: {e:e}");
+        }
     }
 }
