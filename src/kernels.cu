@@ -234,3 +234,82 @@ extern "C" __global__ void layernorm_bwd_params_f32(const float* __restrict__ x,
     partials[chunk * c + j] = dw;
     partials[(chunks + chunk) * c + j] = db;
 }
+
+// Block-wide max and sum over 256 threads (8 warps).
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float* shared) {
+    v = is_max ? warp_max(v) : warp_sum(v);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    float r = shared[0];
+    for (int w = 1; w < (int)(blockDim.x / 32); ++w) r = is_max ? fmaxf(r, shared[w]) : r + shared[w];
+    return r;
+}
+
+// log Σ exp of one row of v logits, by a block of 256 threads.
+template <typename T>
+__device__ float row_log_sum_exp(const T* __restrict__ row, int v, float* shared) {
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, to_f32(row[j]));
+    m = block_reduce(m, true, shared);
+    float s = 0.f;
+    for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(to_f32(row[j]) - m);
+    return m + logf(block_reduce(s, false, shared));
+}
+
+// Per-row cross-entropy −log softmax(x)[t], one block per row (a target outside [0, v) gives NaN).
+template <typename T>
+__device__ void cross_entropy_rows(const T* __restrict__ logits, const uint32_t* __restrict__ targets,
+                                   float* __restrict__ losses, int v) {
+    __shared__ float shared[32];
+    const size_t row = blockIdx.x;
+    const T* x = logits + row * v;
+    const float lse = row_log_sum_exp(x, v, shared);
+    if (threadIdx.x == 0) {
+        const uint32_t t = targets[row];
+        losses[row] = t < (uint32_t)v ? lse - to_f32(x[t]) : NAN;
+    }
+}
+
+// The mean of n per-row losses, summed in row order by one thread (deterministic; n ≤ a few 10⁵).
+extern "C" __global__ void mean_f32(const float* __restrict__ x, size_t n, float* __restrict__ out) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        double s = 0.0;
+        for (size_t i = 0; i < n; ++i) s += x[i];
+        out[0] = (float)(s / n);
+    }
+}
+
+// dlogits = (softmax(x) − onehot(t)) · upstream / n, one block per row.
+template <typename T>
+__device__ void cross_entropy_grad(const T* __restrict__ logits, const uint32_t* __restrict__ targets,
+                                   const float* __restrict__ upstream, T* __restrict__ grad, size_t n,
+                                   int v) {
+    __shared__ float shared[32];
+    const size_t row = blockIdx.x;
+    const T* x = logits + row * v;
+    T* g = grad + row * v;
+    const float lse = row_log_sum_exp(x, v, shared);
+    const float scale = upstream[0] / (float)n;
+    const uint32_t t = targets[row];
+    for (int j = threadIdx.x; j < v; j += blockDim.x) {
+        const float p = expf(to_f32(x[j]) - lse);
+        g[j] = from_f32<T>((p - (j == (int)t ? 1.f : 0.f)) * scale);
+    }
+}
+
+#define INSTANTIATE_CE(T, SUFFIX)                                                              \
+    extern "C" __global__ void cross_entropy_rows_##SUFFIX(const T* logits, const uint32_t* targets, \
+                                                           float* losses, int v) {             \
+        cross_entropy_rows<T>(logits, targets, losses, v);                                     \
+    }                                                                                          \
+    extern "C" __global__ void cross_entropy_grad_##SUFFIX(const T* logits, const uint32_t* targets, \
+                                                           const float* upstream, T* grad,     \
+                                                           size_t n, int v) {                  \
+        cross_entropy_grad<T>(logits, targets, upstream, grad, n, v);                          \
+    }
+
+INSTANTIATE_CE(float, f32)
+INSTANTIATE_CE(__nv_bfloat16, bf16)
+INSTANTIATE_CE(__half, f16)

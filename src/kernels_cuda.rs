@@ -505,3 +505,108 @@ impl CustomOp2 for LayerNormGradParams {
         ))
     }
 }
+
+/// The mean cross-entropy forward on CUDA (the CUDA half of `kernels::CrossEntropy`): per-row
+/// losses by one block per row, then their mean in row order; an f32 scalar for any logits dtype.
+pub(crate) fn cross_entropy_fwd(
+    logits: &CudaStorage,
+    ll: &Layout,
+    targets: &CudaStorage,
+    tl: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let (n, v) = ll.shape().dims2()?;
+    let (ls, le) = contiguous_range(ll, "logits")?;
+    let (ts, te) = contiguous_range(tl, "targets")?;
+    if te - ts != n {
+        bail!("fused cross-entropy: {n} rows but {} targets", te - ts);
+    }
+    let dev = logits.device.clone();
+    let t = targets.as_cuda_slice::<u32>()?.slice(ts..te);
+    // SAFETY: one loss per row, each written by its block.
+    let mut losses = unsafe { dev.alloc::<f32>(n) }?;
+    by_dtype!(logits.dtype(), |T, suffix| {
+        let x = logits.as_cuda_slice::<T>()?.slice(ls..le);
+        let func =
+            dev.get_or_load_custom_func(&format!("cross_entropy_rows_{suffix}"), MODULE, PTX)?;
+        let vi = v as i32;
+        let mut b = func.builder();
+        b.arg(&x).arg(&t).arg(&mut losses).arg(&vi);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match cross_entropy_rows_*; one block per row of v logits.
+        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+    });
+    // SAFETY: mean_f32 writes its one output.
+    let mut mean = unsafe { dev.alloc::<f32>(1) }?;
+    let func = dev.get_or_load_custom_func("mean_f32", MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&losses).arg(&n).arg(&mut mean);
+    // SAFETY: arguments match mean_f32 (a single thread reads n losses).
+    unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map_err(cuda_err)?;
+    Ok((CudaStorage::wrap_cuda_slice(mean, dev), Shape::from(())))
+}
+
+/// dlogits = (softmax − one-hot) · upstream / N from (logits, targets, upstream scalar), on the
+/// device: no transfer of the upstream gradient to the host.
+pub(crate) struct CrossEntropyGrad;
+
+impl candle_core::CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy-grad-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("this cross-entropy gradient runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        logits: &CudaStorage,
+        ll: &Layout,
+        targets: &CudaStorage,
+        tl: &Layout,
+        upstream: &CudaStorage,
+        ul: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, v) = ll.shape().dims2()?;
+        let (ls, le) = contiguous_range(ll, "logits")?;
+        let (ts, te) = contiguous_range(tl, "targets")?;
+        let (us, ue) = contiguous_range(ul, "upstream gradient")?;
+        if te - ts != n || ue - us != 1 {
+            bail!("fused cross-entropy gradient: shapes differ");
+        }
+        let dev = logits.device.clone();
+        let t = targets.as_cuda_slice::<u32>()?.slice(ts..te);
+        let up = upstream.as_cuda_slice::<f32>()?.slice(us..ue);
+        let out = by_dtype!(logits.dtype(), |T, suffix| {
+            let x = logits.as_cuda_slice::<T>()?.slice(ls..le);
+            // SAFETY: every element is written.
+            let mut grad = unsafe { dev.alloc::<T>(n * v) }?;
+            let func =
+                dev.get_or_load_custom_func(&format!("cross_entropy_grad_{suffix}"), MODULE, PTX)?;
+            let vi = v as i32;
+            let mut b = func.builder();
+            b.arg(&x).arg(&t).arg(&up).arg(&mut grad).arg(&n).arg(&vi);
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match cross_entropy_grad_*; one block per row.
+            unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+            CudaStorage::wrap_cuda_slice(grad, dev.clone())
+        });
+        Ok((out, ll.shape().clone()))
+    }
+}

@@ -527,9 +527,16 @@ impl Gpt {
         &self.cfg
     }
 
-    /// Logits `(B, T, vocab_size)` for token ids `(B, T)` (u32). `dropout_rng` switches dropout on
-    /// (training); `None` is evaluation.
-    pub fn forward(
+    /// Logits `(B, T, vocab_size)` for token ids `(B, T)` (u32), in the parameters' dtype.
+    /// `dropout_rng` switches dropout on (training); `None` is evaluation.
+    pub fn forward(&self, idx: &Tensor, dropout_rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+        Ok(self
+            .logits_in_compute_dtype(idx, dropout_rng)?
+            .to_dtype(self.wte.dtype())?)
+    }
+
+    /// [`Gpt::forward`] before the logits are cast back from the compute dtype.
+    fn logits_in_compute_dtype(
         &self,
         idx: &Tensor,
         mut dropout_rng: Option<&mut ChaCha8Rng>,
@@ -556,11 +563,11 @@ impl Gpt {
             x = block.forward(&x, &mask, dropout_rng.as_deref_mut())?;
         }
         let x = self.ln_f.forward(&x)?;
-        // lm_head is tied to wte. Logits leave in the parameters' dtype (f32 for the loss).
+        // lm_head is tied to wte.
         let c = self.cfg.n_embd;
         let x = x.reshape((b * t, c))?.to_dtype(self.compute)?;
         let logits = x.matmul(&self.wte.to_dtype(self.compute)?.t()?)?;
-        Ok(logits.to_dtype(self.wte.dtype())?.reshape((b, t, ()))?)
+        Ok(logits.reshape((b, t, ()))?)
     }
 
     /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`.
@@ -570,8 +577,16 @@ impl Gpt {
         targets: &Tensor,
         dropout_rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
-        let logits = self.forward(idx, dropout_rng)?;
-        cross_entropy(&logits.flatten_to(1)?, &targets.flatten_all()?)
+        let logits = self
+            .logits_in_compute_dtype(idx, dropout_rng)?
+            .flatten_to(1)?;
+        let targets = targets.flatten_all()?;
+        // The fused kernel reads bf16 logits directly and computes in f32 (autocast's upcast,
+        // without materialising an f32 copy of the largest tensor of the step).
+        if crate::kernels::fused_cross_entropy_applies(&logits) {
+            return Ok(crate::kernels::fused_cross_entropy(&logits, &targets)?);
+        }
+        cross_entropy(&logits.to_dtype(self.wte.dtype())?, &targets)
     }
 }
 

@@ -706,3 +706,57 @@ fn fused_layer_norm_on_cuda_matches_f64_reference() {
         }
     }
 }
+
+#[test]
+fn fused_cross_entropy_on_cuda_matches_f64_reference() {
+    let Some(gpu) = cuda("fused_cross_entropy_on_cuda_matches_f64_reference") else {
+        return;
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let normal = Normal::new(0.0f64, 2.0).unwrap();
+    // GPT-2's padded vocabulary, and a row shorter than a block's 256 threads.
+    for (n, v) in [(64usize, 50304usize), (33, 100)] {
+        let x: Vec<f64> = (0..n * v).map(|_| normal.sample(&mut rng)).collect();
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
+        let xr = Var::from_tensor(&Tensor::from_slice(&x, (n, v), &Device::Cpu).unwrap()).unwrap();
+        let tr = Tensor::from_slice(&targets, n, &Device::Cpu).unwrap();
+        let loss_ref = gpt_pretrain::model::cross_entropy_ops(xr.as_tensor(), &tr).unwrap();
+        // An upstream gradient other than 1 must scale the result.
+        let g_ref = (&loss_ref * 3.0).unwrap().backward().unwrap();
+        let loss_ref = loss_ref.to_scalar::<f64>().unwrap();
+        let dx_ref = to_host(g_ref.get(xr.as_tensor()).unwrap());
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let xv = Var::from_tensor(
+                &Tensor::from_slice(&x, (n, v), &gpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let t = Tensor::from_slice(&targets, n, &gpu).unwrap();
+            assert!(gpt_pretrain::kernels::fused_cross_entropy_applies(
+                xv.as_tensor()
+            ));
+            let loss = gpt_pretrain::kernels::fused_cross_entropy(xv.as_tensor(), &t).unwrap();
+            let g = (&loss * 3.0).unwrap().backward().unwrap();
+            let ours = loss
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(
+                (ours - loss_ref).abs() < tolerance * loss_ref.abs(),
+                "{n}x{v} {dtype:?}: loss {ours} vs {loss_ref}"
+            );
+            // Gradients are ~1/(n·v) per element: compare on the scale of the largest.
+            let dx = to_host(g.get(xv.as_tensor()).unwrap());
+            let scale = dx_ref.iter().fold(0f64, |m, x| m.max(x.abs()));
+            let worst = dx
+                .iter()
+                .zip(&dx_ref)
+                .map(|(a, b)| (a - b).abs() / scale)
+                .fold(0.0, f64::max);
+            assert!(worst < tolerance, "{n}x{v} {dtype:?} gradient: {worst:e}");
+        }
+    }
+}
