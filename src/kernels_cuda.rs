@@ -5,7 +5,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "gpt_pretrain_kernels";
@@ -60,119 +60,75 @@ macro_rules! by_dtype {
     };
 }
 
-/// y = softmax(scale · x) over the last dimension with keys after each query masked: for x of
-/// shape (…, Tq, Tk), query i sees keys j ≤ i + Tk − Tq.
-pub(crate) struct CausalSoftmax {
-    pub scale: f32,
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "fused-causal-softmax"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("the fused causal softmax runs on CUDA only")
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        let dims = l.shape().dims();
-        if dims.len() < 2 {
-            bail!("causal softmax needs at least 2 dimensions, got {dims:?}");
-        }
-        let (tq, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        if tq > tk || tk == 0 {
-            bail!("causal softmax needs Tq <= Tk, got {tq} and {tk}");
-        }
-        let (start, end) = contiguous_range(l, "causal softmax input")?;
-        let rows = (end - start) / tk;
-        let dev = s.device.clone();
-        let out = by_dtype!(s.dtype(), |T, suffix| {
-            let x = s.as_cuda_slice::<T>()?.slice(start..end);
-            // SAFETY: the kernel writes every element.
-            let mut y = unsafe { dev.alloc::<T>(end - start) }?;
-            let func =
-                dev.get_or_load_custom_func(&format!("causal_softmax_fwd_{suffix}"), MODULE, PTX)?;
-            let (tq, tk) = (tq as i32, tk as i32);
-            let mut b = func.builder();
-            b.arg(&x)
-                .arg(&mut y)
-                .arg(&rows)
-                .arg(&tq)
-                .arg(&tk)
-                .arg(&self.scale);
-            // SAFETY: arguments match causal_softmax_fwd_* in kernels.cu; x and y hold rows·tk.
-            unsafe { b.launch(rows_config(rows)) }.map_err(cuda_err)?;
-            CudaStorage::wrap_cuda_slice(y, dev.clone())
-        });
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad_res.to_dtype(res.dtype())?.contiguous()?;
-        Ok(Some(res.apply_op2_no_bwd(
-            &grad,
-            &SoftmaxGrad { scale: self.scale },
-        )?))
-    }
-}
-
-/// dx = scale · y ⊙ (dy − Σ dy ⊙ y) per row, from the softmax output y and its gradient dy.
-struct SoftmaxGrad {
+/// The causal softmax forward on CUDA (the CUDA half of `kernels::CausalSoftmax`): for x of
+/// shape (…, Tq, Tk) (Tq ≤ Tk, checked by the caller), query i sees keys j ≤ i + Tk − Tq.
+pub(crate) fn causal_softmax_fwd(
+    s: &CudaStorage,
+    l: &Layout,
+    tq: usize,
+    tk: usize,
     scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let (start, end) = contiguous_range(l, "causal softmax input")?;
+    let rows = (end - start) / tk;
+    let dev = s.device.clone();
+    let out = by_dtype!(s.dtype(), |T, suffix| {
+        let x = s.as_cuda_slice::<T>()?.slice(start..end);
+        // SAFETY: the kernel writes every element.
+        let mut y = unsafe { dev.alloc::<T>(end - start) }?;
+        let func =
+            dev.get_or_load_custom_func(&format!("causal_softmax_fwd_{suffix}"), MODULE, PTX)?;
+        let (tq, tk) = (tq as i32, tk as i32);
+        let mut b = func.builder();
+        b.arg(&x)
+            .arg(&mut y)
+            .arg(&rows)
+            .arg(&tq)
+            .arg(&tk)
+            .arg(&scale);
+        // SAFETY: arguments match causal_softmax_fwd_* in kernels.cu; x and y hold rows·tk.
+        unsafe { b.launch(rows_config(rows)) }.map_err(cuda_err)?;
+        CudaStorage::wrap_cuda_slice(y, dev.clone())
+    });
+    Ok((out, l.shape().clone()))
 }
 
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "fused-softmax-grad"
+/// The softmax backward on CUDA (the CUDA half of `kernels::SoftmaxGrad`):
+/// dx = scale · y ⊙ (dy − Σ dy ⊙ y) per row.
+pub(crate) fn softmax_grad(
+    y: &CudaStorage,
+    yl: &Layout,
+    dy: &CudaStorage,
+    dyl: &Layout,
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let n = yl.shape().dims().last().copied().unwrap_or(1).max(1);
+    let (ys, ye) = contiguous_range(yl, "softmax output")?;
+    let (gs, ge) = contiguous_range(dyl, "softmax gradient")?;
+    if ye - ys != ge - gs || y.dtype() != dy.dtype() {
+        bail!("softmax gradient: output and gradient differ in size or dtype");
     }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the fused softmax gradient runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        y: &CudaStorage,
-        yl: &Layout,
-        dy: &CudaStorage,
-        dyl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let n = yl.shape().dims().last().copied().unwrap_or(1).max(1);
-        let (ys, ye) = contiguous_range(yl, "softmax output")?;
-        let (gs, ge) = contiguous_range(dyl, "softmax gradient")?;
-        if ye - ys != ge - gs || y.dtype() != dy.dtype() {
-            bail!("softmax gradient: output and gradient differ in size or dtype");
-        }
-        let rows = (ye - ys) / n;
-        let dev = y.device.clone();
-        let out = by_dtype!(y.dtype(), |T, suffix| {
-            let yv = y.as_cuda_slice::<T>()?.slice(ys..ye);
-            let dyv = dy.as_cuda_slice::<T>()?.slice(gs..ge);
-            // SAFETY: the kernel writes every element.
-            let mut dx = unsafe { dev.alloc::<T>(ye - ys) }?;
-            let func =
-                dev.get_or_load_custom_func(&format!("softmax_bwd_{suffix}"), MODULE, PTX)?;
-            let n = n as i32;
-            let mut b = func.builder();
-            b.arg(&yv)
-                .arg(&dyv)
-                .arg(&mut dx)
-                .arg(&rows)
-                .arg(&n)
-                .arg(&self.scale);
-            // SAFETY: arguments match softmax_bwd_* in kernels.cu; all buffers hold rows·n.
-            unsafe { b.launch(rows_config(rows)) }.map_err(cuda_err)?;
-            CudaStorage::wrap_cuda_slice(dx, dev.clone())
-        });
-        Ok((out, yl.shape().clone()))
-    }
+    let rows = (ye - ys) / n;
+    let dev = y.device.clone();
+    let out = by_dtype!(y.dtype(), |T, suffix| {
+        let yv = y.as_cuda_slice::<T>()?.slice(ys..ye);
+        let dyv = dy.as_cuda_slice::<T>()?.slice(gs..ge);
+        // SAFETY: the kernel writes every element.
+        let mut dx = unsafe { dev.alloc::<T>(ye - ys) }?;
+        let func = dev.get_or_load_custom_func(&format!("softmax_bwd_{suffix}"), MODULE, PTX)?;
+        let n = n as i32;
+        let mut b = func.builder();
+        b.arg(&yv)
+            .arg(&dyv)
+            .arg(&mut dx)
+            .arg(&rows)
+            .arg(&n)
+            .arg(&scale);
+        // SAFETY: arguments match softmax_bwd_* in kernels.cu; all buffers hold rows·n.
+        unsafe { b.launch(rows_config(rows)) }.map_err(cuda_err)?;
+        CudaStorage::wrap_cuda_slice(dx, dev.clone())
+    });
+    Ok((out, yl.shape().clone()))
 }
 
 /// Partial sums of x² in f64, one per block (at most [`SUM_BLOCKS`]).
@@ -292,218 +248,136 @@ fn f32_slice<'a>(
     Ok(s.as_cuda_slice::<f32>()?.slice(start..end))
 }
 
-/// LayerNorm over the last dimension of f32 x with weight w and bias b (zeros when the model has
-/// none), as `torch.nn.LayerNorm`: y = (x − mean) / sqrt(var + eps) · w + b.
-pub(crate) struct LayerNorm {
-    pub eps: f32,
-}
-
-impl candle_core::CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the fused layer norm runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (_, _, rows, c) = rows_of(xl)?;
-        let (xv, wv, bv) = (
-            f32_slice(x, xl, "layer norm input")?,
-            f32_slice(w, wl, "layer norm weight")?,
-            f32_slice(b, bl, "layer norm bias")?,
-        );
-        if wv.len() != c || bv.len() != c {
-            bail!("layer norm: weight and bias must have {c} elements");
-        }
-        let dev = x.device.clone();
-        // SAFETY: the kernel writes every element.
-        let mut y = unsafe { dev.alloc::<f32>(rows * c) }?;
-        let func = dev.get_or_load_custom_func("layernorm_fwd_f32", MODULE, PTX)?;
-        let ci = c as i32;
-        let mut launch = func.builder();
-        launch
-            .arg(&xv)
-            .arg(&wv)
-            .arg(&bv)
-            .arg(&mut y)
-            .arg(&rows)
-            .arg(&ci)
-            .arg(&self.eps);
-        // SAFETY: arguments match layernorm_fwd_f32; x and y hold rows·c, w and b hold c.
-        unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = grad_res.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &dy, &LayerNormGradInput { eps: self.eps })?;
-        let partials = x.apply_op2_no_bwd(&dy, &LayerNormGradParams { eps: self.eps })?;
-        let sums = partials.sum(1)?; // (2, c)
-        Ok((Some(dx), Some(sums.get(0)?), Some(sums.get(1)?)))
-    }
-}
-
-/// dx of [`LayerNorm`] from (x, w, dy).
-struct LayerNormGradInput {
+/// LayerNorm forward on CUDA for f32 (the CUDA half of `kernels::LayerNorm`).
+pub(crate) fn layer_norm_fwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    b: &CudaStorage,
+    bl: &Layout,
     eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let (_, _, rows, c) = rows_of(xl)?;
+    let (xv, wv, bv) = (
+        f32_slice(x, xl, "layer norm input")?,
+        f32_slice(w, wl, "layer norm weight")?,
+        f32_slice(b, bl, "layer norm bias")?,
+    );
+    if wv.len() != c || bv.len() != c {
+        bail!("layer norm: weight and bias must have {c} elements");
+    }
+    let dev = x.device.clone();
+    // SAFETY: the kernel writes every element.
+    let mut y = unsafe { dev.alloc::<f32>(rows * c) }?;
+    let func = dev.get_or_load_custom_func("layernorm_fwd_f32", MODULE, PTX)?;
+    let ci = c as i32;
+    let mut launch = func.builder();
+    launch
+        .arg(&xv)
+        .arg(&wv)
+        .arg(&bv)
+        .arg(&mut y)
+        .arg(&rows)
+        .arg(&ci)
+        .arg(&eps);
+    // SAFETY: arguments match layernorm_fwd_f32; x and y hold rows·c, w and b hold c.
+    unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
 }
 
-impl candle_core::CustomOp3 for LayerNormGradInput {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm-grad-input"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the fused layer norm runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-        dy: &CudaStorage,
-        dyl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (_, _, rows, c) = rows_of(xl)?;
-        let xv = f32_slice(x, xl, "layer norm input")?;
-        let wv = f32_slice(w, wl, "layer norm weight")?;
-        let dyv = f32_slice(dy, dyl, "layer norm gradient")?;
-        if dyv.len() != rows * c || wv.len() != c {
-            bail!("layer norm gradient: shapes differ");
-        }
-        let dev = x.device.clone();
-        // SAFETY: the kernel writes every element.
-        let mut dx = unsafe { dev.alloc::<f32>(rows * c) }?;
-        let func = dev.get_or_load_custom_func("layernorm_bwd_dx_f32", MODULE, PTX)?;
-        let ci = c as i32;
-        let mut launch = func.builder();
-        launch
-            .arg(&xv)
-            .arg(&wv)
-            .arg(&dyv)
-            .arg(&mut dx)
-            .arg(&rows)
-            .arg(&ci)
-            .arg(&self.eps);
-        // SAFETY: arguments match layernorm_bwd_dx_f32.
-        unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
-        Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
-    }
-}
-
-/// Rows summed per chunk by the weight/bias gradient kernel: enough chunks to fill the GPU, then
-/// a (2, chunks, c) → (2, c) sum in candle.
-const ROWS_PER_CHUNK: usize = 64;
-
-/// Per-chunk column sums (Σ dy·x̂, Σ dy) of [`LayerNorm`] from (x, dy), shape (2, chunks, c).
-struct LayerNormGradParams {
+/// LayerNorm's input gradient on CUDA (the CUDA half of `kernels::LayerNormGradInput`).
+pub(crate) fn layer_norm_grad_input(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    dy: &CudaStorage,
+    dyl: &Layout,
     eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let (_, _, rows, c) = rows_of(xl)?;
+    let xv = f32_slice(x, xl, "layer norm input")?;
+    let wv = f32_slice(w, wl, "layer norm weight")?;
+    let dyv = f32_slice(dy, dyl, "layer norm gradient")?;
+    if dyv.len() != rows * c || wv.len() != c {
+        bail!("layer norm gradient: shapes differ");
+    }
+    let dev = x.device.clone();
+    // SAFETY: the kernel writes every element.
+    let mut dx = unsafe { dev.alloc::<f32>(rows * c) }?;
+    let func = dev.get_or_load_custom_func("layernorm_bwd_dx_f32", MODULE, PTX)?;
+    let ci = c as i32;
+    let mut launch = func.builder();
+    launch
+        .arg(&xv)
+        .arg(&wv)
+        .arg(&dyv)
+        .arg(&mut dx)
+        .arg(&rows)
+        .arg(&ci)
+        .arg(&eps);
+    // SAFETY: arguments match layernorm_bwd_dx_f32.
+    unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
+    Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
 }
 
-impl CustomOp2 for LayerNormGradParams {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm-grad-params"
+/// LayerNorm's per-chunk weight and bias gradient sums on CUDA, shape (2, chunks, c) (the CUDA
+/// half of `kernels::LayerNormGradParams`).
+pub(crate) fn layer_norm_grad_params(
+    x: &CudaStorage,
+    xl: &Layout,
+    dy: &CudaStorage,
+    dyl: &Layout,
+    eps: f32,
+    rows_per_chunk: usize,
+) -> Result<(CudaStorage, Shape)> {
+    let (_, _, rows, c) = rows_of(xl)?;
+    let xv = f32_slice(x, xl, "layer norm input")?;
+    let dyv = f32_slice(dy, dyl, "layer norm gradient")?;
+    if dyv.len() != rows * c {
+        bail!("layer norm gradient: shapes differ");
     }
+    let dev = x.device.clone();
+    let ci = c as i32;
+    // SAFETY: layernorm_stats_f32 writes 2 floats for every row.
+    let mut stats = unsafe { dev.alloc::<f32>(2 * rows) }?;
+    let func = dev.get_or_load_custom_func("layernorm_stats_f32", MODULE, PTX)?;
+    let mut launch = func.builder();
+    launch
+        .arg(&xv)
+        .arg(&mut stats)
+        .arg(&rows)
+        .arg(&ci)
+        .arg(&eps);
+    // SAFETY: arguments match layernorm_stats_f32.
+    unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("the fused layer norm runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        dy: &CudaStorage,
-        dyl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (_, _, rows, c) = rows_of(xl)?;
-        let xv = f32_slice(x, xl, "layer norm input")?;
-        let dyv = f32_slice(dy, dyl, "layer norm gradient")?;
-        if dyv.len() != rows * c {
-            bail!("layer norm gradient: shapes differ");
-        }
-        let dev = x.device.clone();
-        let ci = c as i32;
-        // SAFETY: layernorm_stats_f32 writes 2 floats for every row.
-        let mut stats = unsafe { dev.alloc::<f32>(2 * rows) }?;
-        let func = dev.get_or_load_custom_func("layernorm_stats_f32", MODULE, PTX)?;
-        let mut launch = func.builder();
-        launch
-            .arg(&xv)
-            .arg(&mut stats)
-            .arg(&rows)
-            .arg(&ci)
-            .arg(&self.eps);
-        // SAFETY: arguments match layernorm_stats_f32.
-        unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
-
-        let chunks = rows.div_ceil(ROWS_PER_CHUNK).max(1);
-        // SAFETY: every (chunk, column) pair is written, for both sums.
-        let mut partials = unsafe { dev.alloc::<f32>(2 * chunks * c) }?;
-        let func = dev.get_or_load_custom_func("layernorm_bwd_params_f32", MODULE, PTX)?;
-        let rows_per_chunk = ROWS_PER_CHUNK as i32;
-        let mut launch = func.builder();
-        launch
-            .arg(&xv)
-            .arg(&dyv)
-            .arg(&stats)
-            .arg(&mut partials)
-            .arg(&rows)
-            .arg(&ci)
-            .arg(&rows_per_chunk);
-        let cfg = LaunchConfig {
-            grid_dim: (c.div_ceil(THREADS as usize) as u32, chunks as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: arguments match layernorm_bwd_params_f32; the grid covers c × chunks.
-        unsafe { launch.launch(cfg) }.map_err(cuda_err)?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(partials, dev),
-            Shape::from((2, chunks, c)),
-        ))
-    }
+    let chunks = rows.div_ceil(rows_per_chunk).max(1);
+    // SAFETY: every (chunk, column) pair is written, for both sums.
+    let mut partials = unsafe { dev.alloc::<f32>(2 * chunks * c) }?;
+    let func = dev.get_or_load_custom_func("layernorm_bwd_params_f32", MODULE, PTX)?;
+    let rows_per_chunk = rows_per_chunk as i32;
+    let mut launch = func.builder();
+    launch
+        .arg(&xv)
+        .arg(&dyv)
+        .arg(&stats)
+        .arg(&mut partials)
+        .arg(&rows)
+        .arg(&ci)
+        .arg(&rows_per_chunk);
+    let cfg = LaunchConfig {
+        grid_dim: (c.div_ceil(THREADS as usize) as u32, chunks as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: arguments match layernorm_bwd_params_f32; the grid covers c × chunks.
+    unsafe { launch.launch(cfg) }.map_err(cuda_err)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(partials, dev),
+        Shape::from((2, chunks, c)),
+    ))
 }
 
 /// The mean cross-entropy forward on CUDA (the CUDA half of `kernels::CrossEntropy`): per-row

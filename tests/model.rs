@@ -525,3 +525,170 @@ fn fused_gelu_matches_candle_ops_in_value_and_gradient() {
         }
     }
 }
+
+#[test]
+fn fused_causal_softmax_matches_candle_ops_in_value_and_gradient() {
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let scale = 0.125;
+    // The model's square case, and Tq < Tk (queries at the end of a longer key sequence).
+    for dims in [[2usize, 3, 40, 40], [2, 3, 5, 9]] {
+        let (tq, tk) = (dims[2], dims[3]);
+        let n: usize = dims.iter().product();
+        let mask: Vec<f64> = (0..tq * tk)
+            .map(|k| {
+                if k % tk > k / tk + tk - tq {
+                    f64::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let values: Vec<f64> = (0..n).map(|_| rng.random_range(-8.0..8.0)).collect();
+        let upstream: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+            let tensor = |v: &[f64], shape: &[usize]| {
+                Tensor::from_slice(v, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let x = Var::from_tensor(&tensor(&values, &dims)).unwrap();
+            let (mask, upstream) = (tensor(&mask, &[tq, tk]), tensor(&upstream, &dims));
+            let composed = |x: &Tensor| -> Tensor {
+                let s = (x * scale).unwrap().broadcast_add(&mask).unwrap();
+                let max = s.max_keepdim(3).unwrap().detach();
+                let e = s.broadcast_sub(&max).unwrap().exp().unwrap();
+                e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap()
+            };
+            let fused = |x: &Tensor| -> Tensor {
+                assert!(gpt_pretrain::kernels::fused_causal_softmax_applies(x));
+                gpt_pretrain::kernels::fused_causal_softmax(x, scale).unwrap()
+            };
+            let run = |f: &dyn Fn(&Tensor) -> Tensor| -> (Vec<f64>, Vec<f64>) {
+                let y = f(x.as_tensor());
+                let g = y
+                    .mul(&upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let flat = |t: &Tensor| -> Vec<f64> {
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                (flat(&y), flat(g.get(x.as_tensor()).unwrap()))
+            };
+            let (ya, ga) = run(&fused);
+            let (yb, gb) = run(&composed);
+            for (name, a, b) in [("value", &ya, &yb), ("gradient", &ga, &gb)] {
+                // Probabilities and their gradients are O(1).
+                let worst = a
+                    .iter()
+                    .zip(b.iter())
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0, f64::max);
+                assert!(worst < tol, "{dims:?} {dtype:?} {name}: {worst:e}");
+            }
+            // Masked entries are exactly zero.
+            for (k, &p) in ya.iter().enumerate() {
+                let (i, j) = ((k / tk) % tq, k % tk);
+                if j > i + tk - tq {
+                    assert_eq!(p, 0.0, "{dims:?} masked ({i}, {j})");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_layer_norm_matches_candle_ops_in_value_and_gradient() {
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    // Rows not a multiple of the 64-row gradient chunks.
+    for (rows, c, bias) in [(150usize, 48usize, true), (7, 13, false)] {
+        let values: Vec<f64> = (0..rows * c).map(|_| rng.random_range(-4.0..6.0)).collect();
+        let w: Vec<f64> = (0..c).map(|_| rng.random_range(0.5..1.5)).collect();
+        let b: Vec<f64> = (0..c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let upstream: Vec<f64> = (0..rows * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            let var = |v: &[f64], shape: &[usize]| {
+                Var::from_tensor(
+                    &Tensor::from_slice(v, shape, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap()
+            };
+            let (x, wv, bv) = (var(&values, &[rows, c]), var(&w, &[c]), var(&b, &[c]));
+            let up = var(&upstream, &[rows, c]).as_tensor().detach();
+            let composed = || -> Tensor {
+                let xt = x.as_tensor();
+                let mean = xt.mean_keepdim(1).unwrap();
+                let centered = xt.broadcast_sub(&mean).unwrap();
+                let v = centered.sqr().unwrap().mean_keepdim(1).unwrap();
+                let y = centered
+                    .broadcast_div(&(v + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(wv.as_tensor())
+                    .unwrap();
+                if bias {
+                    y.broadcast_add(bv.as_tensor()).unwrap()
+                } else {
+                    y
+                }
+            };
+            let fused = || -> Tensor {
+                assert!(gpt_pretrain::kernels::fused_layer_norm_applies(
+                    x.as_tensor(),
+                    wv.as_tensor()
+                ));
+                gpt_pretrain::kernels::fused_layer_norm(
+                    x.as_tensor(),
+                    wv.as_tensor(),
+                    bias.then(|| bv.as_tensor()),
+                    1e-5,
+                )
+                .unwrap()
+            };
+            let run = |y: Tensor| -> Vec<Vec<f64>> {
+                let g = y.mul(&up).unwrap().sum_all().unwrap().backward().unwrap();
+                let flat = |t: &Tensor| -> Vec<f64> {
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                let mut out = vec![
+                    flat(&y),
+                    flat(g.get(x.as_tensor()).unwrap()),
+                    flat(g.get(wv.as_tensor()).unwrap()),
+                ];
+                if bias {
+                    out.push(flat(g.get(bv.as_tensor()).unwrap()));
+                }
+                out
+            };
+            let (a, r) = (run(fused()), run(composed()));
+            for (name, a, r) in ["y", "dx", "dw", "db"]
+                .iter()
+                .zip(&a)
+                .zip(&r)
+                .map(|((n, a), r)| (n, a, r))
+            {
+                let worst = a
+                    .iter()
+                    .zip(r)
+                    .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+                    .fold(0.0, f64::max);
+                assert!(worst < tol, "{rows}x{c} {dtype:?} {name}: {worst:e}");
+            }
+        }
+    }
+}
