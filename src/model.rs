@@ -7,8 +7,10 @@
 //! linear weights are stored as `[out, in]` like `torch.nn.Linear` (Hugging Face's `Conv1D` stores the
 //! transpose). `lm_head.weight` is `transformer.wte.weight` and is not stored twice.
 //!
-//! Every layer is written with candle ops that have a backward pass: `candle_nn`'s LayerNorm and
-//! `softmax_last_dim` have none and would silently stop gradients.
+//! Every layer is written with candle ops that have a backward pass (`candle_nn`'s LayerNorm and
+//! `softmax_last_dim` have none and would silently stop gradients), or with the fused kernels of
+//! [`crate::kernels`] (LayerNorm, causal softmax, tanh-GELU, cross-entropy; CPU and CUDA), which
+//! carry their own backward and are tested against those ops.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};

@@ -3,7 +3,7 @@
 //! converges for any β2.
 //!
 //! Loss f_t(θ) = g_t·θ on θ ∈ [−1, 1] (projection after each step), θ0 = 0, where the stochastic
-//! gradient g_t is k² with probability 1/k and −k otherwise: E[g] = 1, so the optimum is θ* = −1.
+//! gradient g_t is k² with probability 1/k and −k otherwise: E\[g\] = 1, so the optimum is θ* = −1.
 //! Learning rate α_t = α / sqrt(1 + α·t), α = 0.01, β1 = 0.9. The updates are our optimizers' own.
 
 use crate::optim::{
