@@ -230,13 +230,13 @@ pub(crate) fn gelu_bwd(
 }
 
 /// Rows of a LayerNorm input: (rows, width) from its layout, checked contiguous.
-fn rows_of(l: &Layout) -> Result<(usize, usize, usize, usize)> {
+fn rows_of(l: &Layout) -> Result<(usize, usize)> {
     let (start, end) = contiguous_range(l, "layer norm input")?;
     let c = l.shape().dims().last().copied().unwrap_or(0);
     if c == 0 {
         bail!("layer norm over an empty dimension");
     }
-    Ok((start, end, (end - start) / c, c))
+    Ok(((end - start) / c, c))
 }
 
 fn f32_slice<'a>(
@@ -258,7 +258,7 @@ pub(crate) fn layer_norm_fwd(
     bl: &Layout,
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    let (_, _, rows, c) = rows_of(xl)?;
+    let (rows, c) = rows_of(xl)?;
     let (xv, wv, bv) = (
         f32_slice(x, xl, "layer norm input")?,
         f32_slice(w, wl, "layer norm weight")?,
@@ -296,7 +296,7 @@ pub(crate) fn layer_norm_grad_input(
     dyl: &Layout,
     eps: f32,
 ) -> Result<(CudaStorage, Shape)> {
-    let (_, _, rows, c) = rows_of(xl)?;
+    let (rows, c) = rows_of(xl)?;
     let xv = f32_slice(x, xl, "layer norm input")?;
     let wv = f32_slice(w, wl, "layer norm weight")?;
     let dyv = f32_slice(dy, dyl, "layer norm gradient")?;
@@ -332,7 +332,7 @@ pub(crate) fn layer_norm_grad_params(
     eps: f32,
     rows_per_chunk: usize,
 ) -> Result<(CudaStorage, Shape)> {
-    let (_, _, rows, c) = rows_of(xl)?;
+    let (rows, c) = rows_of(xl)?;
     let xv = f32_slice(x, xl, "layer norm input")?;
     let dyv = f32_slice(dy, dyl, "layer norm gradient")?;
     if dyv.len() != rows * c {
