@@ -47,3 +47,24 @@ n = len(t["model"]["vocab"])
 assert n == 50257, f"data/gpt2/tokenizer.json has {n} tokens, expected 50257"
 PY
 echo "data/ ready: tinyshakespeare.txt, gpt2/tokenizer.json"
+
+# The ADOPT-vs-Adam study (scripts/study.sh) trains on the Gutenberg corpus (70 MB, 18.7M GPT-2
+# tokens). It has no public single-file home, so it comes only from $DATA_MIRROR, and only with
+# --gutenberg (CI and the tests do not need it).
+if [[ ${1:-} == "--gutenberg" ]]; then
+    GUTENBERG_SHA=b2d5fb6f8685351b8b7f33d1238d04be17b7d3ba211068107dc14225bed0c668
+    if [[ ! -s data/gutenberg_en.txt ]]; then
+        if [[ -z ${DATA_MIRROR:-} || ! -f $DATA_MIRROR/gutenberg_en.txt ]]; then
+            echo "error: data/gutenberg_en.txt is missing; set DATA_MIRROR to a folder holding gutenberg_en.txt (a copy of ../shared/data)" >&2
+            exit 1
+        fi
+        cp "$DATA_MIRROR/gutenberg_en.txt" data/gutenberg_en.txt.part
+        mv data/gutenberg_en.txt.part data/gutenberg_en.txt
+    fi
+    actual=$(sha256sum data/gutenberg_en.txt | cut -d' ' -f1)
+    if [[ $actual != "$GUTENBERG_SHA" ]]; then
+        echo "error: data/gutenberg_en.txt has sha256 $actual, expected $GUTENBERG_SHA" >&2
+        exit 1
+    fi
+    echo "data/ ready: gutenberg_en.txt"
+fi

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The ADOPT-vs-Adam study: every optimizer config in configs/study/ at a large and a 5x smaller
 # batch, 3 seeds each, as resumable sweeps into runs/study/, then `compare` into
-# reports/adopt-vs-adam/. Re-running skips finished runs and resumes unfinished ones.
+# reports/adopt-vs-adam/. Re-running skips finished runs and resumes unfinished ones. Seeds go
+# round by round (every optimizer's seed 0 first), so a study cut short still compares all four.
+# The full study trains on data/gutenberg_en.txt (bash scripts/get_data.sh --gutenberg).
 #
 #   scripts/study.sh            the study (configs/study/*.toml as they are)
 #   scripts/study.sh --quick    a minutes-long version (tiny model, few steps, 2 seeds) into
@@ -18,19 +20,22 @@ if [[ ${1:-} == "--quick" ]]; then
     REPORT=$OUT/report
     SEEDS=0,1
     BATCHES=8,2
-    EXTRA=(--set model=\"tiny\" --set n_layer=2 --set n_embd=64 --set n_head=2 --set block_size=32
-           --set max_steps=20 --set warmup_steps=4 --set eval_interval=5 --set eval_iters=2)
+    EXTRA=(--set data=\"data/tinyshakespeare.txt\" --set n_layer=2 --set n_embd=64 --set n_head=2
+           --set block_size=32 --set max_steps=20 --set warmup_steps=4 --set eval_interval=5
+           --set eval_iters=2 --set eval_batch_size=4)
 else
     OUT=runs/study
     REPORT=reports/adopt-vs-adam
     SEEDS=0,1,2
-    BATCHES=40,8
+    BATCHES=10,2
     EXTRA=()
 fi
 
-for cfg in configs/study/*.toml; do
-    name=$(basename "$cfg" .toml)
-    "$BIN" sweep --quiet --config "$cfg" "${EXTRA[@]}" --grid "batch_size=$BATCHES" --seeds "$SEEDS" --out "$OUT/$name"
+for seed in ${SEEDS//,/ }; do
+    for cfg in configs/study/*.toml; do
+        name=$(basename "$cfg" .toml)
+        "$BIN" sweep --quiet --config "$cfg" "${EXTRA[@]}" --grid "batch_size=$BATCHES" --seeds "$seed" --out "$OUT/$name"
+    done
 done
 "$BIN" compare "$OUT"/* --out "$REPORT"
 for f in report.md val_loss.png train_loss.png lr_grad_norm.png; do

@@ -45,6 +45,7 @@ pub const KEYS: &[&str] = &[
     "grad_accum",
     "eval_interval",
     "eval_iters",
+    "eval_batch_size",
     "eval_seed",
     "log_interval",
     "keep_last",
@@ -189,8 +190,11 @@ pub struct TrainConfig {
     /// Micro-steps per optimizer step.
     pub grad_accum: usize,
     pub eval_interval: usize,
-    /// Batches per evaluation (of `batch_size` fixed windows each).
+    /// Batches per evaluation (of `eval_batch_size` fixed windows each).
     pub eval_iters: usize,
+    /// Sequences per evaluation batch; `batch_size` when unset. Setting it lets runs with
+    /// different batch sizes evaluate on the same windows.
+    pub eval_batch_size: Option<usize>,
     /// Seed of the fixed evaluation windows, shared by runs of every `seed` so they compare.
     pub eval_seed: u64,
     /// Print a line every `log_interval` steps (every step is written to metrics.jsonl).
@@ -242,6 +246,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             eval_interval: 250,
             eval_iters: 20,
+            eval_batch_size: None,
             eval_seed: 0,
             log_interval: 10,
             keep_last: 3,
@@ -465,6 +470,7 @@ impl TrainConfig {
             ("grad_accum", self.grad_accum),
             ("eval_interval", self.eval_interval),
             ("eval_iters", self.eval_iters),
+            ("eval_batch_size", self.eval_batch_size.unwrap_or(1)),
             ("log_interval", self.log_interval),
             ("keep_last", self.keep_last),
         ] {
@@ -545,6 +551,7 @@ mod tests {
     fn keys_list_matches_struct_fields() {
         let mut cfg = TrainConfig::default().resolved().unwrap();
         cfg.tokenizer_path = Some("x".into());
+        cfg.eval_batch_size = Some(1);
         let table = cfg.to_table().unwrap();
         let mut from_struct: Vec<&str> = table.keys().map(|k| k.as_str()).collect();
         // `decouple`, `clip_exponent` and `variant` are unset for AdamW, the default optimizer.
@@ -607,6 +614,7 @@ mod tests {
         assert!(err(&["block_size=4096"]).contains("larger than"));
         assert!(err(&["nonsense=1"]).contains("unknown config key 'nonsense'"));
         assert!(err(&["batch_size=0"]).contains("batch_size"));
+        assert!(err(&["eval_batch_size=0"]).contains("eval_batch_size"));
         assert!(err(&["optimizer=sgd"]).contains("bad config value"));
         assert!(err(&["optimizer=adam", "decouple=true"]).contains("adopt only"));
     }

@@ -523,7 +523,7 @@ fn evaluate(
         split,
         cfg.eval_seed,
         cfg.eval_iters,
-        cfg.batch_size,
+        cfg.eval_batch_size.unwrap_or(cfg.batch_size),
         block,
     );
     let mut total = 0.0;

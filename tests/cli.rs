@@ -85,6 +85,33 @@ fn gradient_accumulation_matches_one_large_batch() {
 }
 
 #[test]
+fn eval_batch_size_gives_runs_of_every_batch_size_the_same_evaluation_windows() {
+    // At step 0 the model depends on the seed alone, so equal step-0 losses mean equal windows.
+    let ws = Workspace::new();
+    let corpus = common::tinyshakespeare();
+    let step0 = |name: &str, extra: &str| -> (f64, f64) {
+        let cfg = ws.config(name, &corpus, &format!("max_steps = 1\n{extra}"));
+        ok(&ws.train(&["--config", cfg.to_str().unwrap(), "--out", name]));
+        let events = read_json_lines(&ws.path(&format!("{name}/metrics.jsonl")));
+        let e = events
+            .iter()
+            .find(|v| v["split"] == "val" && v["step"] == 0)
+            .unwrap();
+        (
+            e["loss"].as_f64().unwrap(),
+            e["train_loss"].as_f64().unwrap(),
+        )
+    };
+    let large = step0("large", "batch_size = 10\neval_batch_size = 4");
+    let small = step0("small", "batch_size = 2\neval_batch_size = 4");
+    let own = step0("own", "batch_size = 2");
+    assert_eq!(large, small);
+    // Without the key each run evaluates on batches of its own batch size: other windows.
+    assert_ne!(own.0, small.0);
+    assert_ne!(own.1, small.1);
+}
+
+#[test]
 fn trains_below_ln_vocab_writes_the_run_directory_and_samples() {
     let ws = Workspace::new();
     let cfg = ws.config(
