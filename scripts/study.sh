@@ -20,6 +20,7 @@ if [[ ${1:-} == "--quick" ]]; then
     REPORT=$OUT/report
     SEEDS=0,1
     BATCHES=8,2
+    TARGET=()
     EXTRA=(--set data=\"data/tinyshakespeare.txt\" --set n_layer=2 --set n_embd=64 --set n_head=2
            --set block_size=32 --set max_steps=20 --set warmup_steps=4 --set eval_interval=5
            --set eval_iters=2 --set eval_batch_size=4)
@@ -28,6 +29,9 @@ else
     REPORT=reports/adopt-vs-adam
     SEEDS=0,1,2
     BATCHES=10,2
+    # Fixed before any ADOPT run finished, from the first Adam run (batch 10 passes it near step
+    # 100 of 300), so that both batch sizes can reach it.
+    TARGET=(--target-loss 7.0)
     EXTRA=()
 fi
 
@@ -37,7 +41,16 @@ for seed in ${SEEDS//,/ }; do
         "$BIN" sweep --quiet --config "$cfg" "${EXTRA[@]}" --grid "batch_size=$BATCHES" --seeds "$seed" --out "$OUT/$name"
     done
 done
-"$BIN" compare "$OUT"/* --out "$REPORT"
+"$BIN" compare "$OUT"/* --out "$REPORT" "${TARGET[@]}"
+if [[ $REPORT != "$OUT"/* ]]; then
+    # The committed report carries each run's resolved config, header and metrics (no
+    # checkpoints), so `gpt-pretrain compare $REPORT/runs/*` redraws it without the runs.
+    for run in "$OUT"/*/*/; do
+        dest=$REPORT/runs/${run#"$OUT"/}
+        mkdir -p "$dest"
+        cp "$run"config.toml "$run"run.json "$run"metrics.jsonl "$dest"
+    done
+fi
 for f in report.md val_loss.png train_loss.png lr_grad_norm.png; do
     [[ -s $REPORT/$f ]] || { echo "error: $REPORT/$f was not written" >&2; exit 1; }
 done
