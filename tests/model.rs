@@ -476,6 +476,52 @@ fn sum_of_squares_matches_f64_ops() {
 }
 
 #[test]
+fn sums_over_leading_dims_are_row_ordered_f32_sums_at_every_size() {
+    // The vendored candle-core sums over leading dimensions row by row, columns in parallel
+    // (vendor/candle-core/PATCHED.md). The reference is that definition written out: per column,
+    // f32 additions in row order from zero, which is also what upstream's generic loop computes.
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    // (3, 5, 7): the serial path; (4, 128, 384): the parallel one (≥ 64K elements, ≥ 128 columns).
+    for (b, t, c) in [(3, 5, 7), (4, 128, 384), (2, 300, 1000)] {
+        let values: Vec<f32> = (0..b * t * c)
+            .map(|_| rng.random_range(-3.0f32..3.0))
+            .collect();
+        let x = Tensor::from_vec(values.clone(), (b, t, c), &Device::Cpu).unwrap();
+        let mut rows_ordered = vec![0f32; c];
+        for row in values.chunks(c) {
+            for (d, &v) in rows_ordered.iter_mut().zip(row) {
+                *d += v;
+            }
+        }
+        let ours: Vec<f32> = x.sum((0, 1)).unwrap().to_vec1().unwrap();
+        assert_eq!(ours, rows_ordered, "({b}, {t}, {c}) over dims 0 and 1");
+        let kept = x.sum_keepdim(0).unwrap();
+        assert_eq!(kept.dims(), &[1, t, c]);
+        let mut over_batch = vec![0f32; t * c];
+        for block in values.chunks(t * c) {
+            for (d, &v) in over_batch.iter_mut().zip(block) {
+                *d += v;
+            }
+        }
+        assert_eq!(
+            kept.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            over_batch
+        );
+        // A middle dimension still takes the generic path: against an f64 sum.
+        let middle: Vec<f32> = x.sum(1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..b {
+            for j in 0..c {
+                let exact: f64 = (0..t).map(|k| values[(i * t + k) * c + j] as f64).sum();
+                assert!(
+                    (middle[i * c + j] as f64 - exact).abs() < 1e-3,
+                    "({i}, {j})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn fused_gelu_matches_candle_ops_in_value_and_gradient() {
     use gpt_pretrain::model::{gelu_tanh, gelu_tanh_ops};
     let mut rng = ChaCha8Rng::seed_from_u64(21);

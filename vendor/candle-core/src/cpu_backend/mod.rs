@@ -344,6 +344,17 @@ impl ReduceSum<'_> {
                     }
                     return Ok(dst);
                 };
+                // Reducing over the leading dimensions (a broadcast's backward: a bias or
+                // position-embedding gradient) adds whole rows in order, columns split across
+                // threads. Every column is still summed row by row from zero, so the result is
+                // bitwise the generic loop's below, which does a divmod per element.
+                let reduce_over_first_dims =
+                    self.reduce_dims.iter().enumerate().all(|(i, &v)| v == i);
+                if reduce_over_first_dims && !dst.is_empty() {
+                    let cols = dst.len();
+                    sum_rows_into(src, src.len() / cols, cols, &mut dst);
+                    return Ok(dst);
+                }
                 for (unstr_index, &src) in src.iter().enumerate() {
                     let mut dst_index = unstr_index;
                     // Set the reduce_dims indexes to 0.
@@ -370,6 +381,34 @@ impl ReduceSum<'_> {
         }
         Ok(dst)
     }
+}
+
+/// `dst[c] += Σ_r src[r·cols + c]`, rows added in order; columns in parallel for large inputs.
+fn sum_rows_into<T: WithDType>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    // Below this many elements the pool's dispatch costs more than it saves.
+    const PAR_MIN: usize = 64 * 1024;
+    // Columns per work unit: whole cache lines of every row.
+    const COL_BLOCK: usize = 64;
+    let add_rows = |lo: usize, out: &mut [T]| {
+        for r in 0..rows {
+            let row = &src[r * cols + lo..r * cols + lo + out.len()];
+            for (d, &s) in out.iter_mut().zip(row) {
+                *d += s;
+            }
+        }
+    };
+    if rows * cols < PAR_MIN || cols < 2 * COL_BLOCK {
+        add_rows(0, dst);
+        return;
+    }
+    let dst_ptr = dst.as_mut_ptr() as usize;
+    crate::utils::barrier_pool().execute_chunked(cols.div_ceil(COL_BLOCK), |units| {
+        let lo = units.start * COL_BLOCK;
+        let hi = cols.min(units.end * COL_BLOCK);
+        // SAFETY: work units own disjoint column ranges of `dst`, which outlives the call.
+        let out = unsafe { std::slice::from_raw_parts_mut((dst_ptr as *mut T).add(lo), hi - lo) };
+        add_rows(lo, out);
+    });
 }
 
 impl Map1 for ReduceSum<'_> {
