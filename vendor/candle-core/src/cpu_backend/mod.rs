@@ -1517,7 +1517,6 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
@@ -1538,16 +1537,26 @@ impl Map2 for MatMul {
             // over itself, so a stride-zero batch on lhs goes through the loop below.
             (b, m, n, k)
         };
-        for step in 0..b {
+        let len = b * m * n;
+        // gemm with read_dst = false writes every destination element when k > 0, so the
+        // destination is not zeroed first (a memset of the whole output per matmul).
+        let mut dst: Vec<T> = if k == 0 {
+            vec![T::zero(); len]
+        } else {
+            Vec::with_capacity(len)
+        };
+        let dst_addr = dst.as_mut_ptr() as usize;
+        let run = |step: usize, parallelism: Parallelism| {
             let lhs_p = &lhs[step * a_skip..];
             let rhs_p = &rhs[step * b_skip..];
-            let dst_p = &mut dst[step * c_skip..];
+            // SAFETY: batch `step` owns dst[step * c_skip..(step + 1) * c_skip], within capacity.
+            let dst_p = unsafe { (dst_addr as *mut T).add(step * c_skip) };
             unsafe {
                 gemm(
                     /* m: usize = */ m,
                     /* n: usize = */ n,
                     /* k: usize = */ k,
-                    /* dst: *mut T = */ dst_p.as_mut_ptr(),
+                    /* dst: *mut T = */ dst_p,
                     /* dst_cs: isize = */ dst_cs as isize,
                     /* dst_rs: isize = */ dst_rs as isize,
                     /* read_dst: bool = */ false,
@@ -1565,7 +1574,23 @@ impl Map2 for MatMul {
                     parallelism,
                 )
             }
+        };
+        if num_threads > 1 && b >= num_threads {
+            // Many small matrices (attention's batch × heads): one whole gemm per thread at a
+            // time beats splitting each small gemm across threads and joining after each.
+            // gemm splits the output, never k, so the values do not depend on the split.
+            crate::utils::barrier_pool().execute_chunked(b, |steps| {
+                for step in steps {
+                    run(step, Parallelism::None)
+                }
+            });
+        } else {
+            for step in 0..b {
+                run(step, parallelism)
+            }
         }
+        // SAFETY: every element was written by gemm (or zeroed when k == 0).
+        unsafe { dst.set_len(len) };
         Ok(dst)
     }
 
