@@ -172,18 +172,41 @@ pub struct Group {
     pub runs: Vec<RunData>,
 }
 
-fn group_key(cfg: &TrainConfig) -> Result<String> {
+/// Keys that do not change what a run computes, only how often it reports and what it keeps.
+const BOOKKEEPING_KEYS: &[&str] = &["eval_interval", "log_interval", "keep_last", "cache_dir"];
+
+/// Keys that make up an optimizer setting: two groups that differ only in these are compared
+/// pairwise in the report.
+const OPTIMIZER_KEYS: &[&str] = &[
+    "optimizer",
+    "variant",
+    "betas",
+    "eps",
+    "weight_decay",
+    "decay_1d",
+    "decouple",
+    "clip_exponent",
+    "lr",
+    "min_lr",
+];
+
+/// The config with `seed` and the bookkeeping keys removed, and `also` removed too.
+fn config_key(cfg: &TrainConfig, also: &[&str]) -> Result<String> {
     let mut t = cfg.to_table()?;
-    for key in [
-        "seed",
-        "eval_interval",
-        "log_interval",
-        "keep_last",
-        "cache_dir",
-    ] {
-        t.remove(key);
+    for key in BOOKKEEPING_KEYS.iter().chain(also).chain(&["seed"]) {
+        t.remove(*key);
     }
     Ok(toml::to_string(&t)?)
+}
+
+fn group_key(cfg: &TrainConfig) -> Result<String> {
+    config_key(cfg, &[])
+}
+
+/// Whether two groups differ in their optimizer setting only (same batch, data, schedule, steps).
+fn differ_only_in_optimizer(a: &Group, b: &Group) -> bool {
+    let key = |g: &Group| config_key(&g.runs[0].cfg, OPTIMIZER_KEYS).ok();
+    key(a).is_some() && key(a) == key(b)
 }
 
 /// What identifies an optimizer setting in a label.
@@ -354,7 +377,10 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
         } else {
             format!(
                 "{} ({} of {})",
-                fmt_mean_sd(&reached).replace(".0000", ""),
+                match mean_sd(&reached) {
+                    (m, sd) if sd.is_nan() => format!("{m:.0}"),
+                    (m, sd) => format!("{m:.0} ± {sd:.0}"),
+                },
                 reached.len(),
                 s.tokens_to_target.len()
             )
@@ -378,36 +404,54 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
         );
     }
     let _ = writeln!(md, "\n## Pairwise differences in final validation loss\n");
+    let all_pairs: Vec<(usize, usize)> = (0..groups.len())
+        .flat_map(|i| (i + 1..groups.len()).map(move |j| (i, j)))
+        .collect();
+    let optimizer_pairs: Vec<(usize, usize)> = all_pairs
+        .iter()
+        .copied()
+        .filter(|&(i, j)| differ_only_in_optimizer(&groups[i], &groups[j]))
+        .collect();
+    let pairs = if optimizer_pairs.is_empty() {
+        let _ = writeln!(md, "Every pair of groups:\n");
+        all_pairs
+    } else {
+        let _ = writeln!(
+            md,
+            "Pairs of groups that differ only in the optimizer setting (same batch size, data, \
+             schedule and steps); {} other pairs are left out.\n",
+            all_pairs.len() - optimizer_pairs.len()
+        );
+        optimizer_pairs
+    };
     let _ = writeln!(md, "| A | B | mean A − B | Welch t | df | p | verdict |");
     let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---|");
-    for i in 0..groups.len() {
-        for j in i + 1..groups.len() {
-            let (a, b) = (&all[i].final_val, &all[j].final_val);
-            let diff = mean_sd(a).0 - mean_sd(b).0;
-            let (t, df, p, verdict) = match welch(a, b) {
-                Some((t, df, p)) => (
-                    format!("{t:.2}"),
-                    format!("{df:.1}"),
-                    format!("{p:.3}"),
-                    if p < 0.05 {
-                        format!("significant: {} lower", if diff < 0.0 { "A" } else { "B" })
-                    } else {
-                        "not significant".to_string()
-                    },
-                ),
-                None => (
-                    "—".into(),
-                    "—".into(),
-                    "—".into(),
-                    "not testable (fewer than 2 seeds)".into(),
-                ),
-            };
-            let _ = writeln!(
-                md,
-                "| {} | {} | {diff:+.4} | {t} | {df} | {p} | {verdict} |",
-                groups[i].label, groups[j].label
-            );
-        }
+    for (i, j) in pairs {
+        let (a, b) = (&all[i].final_val, &all[j].final_val);
+        let diff = mean_sd(a).0 - mean_sd(b).0;
+        let (t, df, p, verdict) = match welch(a, b) {
+            Some((t, df, p)) => (
+                format!("{t:.2}"),
+                format!("{df:.1}"),
+                format!("{p:.3}"),
+                if p < 0.05 {
+                    format!("significant: {} lower", if diff < 0.0 { "A" } else { "B" })
+                } else {
+                    "not significant".to_string()
+                },
+            ),
+            None => (
+                "—".into(),
+                "—".into(),
+                "—".into(),
+                "not testable (fewer than 2 seeds)".into(),
+            ),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {diff:+.4} | {t} | {df} | {p} | {verdict} |",
+            groups[i].label, groups[j].label
+        );
     }
     let _ = writeln!(
         md,

@@ -142,6 +142,55 @@ fn compare_writes_a_report_and_readable_plots() {
 }
 
 #[test]
+fn pairwise_tests_pair_groups_that_differ_only_in_the_optimizer() {
+    let ws = Workspace::new();
+    sweep(
+        &ws,
+        &["--grid", "optimizer=adamw,adopt", "--grid", "batch_size=4,2"],
+        "0,1",
+    );
+    let report = |runs: &[&str]| -> String {
+        let mut args = vec!["compare"];
+        args.extend_from_slice(runs);
+        args.extend_from_slice(&["--out", "report"]);
+        ok(&bin()
+            .current_dir(ws.dir.path())
+            .args(&args)
+            .output()
+            .unwrap());
+        std::fs::read_to_string(ws.path("report/report.md")).unwrap()
+    };
+    let rows = |md: &str| -> Vec<String> {
+        let section = md.split("## Pairwise").nth(1).unwrap();
+        section
+            .lines()
+            .filter(|l| l.starts_with("| adam") || l.starts_with("| adopt"))
+            .map(String::from)
+            .collect()
+    };
+    // Four groups, six pairs: only the two at equal batch size compare optimizers.
+    let md = report(&["sweep"]);
+    assert!(md.contains("4 other pairs are left out"), "{md}");
+    let pairs = rows(&md);
+    assert_eq!(pairs.len(), 2, "{pairs:?}");
+    for row in &pairs {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let batch = |cell: &str| cell.split(", ").nth(1).unwrap().to_string();
+        assert_eq!(batch(cells[0]), batch(cells[1]), "{row}");
+        assert_ne!(cells[0].split(',').next(), cells[1].split(',').next(), "{row}");
+    }
+    // One optimizer at two batch sizes: no pair differs only in the optimizer, so every pair.
+    let md = report(&[
+        "sweep/optimizer-adamw_batch_size-4_seed-0",
+        "sweep/optimizer-adamw_batch_size-4_seed-1",
+        "sweep/optimizer-adamw_batch_size-2_seed-0",
+        "sweep/optimizer-adamw_batch_size-2_seed-1",
+    ]);
+    assert!(md.contains("Every pair of groups"), "{md}");
+    assert_eq!(rows(&md).len(), 1);
+}
+
+#[test]
 fn compare_refuses_runs_on_different_data() {
     let ws = Workspace::new();
     let other = ws.path("other.txt");
