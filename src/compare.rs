@@ -165,6 +165,41 @@ pub fn welch(a: &[f64], b: &[f64]) -> Option<(f64, f64, f64)> {
     Some((t, df, p))
 }
 
+/// Paired two-sided t-test on matched values (`a[i]` with `b[i]`: the same seed, so the same
+/// initialisation and batches): (mean of a − b, t, degrees of freedom, p), or `None` with fewer
+/// than two pairs or differences without variance.
+pub fn paired_t(a: &[f64], b: &[f64]) -> Option<(f64, f64, f64, f64)> {
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    if d.len() < 2 {
+        return None;
+    }
+    let (mean, sd) = mean_sd(&d);
+    if sd == 0.0 || !sd.is_finite() {
+        return None;
+    }
+    let t = mean / (sd / (d.len() as f64).sqrt());
+    let df = d.len() as f64 - 1.0;
+    let dist = StudentsT::new(0.0, 1.0, df).ok()?;
+    Some((mean, t, df, 2.0 * (1.0 - dist.cdf(t.abs()))))
+}
+
+/// Final validation losses of the seeds two groups share, in matching order.
+fn shared_seed_finals(
+    a: &Group,
+    sa: &GroupStats,
+    b: &Group,
+    sb: &GroupStats,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut pairs = (Vec::new(), Vec::new());
+    for (ra, fa) in a.runs.iter().zip(&sa.final_val) {
+        if let Some(k) = b.runs.iter().position(|rb| rb.cfg.seed == ra.cfg.seed) {
+            pairs.0.push(*fa);
+            pairs.1.push(sb.final_val[k]);
+        }
+    }
+    pairs
+}
+
 /// Runs that differ only in `seed` (and in how they log and checkpoint).
 #[derive(Debug, Clone)]
 pub struct Group {
@@ -424,9 +459,17 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
         );
         optimizer_pairs
     };
-    let _ = writeln!(md, "| A | B | mean A − B | Welch t | df | p | verdict |");
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---|");
+    let _ = writeln!(
+        md,
+        "| A | B | mean A − B | Welch t | df | p | verdict | paired by seed: mean A − B, t, p |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---|---|");
     for (i, j) in pairs {
+        let (pa, pb) = shared_seed_finals(&groups[i], &all[i], &groups[j], &all[j]);
+        let paired = match paired_t(&pa, &pb) {
+            Some((d, t, _, p)) => format!("{d:+.4}, {t:.2}, {p:.3} ({} seeds)", pa.len()),
+            None => "—".into(),
+        };
         let (a, b) = (&all[i].final_val, &all[j].final_val);
         let diff = mean_sd(a).0 - mean_sd(b).0;
         let (t, df, p, verdict) = match welch(a, b) {
@@ -449,7 +492,7 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {diff:+.4} | {t} | {df} | {p} | {verdict} |",
+            "| {} | {} | {diff:+.4} | {t} | {df} | {p} | {verdict} | {paired} |",
             groups[i].label, groups[j].label
         );
     }
@@ -458,7 +501,9 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
         "\nDefinitions: final/best = last/lowest validation evaluation (fixed windows, same for every run). \
          A loss spike is a train loss above {SPIKE_FACTOR}× the median of the previous {SPIKE_WINDOW} train losses \
          (once {SPIKE_MIN_HISTORY} exist), or a skipped non-finite step. Diverged = a non-finite train loss. \
-         Significance: Welch's two-sided t-test across seeds, p < 0.05; no correction for multiple comparisons. \
+         Significance (the verdict): Welch's two-sided t-test across seeds, p < 0.05; no correction for multiple comparisons. \
+         The paired column tests the per-seed differences instead (runs with the same seed start from the same \
+         weights and see the same batches), two-sided, n − 1 degrees of freedom. \
          Runs still going or stopped early are included as they are (see \"finished\")."
     );
     md

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use gpt_pretrain::compare::{count_spikes, mean_sd, welch};
+use gpt_pretrain::compare::{count_spikes, mean_sd, paired_t, welch};
 
 #[test]
 fn welch_matches_an_independent_computation() {
@@ -20,6 +20,25 @@ fn welch_matches_an_independent_computation() {
     );
     let (m, sd) = mean_sd(&[2.0, 4.0, 6.0]);
     assert_eq!((m, sd), (4.0, 2.0));
+}
+
+#[test]
+fn paired_t_matches_the_closed_form_at_two_degrees_of_freedom() {
+    // d = (1, 1.5, 1.5): mean 4/3, sd sqrt(1/12), t = (4/3) / (sd / sqrt 3) = 8. With 2 degrees of
+    // freedom the t CDF is 1/2 + t / (2 sqrt(2 + t²)), so p = 1 − 8 / sqrt(66).
+    let (d, t, df, p) = paired_t(&[1.0, 2.0, 4.0], &[0.0, 0.5, 2.5]).unwrap();
+    assert!((d - 4.0 / 3.0).abs() < 1e-12, "{d}");
+    assert!((t - 8.0).abs() < 1e-9, "{t}");
+    assert_eq!(df, 2.0);
+    assert!((p - (1.0 - 8.0 / 66f64.sqrt())).abs() < 1e-9, "{p}");
+    assert!(
+        paired_t(&[1.0], &[2.0]).is_none(),
+        "one pair cannot be tested"
+    );
+    assert!(
+        paired_t(&[1.0, 2.0], &[0.0, 1.0]).is_none(),
+        "constant differences"
+    );
 }
 
 #[test]
@@ -146,7 +165,12 @@ fn pairwise_tests_pair_groups_that_differ_only_in_the_optimizer() {
     let ws = Workspace::new();
     sweep(
         &ws,
-        &["--grid", "optimizer=adamw,adopt", "--grid", "batch_size=4,2"],
+        &[
+            "--grid",
+            "optimizer=adamw,adopt",
+            "--grid",
+            "batch_size=4,2",
+        ],
         "0,1",
     );
     let report = |runs: &[&str]| -> String {
@@ -177,7 +201,11 @@ fn pairwise_tests_pair_groups_that_differ_only_in_the_optimizer() {
         let cells: Vec<&str> = row.split(" | ").collect();
         let batch = |cell: &str| cell.split(", ").nth(1).unwrap().to_string();
         assert_eq!(batch(cells[0]), batch(cells[1]), "{row}");
-        assert_ne!(cells[0].split(',').next(), cells[1].split(',').next(), "{row}");
+        assert_ne!(
+            cells[0].split(',').next(),
+            cells[1].split(',').next(),
+            "{row}"
+        );
     }
     // One optimizer at two batch sizes: no pair differs only in the optimizer, so every pair.
     let md = report(&[
