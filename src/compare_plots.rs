@@ -83,6 +83,32 @@ struct Curves {
     x_label: &'static str,
     y_label: &'static str,
     lines: Vec<Line>,
+    /// Top of the y axis when the data go higher: one diverged run would otherwise flatten
+    /// every other curve against the bottom.
+    y_cap: Option<f64>,
+}
+
+/// The highest first value of any group's main line (a loss curve's starting loss).
+fn highest_start(lines: &[Line]) -> Option<f64> {
+    lines
+        .iter()
+        .filter_map(|l| l.1.first().map(|p| p.1))
+        .filter(|y| y.is_finite())
+        .reduce(f64::max)
+}
+
+/// Ten times the median of every group's main-line values.
+fn ten_medians(lines: &[Line]) -> Option<f64> {
+    let mut ys: Vec<f64> = lines
+        .iter()
+        .flat_map(|l| l.1.iter().map(|p| p.1))
+        .filter(|y| y.is_finite())
+        .collect();
+    if ys.is_empty() {
+        return None;
+    }
+    ys.sort_by(f64::total_cmp);
+    Some(10.0 * ys[ys.len() / 2])
 }
 
 fn draw_curves<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, c: &Curves) -> Result<()>
@@ -95,9 +121,20 @@ where
         all.extend(band.iter().flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]));
         all.extend(raw);
     }
-    let (x0, x1, y0, y1) = bounds(&all);
+    let mut title = c.title.clone();
+    let cap = c
+        .y_cap
+        .filter(|&cap| all.iter().any(|p| p.1 > cap) && all.iter().any(|p| p.1 <= cap));
+    if let Some(cap) = cap {
+        all.retain(|p| p.1 <= cap);
+        title.push_str(&format!(" — axis cut at {cap:.3}"));
+    }
+    let (x0, x1, y0, mut y1) = bounds(&all);
+    if let Some(cap) = cap {
+        y1 = cap;
+    }
     let mut chart = ChartBuilder::on(area)
-        .caption(&c.title, (FONT, 22))
+        .caption(&title, (FONT, 22))
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(65)
@@ -182,6 +219,7 @@ fn val_curves(groups: &[Group]) -> Curves {
         title: "Validation loss (seed mean; band = min–max over seeds)".into(),
         x_label: "training tokens",
         y_label: "validation loss (nats/token)",
+        y_cap: None,
         lines: groups
             .iter()
             .map(|g| {
@@ -209,6 +247,7 @@ fn train_curves(groups: &[Group]) -> Curves {
         title: "Train loss (seed mean; smoothed, raw faint)".into(),
         x_label: "step",
         y_label: "train loss (nats/token)",
+        y_cap: None,
         lines: groups
             .iter()
             .map(|g| {
@@ -240,6 +279,7 @@ fn series_curves(
         title: title.into(),
         x_label: "step",
         y_label,
+        y_cap: None,
         lines: groups
             .iter()
             .map(|g| {
@@ -263,17 +303,20 @@ fn series_curves(
 /// Writes `val_loss`, `train_loss` and `lr_grad_norm` as `.png` and `.svg` into `out`.
 pub fn draw_all(groups: &[Group], out: &Path) -> Result<()> {
     register_fonts();
-    let val = val_curves(groups);
-    let train = train_curves(groups);
+    let mut val = val_curves(groups);
+    val.y_cap = highest_start(&val.lines).map(|y| y * 1.02);
+    let mut train = train_curves(groups);
+    train.y_cap = highest_start(&train.lines).map(|y| y * 1.02);
     let lr = series_curves(groups, "Learning rate (seed mean)", "learning rate", |t| {
         t.3
     });
-    let norm = series_curves(
+    let mut norm = series_curves(
         groups,
         "Gradient norm before clipping (seed mean)",
         "global L2 norm",
         |t| t.4,
     );
+    norm.y_cap = ten_medians(&norm.lines);
     for (name, curves) in [
         ("val_loss", vec![&val]),
         ("train_loss", vec![&train]),
