@@ -33,6 +33,10 @@ else
     # 100 of 300), so that both batch sizes can reach it.
     TARGET=(--target-loss 7.0)
     EXTRA=()
+    if [[ ! -s data/gutenberg_en.txt ]]; then
+        echo "error: data/gutenberg_en.txt is missing; run DATA_MIRROR=../shared/data bash scripts/get_data.sh --gutenberg" >&2
+        exit 1
+    fi
 fi
 
 for seed in ${SEEDS//,/ }; do
