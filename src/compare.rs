@@ -241,7 +241,7 @@ fn group_key(cfg: &TrainConfig) -> Result<String> {
 /// Whether two groups differ in their optimizer setting only (same batch, data, schedule, steps).
 fn differ_only_in_optimizer(a: &Group, b: &Group) -> bool {
     let key = |g: &Group| config_key(&g.runs[0].cfg, OPTIMIZER_KEYS).ok();
-    key(a).is_some() && key(a) == key(b)
+    matches!((key(a), key(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// What identifies an optimizer setting in a label.
@@ -356,16 +356,17 @@ pub fn stats(group: &Group, target: Option<f64>) -> GroupStats {
     s
 }
 
-fn fmt_mean_sd(xs: &[f64]) -> String {
+/// "mean ± sd" of the finite values with `decimals` places ("mean" alone for one value).
+fn fmt_mean_sd(xs: &[f64], decimals: usize) -> String {
     let finite: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
     if finite.is_empty() {
         return "—".into();
     }
     let (m, sd) = mean_sd(&finite);
     if sd.is_nan() {
-        format!("{m:.4}")
+        format!("{m:.decimals$}")
     } else {
-        format!("{m:.4} ± {sd:.4}")
+        format!("{m:.decimals$} ± {sd:.decimals$}")
     }
 }
 
@@ -412,10 +413,7 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
         } else {
             format!(
                 "{} ({} of {})",
-                match mean_sd(&reached) {
-                    (m, sd) if sd.is_nan() => format!("{m:.0}"),
-                    (m, sd) => format!("{m:.0} ± {sd:.0}"),
-                },
+                fmt_mean_sd(&reached, 0),
                 reached.len(),
                 s.tokens_to_target.len()
             )
@@ -425,8 +423,8 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
             "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
             g.label,
             g.runs.len(),
-            fmt_mean_sd(&s.final_val),
-            fmt_mean_sd(&s.best_val),
+            fmt_mean_sd(&s.final_val, 4),
+            fmt_mean_sd(&s.best_val, 4),
             to_target,
             s.spikes
                 .iter()
