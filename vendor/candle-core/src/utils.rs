@@ -8,6 +8,10 @@ use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 
 const DEFAULT_BARRIER_POOL_SPIN_LIMIT: u32 = 25_000;
+/// gpt-pretrain patch: an idle worker spins this many rounds, then yields for the rest of the
+/// spin limit. gemm and rayon-parallel ops run on rayon's threads, not this pool's: a worker that
+/// only spins holds a core they need (with two cores, three busy threads).
+const YIELD_AFTER_SPINS: u32 = 256;
 
 /// Per-worker control on its own 64-byte cache line to prevent false sharing.
 #[repr(C, align(64))]
@@ -160,8 +164,10 @@ impl BarrierPool {
                                     return;
                                 }
                                 spins += 1;
-                                if spins < spin_limit {
+                                if spins < spin_limit.min(YIELD_AFTER_SPINS) {
                                     spin_loop();
+                                } else if spins < spin_limit {
+                                    std::thread::yield_now();
                                 } else {
                                     // Park deposits a token; unpark() before park() returns immediately — no race.
                                     std::thread::park();
