@@ -11,6 +11,7 @@
 //! - [`checkpoint`]: atomic, checksummed checkpoints.
 //! - [`train`]: the training loop; [`sample`]: text generation.
 
+pub mod attention;
 pub mod bench;
 pub mod checkpoint;
 pub mod compare;

@@ -9,8 +9,9 @@
 //!
 //! Every layer is written with candle ops that have a backward pass (`candle_nn`'s LayerNorm and
 //! `softmax_last_dim` have none and would silently stop gradients), or with the fused kernels of
-//! [`crate::kernels`] (LayerNorm, causal softmax, tanh-GELU, cross-entropy; CPU and CUDA), which
-//! carry their own backward and are tested against those ops.
+//! [`crate::kernels`] (LayerNorm, causal softmax, tanh-GELU, cross-entropy; CPU and CUDA) and
+//! [`crate::attention`] (the whole causal attention on CPU), which carry their own backward and
+//! are tested against those ops.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -390,6 +391,13 @@ impl CausalSelfAttention {
         let (b, t, c) = x.dims3()?;
         let head_dim = c / self.n_head;
         let qkv = self.c_attn.forward(x)?;
+        // The fused CPU kernel has no attention dropout; with dropout on, the composed path runs
+        // (and draws its masks in the same order as always).
+        let attention_dropout = self.dropout > 0.0 && rng.is_some();
+        if !attention_dropout && crate::attention::fused_causal_attention_applies(&qkv) {
+            let y = crate::attention::fused_causal_attention(&qkv, self.n_head)?;
+            return dropout(&self.c_proj.forward(&y)?, self.dropout, rng);
+        }
         // (B, T, C) → (B, n_head, T, head_dim)
         let split = |i: usize| -> Result<Tensor> {
             Ok(qkv

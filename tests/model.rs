@@ -651,6 +651,169 @@ fn fused_causal_softmax_matches_candle_ops_in_value_and_gradient() {
     }
 }
 
+/// Causal attention from packed qkv (B, T, 3C) with plain candle ops: split, scores, −∞ mask,
+/// softmax, weighted values, heads back side by side.
+fn attention_composed(qkv: &Tensor, n_head: usize) -> Tensor {
+    let (b, t, c3) = qkv.dims3().unwrap();
+    let (c, hd) = (c3 / 3, c3 / 3 / n_head);
+    let heads = |i: usize| {
+        qkv.narrow(2, i * c, c)
+            .unwrap()
+            .reshape((b, t, n_head, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let (q, k, v) = (heads(0), heads(1), heads(2));
+    let mask: Vec<f64> = (0..t * t)
+        .map(|i| {
+            if i % t > i / t {
+                f64::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)
+        .unwrap()
+        .to_dtype(qkv.dtype())
+        .unwrap();
+    let scores = (q.matmul(&k.t().unwrap()).unwrap() / (hd as f64).sqrt())
+        .unwrap()
+        .broadcast_add(&mask)
+        .unwrap();
+    let p = candle_nn::ops::softmax(&scores, candle_core::D::Minus1).unwrap();
+    p.matmul(&v)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, t, c))
+        .unwrap()
+}
+
+#[test]
+fn fused_attention_matches_candle_ops_in_value_and_gradient() {
+    use gpt_pretrain::attention::{fused_causal_attention, fused_causal_attention_applies};
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    // (batch, T, heads, head_dim): one block; a partial last block; several blocks and a
+    // partial one; the baby model's head shape over exactly two blocks.
+    for (b, t, n_head, hd) in [
+        (2, 7, 2, 4),
+        (1, 70, 3, 8),
+        (2, 150, 2, 16),
+        (1, 128, 1, 64),
+    ] {
+        let c = n_head * hd;
+        let n = b * t * 3 * c;
+        // Scores of order 1-10 so the softmax is neither flat nor one-hot.
+        let values: Vec<f64> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let upstream: Vec<f64> = (0..b * t * c)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            let tensor = |v: &[f64], shape: &[usize]| {
+                Tensor::from_slice(v, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let qkv = Var::from_tensor(&tensor(&values, &[b, t, 3 * c])).unwrap();
+            let upstream = tensor(&upstream, &[b, t, c]);
+            assert!(fused_causal_attention_applies(qkv.as_tensor()));
+            let run = |y: Tensor| -> (Vec<f64>, Vec<f64>) {
+                let g = y
+                    .mul(&upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let flat = |t: &Tensor| -> Vec<f64> {
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                (flat(&y), flat(g.get(qkv.as_tensor()).unwrap()))
+            };
+            let (ya, ga) = run(fused_causal_attention(qkv.as_tensor(), n_head).unwrap());
+            let (yb, gb) = run(attention_composed(qkv.as_tensor(), n_head));
+            for (name, a, r) in [("value", &ya, &yb), ("gradient", &ga, &gb)] {
+                let scale = r.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                let worst = a
+                    .iter()
+                    .zip(r)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    worst < tol * scale.max(1.0),
+                    "({b}, {t}, {n_head}, {hd}) {dtype:?} {name}: {worst:e} (largest {scale:e})"
+                );
+            }
+            // The gradient reaches all of q, k and v.
+            for part in 0..3 {
+                let norm: f64 = (0..b * t)
+                    .flat_map(|row| &ga[row * 3 * c + part * c..row * 3 * c + (part + 1) * c])
+                    .map(|g| g * g)
+                    .sum();
+                assert!(
+                    norm > 0.0,
+                    "({b}, {t}, {n_head}, {hd}): part {part} has no gradient"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_attention_is_causal_and_rejects_bad_shapes() {
+    use gpt_pretrain::attention::fused_causal_attention;
+    // With T = 1 each head returns its own value vector, whatever q and k are.
+    let qkv = Tensor::new(&[[[5.0f64, -1.0, 2.0, 3.0, 7.0, -4.0]]], &Device::Cpu).unwrap();
+    let y = fused_causal_attention(&qkv, 2).unwrap();
+    assert_eq!(y.to_vec3::<f64>().unwrap(), vec![vec![vec![7.0, -4.0]]]);
+    // Changing the last position's q, k or v leaves the earlier outputs bitwise unchanged.
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (t, c3) = (100, 24);
+    let mut values: Vec<f32> = (0..t * c3).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let before = fused_causal_attention(
+        &Tensor::from_slice(&values, (1, t, c3), &Device::Cpu).unwrap(),
+        2,
+    )
+    .unwrap()
+    .narrow(1, 0, t - 1)
+    .unwrap()
+    .flatten_all()
+    .unwrap()
+    .to_vec1::<f32>()
+    .unwrap();
+    for v in &mut values[(t - 1) * c3..] {
+        *v += 3.0;
+    }
+    let after = fused_causal_attention(
+        &Tensor::from_slice(&values, (1, t, c3), &Device::Cpu).unwrap(),
+        2,
+    )
+    .unwrap()
+    .narrow(1, 0, t - 1)
+    .unwrap()
+    .flatten_all()
+    .unwrap()
+    .to_vec1::<f32>()
+    .unwrap();
+    assert_eq!(before, after);
+    // A width that is not 3 × a multiple of the head count is an error, not a panic.
+    let bad = Tensor::zeros((1, 4, 10), DType::F32, &Device::Cpu).unwrap();
+    assert!(fused_causal_attention(&bad, 2).is_err());
+    let qkv = Tensor::zeros((1, 4, 18), DType::F32, &Device::Cpu).unwrap();
+    assert!(fused_causal_attention(&qkv, 3).is_ok());
+    assert!(fused_causal_attention(&qkv, 4).is_err());
+}
+
 #[test]
 fn fused_layer_norm_matches_candle_ops_in_value_and_gradient() {
     let mut rng = ChaCha8Rng::seed_from_u64(29);

@@ -1,0 +1,363 @@
+//! Fused causal self-attention for the CPU: the packed `(B, T, 3C)` output of `c_attn` in, the
+//! `(B, T, C)` input of `c_proj` out, with its own backward, as a candle custom op.
+//!
+//! The composed version splits q, k and v with three strided copies, materialises the
+//! `B·H·T·T` scores and probabilities, and copies the heads back together; its backward pads each
+//! of the three narrows' gradients with zeros and adds them up. Here one task per (batch, head)
+//! reads q, k and v in place through gemm's strides, keeps the `T×T` block of one head in a
+//! per-thread scratch buffer (in L2 for T = 256), skips the blocks above the diagonal, and writes
+//! its head's columns of the output directly. Nothing of size `B·H·T·T` is ever allocated.
+//!
+//! The backward recomputes the probabilities (as flash attention does) instead of keeping them
+//! from the forward, so the graph holds only `qkv`: one extra `Q·Kᵀ` per head, on the half of the
+//! blocks at or below the diagonal. The softmax arithmetic is that of
+//! [`crate::kernels::fused_causal_softmax`] and its gradient, so the two paths agree to rounding.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Query rows per block. The blocks above the diagonal are skipped: at T = 256 the scores cost
+/// 10/16 of the full square instead of 1.
+const BLOCK: usize = 64;
+
+/// The shape of one attention call.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    t: usize,
+    /// Model width C (qkv is 3C wide).
+    c: usize,
+    n_head: usize,
+    head_dim: usize,
+}
+
+impl Dims {
+    fn of_qkv(l: &Layout, n_head: usize) -> Result<Self> {
+        let (batch, t, c3) = l.shape().dims3()?;
+        if c3 % 3 != 0 || n_head == 0 || (c3 / 3) % n_head != 0 {
+            bail!("fused attention: qkv width {c3} is not 3 × a multiple of {n_head} heads");
+        }
+        let c = c3 / 3;
+        Ok(Self {
+            batch,
+            t,
+            c,
+            n_head,
+            head_dim: c / n_head,
+        })
+    }
+}
+
+/// A pointer shared across tasks; each task touches only its own (batch, head) columns.
+#[derive(Clone, Copy)]
+struct SharedPtr<T>(*mut T);
+// SAFETY: tasks write disjoint elements (see each use), and the buffer outlives the parallel loop.
+unsafe impl<T> Send for SharedPtr<T> {}
+unsafe impl<T> Sync for SharedPtr<T> {}
+
+impl<T> SharedPtr<T> {
+    /// The pointer (a method, so closures capture the `Sync` wrapper rather than its field).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// A strided matrix view: (pointer, row stride, column stride), in elements.
+type View<T> = (*const T, isize, isize);
+
+/// dst (m×n) = lhs (m×k) · rhs (k×n) on this thread, every operand strided.
+///
+/// # Safety
+/// Every view must cover its whole matrix, and `dst` must not overlap the inputs.
+#[inline]
+unsafe fn matmul<T: Float + 'static>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut T, isize, isize),
+    lhs: View<T>,
+    rhs: View<T>,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2,
+        dst.1,
+        false,
+        lhs.0,
+        lhs.2,
+        lhs.1,
+        rhs.0,
+        rhs.2,
+        rhs.1,
+        T::zero(),
+        T::one(),
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
+/// Row `i` of the probabilities in place: softmax(scale · s) over its first `visible` = i + 1
+/// entries, zeros after them (the arithmetic of the fused causal softmax kernel).
+#[inline]
+fn causal_softmax_row<T: Float>(row: &mut [T], visible: usize, scale: T) {
+    let (seen, hidden) = row.split_at_mut(visible);
+    let max = seen
+        .iter()
+        .fold(T::neg_infinity(), |m, &v| m.max(v * scale));
+    let mut sum = T::zero();
+    for v in seen.iter_mut() {
+        *v = (*v * scale - max).exp();
+        sum = sum + *v;
+    }
+    for v in seen.iter_mut() {
+        *v = *v / sum;
+    }
+    hidden.fill(T::zero());
+}
+
+/// Rows `r0..r1` of one head's probabilities into `p` (row stride T), columns `0..r1`.
+///
+/// # Safety
+/// `q` and `k` point at the head's first query and key of its batch row in `qkv`.
+unsafe fn probabilities_block<T: Float + 'static>(
+    p: &mut [T],
+    (q, k): (*const T, *const T),
+    (r0, r1): (usize, usize),
+    d: &Dims,
+    scale: T,
+) {
+    let (t, qkv_rs) = (d.t, 3 * d.c as isize);
+    matmul(
+        (r1 - r0, r1, d.head_dim),
+        (p.as_mut_ptr().add(r0 * t), t as isize, 1),
+        (q.add(r0 * 3 * d.c), qkv_rs, 1),
+        (k, 1, qkv_rs),
+    );
+    for i in r0..r1 {
+        causal_softmax_row(&mut p[i * t..i * t + r1], i + 1, scale);
+    }
+}
+
+/// The row blocks of a sequence of length t.
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(BLOCK)
+        .map(move |r0| (r0, (r0 + BLOCK).min(t)))
+}
+
+fn attention_forward<T: Float + Send + Sync + 'static>(qkv: &[T], d: Dims, scale: f64) -> Vec<T> {
+    let scale = T::from(scale).expect("finite scale");
+    let (t, c) = (d.t, d.c);
+    let mut y = vec![T::zero(); d.batch * t * c];
+    let y_ptr = SharedPtr(y.as_mut_ptr());
+    (0..d.batch * d.n_head).into_par_iter().for_each_init(
+        || vec![T::zero(); t * t],
+        |p, task| {
+            let (bi, h) = (task / d.n_head, task % d.n_head);
+            // SAFETY: q, k and v of (bi, h) lie inside qkv; this task writes only rows of batch
+            // bi and the columns of head h of y, which no other task writes.
+            unsafe {
+                let q = qkv.as_ptr().add(bi * t * 3 * c + h * d.head_dim);
+                let (k, v) = (q.add(c), q.add(2 * c));
+                let y = y_ptr.get().add(bi * t * c + h * d.head_dim);
+                for (r0, r1) in blocks(t) {
+                    probabilities_block(p, (q, k), (r0, r1), &d, scale);
+                    matmul(
+                        (r1 - r0, d.head_dim, r1),
+                        (y.add(r0 * c), c as isize, 1),
+                        (p.as_ptr().add(r0 * t), t as isize, 1),
+                        (v, 3 * c as isize, 1),
+                    );
+                }
+            }
+        },
+    );
+    y
+}
+
+fn attention_backward<T: Float + Send + Sync + 'static>(
+    qkv: &[T],
+    dy: &[T],
+    d: Dims,
+    scale: f64,
+) -> Vec<T> {
+    let scale = T::from(scale).expect("finite scale");
+    let (t, c, hd) = (d.t, d.c, d.head_dim);
+    let (qkv_rs, t_rs) = (3 * c as isize, t as isize);
+    let mut dqkv = vec![T::zero(); qkv.len()];
+    let dqkv_ptr = SharedPtr(dqkv.as_mut_ptr());
+    (0..d.batch * d.n_head).into_par_iter().for_each_init(
+        || (vec![T::zero(); t * t], vec![T::zero(); t * t]),
+        |(p, ds), task| {
+            let (bi, h) = (task / d.n_head, task % d.n_head);
+            // SAFETY: as in the forward; this task writes only rows of batch bi and the columns
+            // of head h in each of dq, dk and dv.
+            unsafe {
+                let q = qkv.as_ptr().add(bi * t * 3 * c + h * hd);
+                let (k, v) = (q.add(c), q.add(2 * c));
+                let dy = dy.as_ptr().add(bi * t * c + h * hd);
+                let dq = dqkv_ptr.get().add(bi * t * 3 * c + h * hd);
+                let (dk, dv) = (dq.add(c), dq.add(2 * c));
+                for (r0, r1) in blocks(t) {
+                    probabilities_block(p, (q, k), (r0, r1), &d, scale);
+                    // dP = dY·Vᵀ, then dS = scale · P ⊙ (dP − Σⱼ P ⊙ dP) in place.
+                    matmul(
+                        (r1 - r0, r1, hd),
+                        (ds.as_mut_ptr().add(r0 * t), t_rs, 1),
+                        (dy.add(r0 * c), c as isize, 1),
+                        (v, 1, qkv_rs),
+                    );
+                    for i in r0..r1 {
+                        let (pr, dr) = (&p[i * t..i * t + r1], &mut ds[i * t..i * t + r1]);
+                        let dot = pr[..=i]
+                            .iter()
+                            .zip(&dr[..=i])
+                            .fold(T::zero(), |acc, (&y, &g)| acc + y * g);
+                        for (g, &y) in dr[..=i].iter_mut().zip(&pr[..=i]) {
+                            *g = scale * y * (*g - dot);
+                        }
+                        dr[i + 1..].fill(T::zero());
+                    }
+                    // dQ = dS·K over the keys this block sees.
+                    matmul(
+                        (r1 - r0, hd, r1),
+                        (dq.add(r0 * 3 * c), qkv_rs, 1),
+                        (ds.as_ptr().add(r0 * t), t_rs, 1),
+                        (k, qkv_rs, 1),
+                    );
+                }
+                // dK = dSᵀ·Q and dV = Pᵀ·dY, by key block over the queries at or after it: the
+                // rows read were all written above (their blocks reach at least this far), and
+                // their entries above the diagonal are zero.
+                for (c0, c1) in blocks(t) {
+                    let (m, kk) = (c1 - c0, t - c0);
+                    matmul(
+                        (m, hd, kk),
+                        (dk.add(c0 * 3 * c), qkv_rs, 1),
+                        (ds.as_ptr().add(c0 * t + c0), 1, t_rs),
+                        (q.add(c0 * 3 * c), qkv_rs, 1),
+                    );
+                    matmul(
+                        (m, hd, kk),
+                        (dv.add(c0 * 3 * c), qkv_rs, 1),
+                        (p.as_ptr().add(c0 * t + c0), 1, t_rs),
+                        (dy.add(c0 * c), c as isize, 1),
+                    );
+                }
+            }
+        },
+    );
+    dqkv
+}
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => bail!("fused attention: {what} must be contiguous"),
+    }
+}
+
+/// softmax(q·kᵀ·scale + causal mask)·v per head, from packed qkv.
+struct CausalAttention {
+    n_head: usize,
+    scale: f64,
+}
+
+/// Its backward: dqkv from (qkv, dy).
+struct CausalAttentionGrad {
+    n_head: usize,
+    scale: f64,
+}
+
+impl CustomOp1 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of_qkv(l, self.n_head)?;
+        let out = match s {
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(attention_forward(contiguous(x, l, "qkv")?, d, self.scale))
+            }
+            CpuStorage::F64(x) => {
+                CpuStorage::F64(attention_forward(contiguous(x, l, "qkv")?, d, self.scale))
+            }
+            _ => bail!("fused attention on CPU: qkv must be f32 or f64"),
+        };
+        Ok((out, Shape::from((d.batch, d.t, d.c))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = CausalAttentionGrad {
+            n_head: self.n_head,
+            scale: self.scale,
+        };
+        Ok(Some(qkv.apply_op2_no_bwd(&grad_res.contiguous()?, &grad)?))
+    }
+}
+
+impl CustomOp2 for CausalAttentionGrad {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of_qkv(l1, self.n_head)?;
+        if l2.shape().dims() != [d.batch, d.t, d.c] {
+            bail!(
+                "fused attention gradient: dy has shape {:?}, expected {:?}",
+                l2.shape().dims(),
+                [d.batch, d.t, d.c]
+            );
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(attention_backward(
+                contiguous(x, l1, "qkv")?,
+                contiguous(g, l2, "dy")?,
+                d,
+                self.scale,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(attention_backward(
+                contiguous(x, l1, "qkv")?,
+                contiguous(g, l2, "dy")?,
+                d,
+                self.scale,
+            )),
+            _ => bail!("fused attention gradient on CPU: qkv and dy must both be f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Causal multi-head self-attention from the packed projections `qkv` (B, T, 3C) — queries,
+/// keys and values side by side, each C = n_head · head_dim wide, as `c_attn` produces them —
+/// to the heads' outputs side by side (B, T, C): for each head,
+/// softmax(q·kᵀ/√head_dim + causal mask)·v. CPU f32/f64, differentiable; see the module docs.
+pub fn fused_causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (_, _, c3) = qkv.dims3()?;
+    if n_head == 0 || c3 % (3 * n_head) != 0 {
+        bail!("fused attention: qkv width {c3} is not 3 × a multiple of {n_head} heads");
+    }
+    let head_dim = c3 / 3 / n_head;
+    qkv.contiguous()?.apply_op1(CausalAttention {
+        n_head,
+        scale: 1.0 / (head_dim as f64).sqrt(),
+    })
+}
+
+/// Whether [`fused_causal_attention`] serves this qkv tensor: CPU, f32 or f64, rank 3.
+pub fn fused_causal_attention_applies(qkv: &Tensor) -> bool {
+    qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64) && qkv.rank() == 3
+}
