@@ -8,10 +8,6 @@ use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 
 const DEFAULT_BARRIER_POOL_SPIN_LIMIT: u32 = 25_000;
-/// gpt-pretrain patch: an idle worker spins this many rounds, then yields for the rest of the
-/// spin limit. gemm and rayon-parallel ops run on rayon's threads, not this pool's: a worker that
-/// only spins holds a core they need (with two cores, three busy threads).
-const YIELD_AFTER_SPINS: u32 = 256;
 
 /// Per-worker control on its own 64-byte cache line to prevent false sharing.
 #[repr(C, align(64))]
@@ -164,10 +160,8 @@ impl BarrierPool {
                                     return;
                                 }
                                 spins += 1;
-                                if spins < spin_limit.min(YIELD_AFTER_SPINS) {
+                                if spins < spin_limit {
                                     spin_loop();
-                                } else if spins < spin_limit {
-                                    std::thread::yield_now();
                                 } else {
                                     // Park deposits a token; unpark() before park() returns immediately — no race.
                                     std::thread::park();
@@ -307,6 +301,9 @@ impl BarrierPool {
         if n_items == 0 {
             return;
         }
+        if ON_RAYON {
+            return on_rayon(n_items, rayon::current_num_threads(), f);
+        }
         if IN_BARRIER_POOL.with(|f| f.get()) {
             f(0..n_items);
             return;
@@ -325,6 +322,9 @@ impl BarrierPool {
     pub fn execute_chunked<F: Fn(std::ops::Range<usize>) + Sync>(&self, n_items: usize, f: F) {
         if n_items == 0 {
             return;
+        }
+        if ON_RAYON {
+            return on_rayon(n_items, rayon::current_num_threads() * 8, f);
         }
         // nested use from a worker would deadlock on the call lock; run inline instead
         if IN_BARRIER_POOL.with(|f| f.get()) {
@@ -368,9 +368,33 @@ impl Drop for BarrierPool {
 
 static BARRIER_POOL: OnceLock<BarrierPool> = OnceLock::new();
 
+/// gpt-pretrain patch: candle's parallel CPU ops run on rayon's pool, the one gemm's matmuls and
+/// the project's own kernels run on, and the barrier pool starts no threads of its own. With two
+/// pools, each pool's idle threads spun on the cores the other pool's threads were working on
+/// (see PATCHED.md).
+const ON_RAYON: bool = true;
+
+/// `f` over `0..n_items` in about `pieces` contiguous ranges on rayon's current pool; inline when
+/// that pool has one thread or there is one range.
+fn on_rayon<F: Fn(std::ops::Range<usize>) + Sync>(n_items: usize, pieces: usize, f: F) {
+    use rayon::prelude::*;
+    let chunk = n_items.div_ceil(pieces.max(1)).max(1);
+    if rayon::current_num_threads() == 1 || chunk >= n_items {
+        return f(0..n_items);
+    }
+    (0..n_items.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| f(c * chunk..n_items.min((c + 1) * chunk)));
+}
+
 /// Persistent barrier pool
 pub fn barrier_pool() -> &'static BarrierPool {
-    BARRIER_POOL.get_or_init(|| BarrierPool::new(candle_num_threads().saturating_sub(1)))
+    let workers = if ON_RAYON {
+        0
+    } else {
+        candle_num_threads().saturating_sub(1)
+    };
+    BARRIER_POOL.get_or_init(|| BarrierPool::new(workers))
 }
 
 pub fn with_threadpool<F: FnOnce() -> R + Send, R: Send>(f: F) -> R {

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Side-by-side CPU throughput: gpt-pretrain's `bench` against PyTorch's reference GPT
+# (../shared/bench/torch_gpt_bench.py) on the same shapes, interleaved in rounds so both see the
+# same machine noise. Optional extra binaries (an older build, say) run in the same rounds.
+#
+#   bash scripts/cpu_bench.sh [--rounds N] [--presets "tiny baby"] [--threads "1 2"] [BINARY ...]
+#
+# TORCH_PYTHON: a python with torch (default python3; PyTorch is skipped when it has none).
+# TORCH_BENCH: the reference script (default ../shared/bench/torch_gpt_bench.py).
+# Prints one line per measurement, then a markdown table of medians over the rounds, with
+# each binary's ratio to PyTorch in the same rounds and peak resident memory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+rounds=3
+presets="tiny baby"
+threads_list="1 2"
+binaries=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rounds) rounds="$2"; shift 2 ;;
+        --presets) presets="$2"; shift 2 ;;
+        --threads) threads_list="$2"; shift 2 ;;
+        -*) echo "cpu_bench.sh: unknown option $1" >&2; exit 2 ;;
+        *) binaries+=("$1"); shift ;;
+    esac
+done
+[ ${#binaries[@]} -gt 0 ] || binaries=(target/release/gpt-pretrain)
+for b in "${binaries[@]}"; do
+    [ -x "$b" ] || { echo "cpu_bench.sh: $b is not an executable (cargo build --release first)" >&2; exit 1; }
+done
+torch_python="${TORCH_PYTHON:-python3}"
+torch_bench="${TORCH_BENCH:-../shared/bench/torch_gpt_bench.py}"
+have_torch=0
+if [ -f "$torch_bench" ] && "$torch_python" -c "import torch" 2>/dev/null; then
+    have_torch=1
+else
+    echo "cpu_bench.sh: no PyTorch ($torch_python) or no $torch_bench: gpt-pretrain only" >&2
+fi
+
+# One measurement as a line: tokens/s, the step's parts, MFU (ours only), peak memory.
+describe() {
+    python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+mfu = ", MFU %.0f%%" % (100 * r["mfu"]) if "mfu" in r else ""
+print("%.0f tok/s, fwd %.1f ms, bwd %.1f ms, opt %.2f ms%s, %.0f MB"
+      % (r["tokens_per_s"], r["fwd_ms"], r["bwd_ms"], r["opt_ms"], mfu, r["peak_rss_mb"]))' "$1"
+}
+
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+for round in $(seq 1 "$rounds"); do
+    for preset in $presets; do
+        for threads in $threads_list; do
+            for b in "${binaries[@]}"; do
+                line=$("$b" bench --preset "$preset" --threads "$threads" --json 2>/dev/null | tail -n 1)
+                echo "$round $preset $threads $b $line" >> "$results"
+                echo "round $round $preset ${threads}t $b: $(describe "$line")"
+            done
+            if [ "$have_torch" = 1 ]; then
+                steps=$([ "$preset" = baby ] && echo 12 || echo 30)
+                # Peak RSS of the PyTorch process from /proc at exit (python3 reports it itself).
+                line=$("$torch_python" -c '
+import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+' "$torch_bench" --config "$preset" --threads "$threads" --steps "$steps" 2>/dev/null \
+                    | python3 -c '
+import json, sys
+r, rss = None, None
+for l in sys.stdin:
+    if l.startswith("RESULT "): r = json.loads(l[7:])
+    if l.startswith("RSS_MB "): rss = float(l.split()[1])
+print(json.dumps({"tokens_per_s": r["tok_per_s_median"], "fwd_ms": 1e3 * r["fwd_s"]["median"],
+                  "bwd_ms": 1e3 * r["bwd_s"]["median"], "opt_ms": 1e3 * r["opt_s"]["median"],
+                  "peak_rss_mb": rss, "torch": r["torch"]}))')
+                echo "$round $preset $threads pytorch $line" >> "$results"
+                echo "round $round $preset ${threads}t pytorch: $(describe "$line")"
+            fi
+        done
+    done
+done
+
+python3 - "$results" <<'EOF'
+import json, statistics, sys
+from collections import defaultdict
+runs = defaultdict(dict)  # (preset, threads, who) -> {round: result}
+for line in open(sys.argv[1]):
+    rnd, preset, threads, who, js = line.split(" ", 4)
+    runs[(preset, int(threads), who)][int(rnd)] = json.loads(js)
+keys = sorted({(p, t) for p, t, _ in runs}, key=lambda k: (k[0] != "tiny", k[1]))
+whos = sorted({w for _, _, w in runs if w != "pytorch"}, key=lambda w: list(dict.fromkeys(w for *_, w in runs)).index(w))
+med = lambda xs: statistics.median(xs)
+print()
+print("| preset | threads | binary | tokens/s | fwd ms | bwd ms | opt ms | MFU | peak RSS | PyTorch tokens/s | PyTorch RSS | ratio (per round) |")
+print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+for preset, threads in keys:
+    torch = runs.get((preset, threads, "pytorch"), {})
+    for who in whos:
+        ours = runs[(preset, threads, who)]
+        f = lambda k: med([r[k] for r in ours.values()])
+        ratios = [ours[r]["tokens_per_s"] / torch[r]["tokens_per_s"] for r in sorted(ours) if r in torch]
+        t_tok = f"{med([r['tokens_per_s'] for r in torch.values()]):,.0f}" if torch else "-"
+        t_rss = f"{med([r['peak_rss_mb'] for r in torch.values()]):,.0f} MB" if torch else "-"
+        ratio = " / ".join(f"{x:.2f}x" for x in ratios) if ratios else "-"
+        print(f"| {preset} | {threads} | {who} | {f('tokens_per_s'):,.0f} | {f('fwd_ms'):.1f} | {f('bwd_ms'):.1f} | "
+              f"{f('opt_ms'):.2f} | {100 * f('mfu'):.0f}% | {f('peak_rss_mb'):,.0f} MB | {t_tok} | {t_rss} | {ratio} |")
+EOF
