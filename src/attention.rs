@@ -10,13 +10,14 @@
 //!
 //! The backward recomputes the probabilities (as flash attention does) instead of keeping them
 //! from the forward, so the graph holds only `qkv`: one extra `Q·Kᵀ` per head, on the half of the
-//! blocks at or below the diagonal. The softmax arithmetic is that of
-//! [`crate::kernels::fused_causal_softmax`] and its gradient, so the two paths agree to rounding.
+//! blocks at or below the diagonal. The f32 softmax uses [`crate::kernels::FastExp`], vectorized.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use num_traits::Float;
 use rayon::prelude::*;
+
+use crate::kernels::{dot_lanes, max_lanes, multiversioned, sum_lanes, FastExp};
 
 /// Query rows per block. The blocks above the diagonal are skipped: at T = 256 the scores cost
 /// 10/16 of the full square instead of 1.
@@ -102,29 +103,51 @@ unsafe fn matmul<T: Float + 'static>(
 }
 
 /// Row `i` of the probabilities in place: softmax(scale · s) over its first `visible` = i + 1
-/// entries, zeros after them (the arithmetic of the fused causal softmax kernel).
-#[inline]
-fn causal_softmax_row<T: Float>(row: &mut [T], visible: usize, scale: T) {
+/// entries, zeros after them.
+#[inline(always)]
+fn causal_softmax_row<T: FastExp>(row: &mut [T], visible: usize, scale: T) {
     let (seen, hidden) = row.split_at_mut(visible);
-    let max = seen
-        .iter()
-        .fold(T::neg_infinity(), |m, &v| m.max(v * scale));
-    let mut sum = T::zero();
+    // scale > 0, so max(scale · s) = scale · max(s).
+    let max = max_lanes(seen) * scale;
     for v in seen.iter_mut() {
-        *v = (*v * scale - max).exp();
-        sum = sum + *v;
+        *v = (*v * scale - max).fast_exp();
     }
+    let inv = T::one() / sum_lanes(seen);
     for v in seen.iter_mut() {
-        *v = *v / sum;
+        *v = *v * inv;
     }
     hidden.fill(T::zero());
+}
+
+multiversioned! {
+    /// Rows `r0..r1` of the scores `p` (row stride t) into probabilities, in place.
+    fn causal_softmax_rows<T: FastExp>(p: &mut [T], t: usize, r0: usize, r1: usize, scale: T) {
+        for i in r0..r1 {
+            causal_softmax_row(&mut p[i * t..i * t + r1], i + 1, scale);
+        }
+    }
+}
+
+multiversioned! {
+    /// Rows `r0..r1` of dP (in `ds`, row stride t) into dS = scale · P ⊙ (dP − Σⱼ P ⊙ dP), in
+    /// place, with zeros above the diagonal.
+    fn softmax_grad_rows<T: FastExp>(p: &[T], ds: &mut [T], t: usize, r0: usize, r1: usize, scale: T) {
+        for i in r0..r1 {
+            let (pr, dr) = (&p[i * t..i * t + r1], &mut ds[i * t..i * t + r1]);
+            let dot = dot_lanes(&pr[..=i], &dr[..=i]);
+            for (g, &y) in dr[..=i].iter_mut().zip(&pr[..=i]) {
+                *g = scale * y * (*g - dot);
+            }
+            dr[i + 1..].fill(T::zero());
+        }
+    }
 }
 
 /// Rows `r0..r1` of one head's probabilities into `p` (row stride T), columns `0..r1`.
 ///
 /// # Safety
 /// `q` and `k` point at the head's first query and key of its batch row in `qkv`.
-unsafe fn probabilities_block<T: Float + 'static>(
+unsafe fn probabilities_block<T: FastExp>(
     p: &mut [T],
     (q, k): (*const T, *const T),
     (r0, r1): (usize, usize),
@@ -138,9 +161,7 @@ unsafe fn probabilities_block<T: Float + 'static>(
         (q.add(r0 * 3 * d.c), qkv_rs, 1),
         (k, 1, qkv_rs),
     );
-    for i in r0..r1 {
-        causal_softmax_row(&mut p[i * t..i * t + r1], i + 1, scale);
-    }
+    causal_softmax_rows(p, t, r0, r1, scale);
 }
 
 /// The row blocks of a sequence of length t.
@@ -150,7 +171,7 @@ fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |r0| (r0, (r0 + BLOCK).min(t)))
 }
 
-fn attention_forward<T: Float + Send + Sync + 'static>(qkv: &[T], d: Dims, scale: f64) -> Vec<T> {
+fn attention_forward<T: FastExp>(qkv: &[T], d: Dims, scale: f64) -> Vec<T> {
     let scale = T::from(scale).expect("finite scale");
     let (t, c) = (d.t, d.c);
     let mut y = vec![T::zero(); d.batch * t * c];
@@ -180,12 +201,7 @@ fn attention_forward<T: Float + Send + Sync + 'static>(qkv: &[T], d: Dims, scale
     y
 }
 
-fn attention_backward<T: Float + Send + Sync + 'static>(
-    qkv: &[T],
-    dy: &[T],
-    d: Dims,
-    scale: f64,
-) -> Vec<T> {
+fn attention_backward<T: FastExp>(qkv: &[T], dy: &[T], d: Dims, scale: f64) -> Vec<T> {
     let scale = T::from(scale).expect("finite scale");
     let (t, c, hd) = (d.t, d.c, d.head_dim);
     let (qkv_rs, t_rs) = (3 * c as isize, t as isize);
@@ -212,17 +228,7 @@ fn attention_backward<T: Float + Send + Sync + 'static>(
                         (dy.add(r0 * c), c as isize, 1),
                         (v, 1, qkv_rs),
                     );
-                    for i in r0..r1 {
-                        let (pr, dr) = (&p[i * t..i * t + r1], &mut ds[i * t..i * t + r1]);
-                        let dot = pr[..=i]
-                            .iter()
-                            .zip(&dr[..=i])
-                            .fold(T::zero(), |acc, (&y, &g)| acc + y * g);
-                        for (g, &y) in dr[..=i].iter_mut().zip(&pr[..=i]) {
-                            *g = scale * y * (*g - dot);
-                        }
-                        dr[i + 1..].fill(T::zero());
-                    }
+                    softmax_grad_rows(p, ds, t, r0, r1, scale);
                     // dQ = dS·K over the keys this block sees.
                     matmul(
                         (r1 - r0, hd, r1),

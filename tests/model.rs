@@ -901,3 +901,23 @@ fn fused_layer_norm_matches_candle_ops_in_value_and_gradient() {
         }
     }
 }
+
+#[test]
+fn fast_exp_f32_is_within_two_ulp_of_the_f64_exp() {
+    use gpt_pretrain::kernels::FastExp;
+    let mut worst_ulps = 0.0f64;
+    let mut x = -87.0f32;
+    while x <= 88.0 {
+        let exact = (x as f64).exp();
+        let ulp = f32::EPSILON as f64 * exact; // one ulp of a normal f32 near e^x, within 2x
+        let err = (x.fast_exp() as f64 - exact).abs() / ulp;
+        worst_ulps = worst_ulps.max(err);
+        x += 0.000_731;
+    }
+    assert!(worst_ulps <= 2.0, "worst error {worst_ulps} ulp");
+    // Exact at 0, NaN stays NaN, far below the range the smallest normal, f64 is libm's.
+    assert_eq!(0.0f32.fast_exp(), 1.0);
+    assert!(f32::NAN.fast_exp().is_nan());
+    assert!((-1000.0f32).fast_exp() < 1.2e-38);
+    assert_eq!(5.0f64.fast_exp(), 5.0f64.exp());
+}
