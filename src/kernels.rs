@@ -40,44 +40,75 @@ fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     }
 }
 
-/// Per row: log-sum-exp of the row.
-#[inline]
-fn log_sum_exp<T: Float>(row: &[T]) -> T {
-    let max = row.iter().copied().fold(T::neg_infinity(), T::max);
-    let sum = row.iter().fold(T::zero(), |acc, &x| acc + (x - max).exp());
-    max + sum.ln()
+/// Σ e^(x − shift) over a row, with [`LANES`] independent partial sums (vectorizable).
+#[inline(always)]
+fn sum_exp_lanes<T: FastExp>(row: &[T], shift: T) -> T {
+    let mut acc = [T::zero(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..LANES {
+            acc[j] = acc[j] + (c[j] - shift).fast_exp();
+        }
+    }
+    let total = acc.iter().fold(T::zero(), |s, &a| s + a);
+    rest.iter().fold(total, |s, &x| s + (x - shift).fast_exp())
 }
 
-fn forward<T: Float + Send + Sync>(logits: &[T], targets: &[u32], v: usize) -> Result<f64> {
+/// Rows per parallel task of the cross-entropy: about 64K logits, at least one row.
+fn ce_rows_per_task(v: usize) -> usize {
+    (1usize << 16).div_ceil(v.max(1)).max(1)
+}
+
+multiversioned! {
+    /// Per row of `logits` (rows of length v): log-sum-exp of the row − the target's logit.
+    fn ce_row_losses<T: FastExp>(logits: &[T], targets: &[u32], v: usize, losses: &mut [f64]) {
+        for ((row, &t), loss) in logits.chunks(v).zip(targets).zip(losses.iter_mut()) {
+            let max = max_lanes(row);
+            let lse = max + sum_exp_lanes(row, max).ln();
+            *loss = (lse - row[t as usize]).to_f64().unwrap_or(f64::NAN);
+        }
+    }
+}
+
+multiversioned! {
+    /// Per row: (softmax(row) − one-hot(target)) · scale, into `grad`.
+    fn ce_row_grads<T: FastExp>(logits: &[T], targets: &[u32], v: usize, scale: T, grad: &mut [T]) {
+        for ((g, row), &t) in grad.chunks_mut(v).zip(logits.chunks(v)).zip(targets) {
+            let max = max_lanes(row);
+            for (gj, &x) in g.iter_mut().zip(row) {
+                *gj = (x - max).fast_exp();
+            }
+            let k = scale / sum_lanes(g);
+            for gj in g.iter_mut() {
+                *gj = *gj * k;
+            }
+            g[t as usize] = g[t as usize] - scale;
+        }
+    }
+}
+
+fn forward<T: FastExp>(logits: &[T], targets: &[u32], v: usize) -> Result<f64> {
     if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
         bail!("cross-entropy target {bad} is outside the vocabulary of {v}");
     }
+    let rows = ce_rows_per_task(v);
+    let mut per_row = vec![0f64; targets.len()];
+    per_row
+        .par_chunks_mut(rows)
+        .zip(logits.par_chunks(rows * v).zip(targets.par_chunks(rows)))
+        .for_each(|(losses, (x, t))| ce_row_losses(x, t, v, losses));
     // Per-row losses in row order, summed sequentially: the same result on every run.
-    let per_row: Vec<f64> = logits
-        .par_chunks(v)
-        .zip(targets.par_iter())
-        .map(|(row, &t)| {
-            (log_sum_exp(row) - row[t as usize])
-                .to_f64()
-                .unwrap_or(f64::NAN)
-        })
-        .collect();
     Ok(per_row.iter().sum::<f64>() / per_row.len() as f64)
 }
 
-fn backward<T: Float + Send + Sync>(logits: &[T], targets: &[u32], v: usize, scale: f64) -> Vec<T> {
+fn backward<T: FastExp>(logits: &[T], targets: &[u32], v: usize, scale: f64) -> Vec<T> {
     let scale = T::from(scale).expect("finite scale");
+    let rows = ce_rows_per_task(v);
     let mut grad = vec![T::zero(); logits.len()];
-    grad.par_chunks_mut(v)
-        .zip(logits.par_chunks(v))
-        .zip(targets.par_iter())
-        .for_each(|((g, row), &t)| {
-            let lse = log_sum_exp(row);
-            for (gj, &x) in g.iter_mut().zip(row) {
-                *gj = (x - lse).exp() * scale;
-            }
-            g[t as usize] = g[t as usize] - scale;
-        });
+    grad.par_chunks_mut(rows * v)
+        .zip(logits.par_chunks(rows * v).zip(targets.par_chunks(rows)))
+        .for_each(|(g, (x, t))| ce_row_grads(x, t, v, scale, g));
     grad
 }
 
@@ -443,7 +474,7 @@ impl FastExp for f32 {
         p = p * r + 8.333_452e-3;
         p = p * r + 4.166_579_6e-2;
         p = p * r + 1.666_666_5e-1;
-        p = p * r + 5.000_000_1e-1;
+        p = p * r + 0.5;
         let e_r = p * r * r + r + 1.0;
         // n is in [-126, 127]: a normal power of two. NaN: `as` gives 0 and e_r carries the NaN.
         e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)

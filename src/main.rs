@@ -129,7 +129,7 @@ enum Command {
     },
     /// Time training steps on random tokens: forward, backward, optimizer, tokens/s, MFU, memory.
     Bench {
-        /// tiny, baby or gpt2 (the shapes of ../shared/bench/torch_gpt_bench.py).
+        /// tiny, tiny50k, baby or gpt2 (the shapes of ../shared/bench/torch_gpt_bench.py).
         #[arg(long, default_value = "baby")]
         preset: String,
         /// Timed steps (after 2 warm-up steps).
