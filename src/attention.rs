@@ -17,7 +17,9 @@ use gemm::Parallelism;
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::kernels::{dot_lanes, max_lanes, multiversioned, sum_lanes, FastExp};
+use crate::kernels::{
+    dot_lanes, max_lanes, multiversioned, strided_matmul, sum_lanes, FastExp, View,
+};
 
 /// Query rows per block. The blocks above the diagonal are skipped: at T = 256 the scores cost
 /// 10/16 of the full square instead of 1.
@@ -65,41 +67,18 @@ impl<T> SharedPtr<T> {
     }
 }
 
-/// A strided matrix view: (pointer, row stride, column stride), in elements.
-type View<T> = (*const T, isize, isize);
-
-/// dst (m×n) = lhs (m×k) · rhs (k×n) on this thread, every operand strided.
+/// dst (m×n) = lhs (m×k) · rhs (k×n) on this thread (see [`strided_matmul`]).
 ///
 /// # Safety
-/// Every view must cover its whole matrix, and `dst` must not overlap the inputs.
+/// As [`strided_matmul`].
 #[inline]
 unsafe fn matmul<T: Float + 'static>(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: (*mut T, isize, isize),
     lhs: View<T>,
     rhs: View<T>,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        dst.2,
-        dst.1,
-        false,
-        lhs.0,
-        lhs.2,
-        lhs.1,
-        rhs.0,
-        rhs.2,
-        rhs.1,
-        T::zero(),
-        T::one(),
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
+    strided_matmul(dims, dst, lhs, rhs, false, Parallelism::None)
 }
 
 /// Row `i` of the probabilities in place: softmax(scale · s) over its first `visible` = i + 1

@@ -42,7 +42,7 @@ fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
 
 /// Σ e^(x − shift) over a row, with [`LANES`] independent partial sums (vectorizable).
 #[inline(always)]
-fn sum_exp_lanes<T: FastExp>(row: &[T], shift: T) -> T {
+pub(crate) fn sum_exp_lanes<T: FastExp>(row: &[T], shift: T) -> T {
     let mut acc = [T::zero(); LANES];
     let chunks = row.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -56,7 +56,7 @@ fn sum_exp_lanes<T: FastExp>(row: &[T], shift: T) -> T {
 }
 
 /// Rows per parallel task of the cross-entropy: about 64K logits, at least one row.
-fn ce_rows_per_task(v: usize) -> usize {
+pub(crate) fn ce_rows_per_task(v: usize) -> usize {
     (1usize << 16).div_ceil(v.max(1)).max(1)
 }
 
@@ -517,6 +517,47 @@ macro_rules! multiversioned {
     };
 }
 pub(crate) use multiversioned;
+
+/// A strided matrix view: (pointer, row stride, column stride), in elements.
+pub(crate) type View<T> = (*const T, isize, isize);
+
+/// dst (m×n) = lhs (m×k) · rhs (k×n), or dst += lhs · rhs with `accumulate`, with gemm (the
+/// crate candle's CPU matmul uses), every operand strided. gemm splits the output among threads,
+/// never the k loop, so the result does not depend on `parallelism`.
+///
+/// # Safety
+/// Every view must cover its whole matrix, and `dst` must not overlap the inputs.
+#[inline]
+pub(crate) unsafe fn strided_matmul<T: Float + 'static>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut T, isize, isize),
+    lhs: View<T>,
+    rhs: View<T>,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2,
+        dst.1,
+        accumulate,
+        lhs.0,
+        lhs.2,
+        lhs.1,
+        rhs.0,
+        rhs.2,
+        rhs.1,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
 
 /// Lanes of the partial sums below: one AVX-512 register of f32.
 const LANES: usize = 16;

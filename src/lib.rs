@@ -26,6 +26,7 @@ pub mod hf;
 pub mod kernels;
 #[cfg(feature = "cuda")]
 mod kernels_cuda;
+pub mod linear_cross_entropy;
 pub mod metrics;
 pub mod model;
 pub mod optim;

@@ -13,6 +13,9 @@
 //! [`crate::attention`] (the whole causal attention on CPU), which carry their own backward and
 //! are tested against those ops.
 
+use crate::linear_cross_entropy::{
+    fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
+};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::SeedableRng;
@@ -549,6 +552,24 @@ impl Gpt {
     fn logits_in_compute_dtype(
         &self,
         idx: &Tensor,
+        dropout_rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        self.lm_head(&self.final_hidden(idx, dropout_rng)?)
+    }
+
+    /// Logits `(B, T, vocab_size)` in the compute dtype from the final hidden states.
+    fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        // lm_head is tied to wte.
+        let x = x.reshape((b * t, c))?.to_dtype(self.compute)?;
+        let logits = x.matmul(&self.wte.to_dtype(self.compute)?.t()?)?;
+        Ok(logits.reshape((b, t, ()))?)
+    }
+
+    /// The hidden states after the final LayerNorm `(B, T, C)`, the lm_head's input.
+    fn final_hidden(
+        &self,
+        idx: &Tensor,
         mut dropout_rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
@@ -572,25 +593,45 @@ impl Gpt {
         for block in &self.blocks {
             x = block.forward(&x, &mask, dropout_rng.as_deref_mut())?;
         }
-        let x = self.ln_f.forward(&x)?;
-        // lm_head is tied to wte.
-        let c = self.cfg.n_embd;
-        let x = x.reshape((b * t, c))?.to_dtype(self.compute)?;
-        let logits = x.matmul(&self.wte.to_dtype(self.compute)?.t()?)?;
-        Ok(logits.reshape((b, t, ()))?)
+        self.ln_f.forward(&x)
     }
 
-    /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`.
+    /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`, to train on
+    /// (backward works through it). On CPU the lm_head and the loss are one fused kernel that
+    /// computes their gradients in the same pass ([`crate::linear_cross_entropy`]).
     pub fn loss(
         &self,
         idx: &Tensor,
         targets: &Tensor,
         dropout_rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
-        let logits = self
-            .logits_in_compute_dtype(idx, dropout_rng)?
-            .flatten_to(1)?;
+        self.loss_with(idx, targets, dropout_rng, LossGradients::Eager)
+    }
+
+    /// [`Gpt::loss`] for evaluation: the same value, without computing gradients (on CPU a
+    /// backward pass through it is an error).
+    pub fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        self.loss_with(idx, targets, None, LossGradients::None)
+    }
+
+    fn loss_with(
+        &self,
+        idx: &Tensor,
+        targets: &Tensor,
+        dropout_rng: Option<&mut ChaCha8Rng>,
+        gradients: LossGradients,
+    ) -> Result<Tensor> {
+        let x = self.final_hidden(idx, dropout_rng)?;
         let targets = targets.flatten_all()?;
+        if self.compute == self.wte.dtype() && fused_linear_cross_entropy_applies(&x, &self.wte) {
+            return Ok(fused_linear_cross_entropy(
+                &x.flatten_to(1)?,
+                &self.wte,
+                &targets,
+                gradients,
+            )?);
+        }
+        let logits = self.lm_head(&x)?.flatten_to(1)?;
         // The fused kernel reads bf16 logits directly and computes in f32 (autocast's upcast,
         // without materialising an f32 copy of the largest tensor of the step).
         if crate::kernels::fused_cross_entropy_applies(&logits) {

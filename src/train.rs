@@ -530,7 +530,7 @@ fn evaluate(
     for starts in &windows {
         let (x, y) = data.batch(split, starts, block, device)?;
         total += model
-            .loss(&x, &y, None)?
+            .eval_loss(&x, &y)?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
     }

@@ -582,5 +582,5 @@ fn bench_prints_its_figures_as_json() {
     }
     assert_eq!(last["threads"], 1);
     let out = bin().args(["bench", "--preset", "huge"]).output().unwrap();
-    fails_with(&out, "bench preset must be tiny, baby or gpt2");
+    fails_with(&out, "bench preset must be tiny, tiny50k, baby or gpt2");
 }

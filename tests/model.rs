@@ -921,3 +921,116 @@ fn fast_exp_f32_is_within_two_ulp_of_the_f64_exp() {
     assert!((-1000.0f32).fast_exp() < 1.2e-38);
     assert_eq!(5.0f64.fast_exp(), 5.0f64.exp());
 }
+
+#[test]
+fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
+    use gpt_pretrain::linear_cross_entropy::{
+        fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
+    };
+    use gpt_pretrain::model::cross_entropy_ops;
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    // (rows, width, vocab): one row group; GPT-2's vocabulary, where 83 rows make a group, so
+    // 200 rows are two full groups and a partial one.
+    for (n, c, v) in [(37usize, 12usize, 65usize), (200, 8, 50304)] {
+        let xs: Vec<f64> = (0..n * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let ws: Vec<f64> = (0..v * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let ts: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+        let targets = Tensor::from_vec(ts, n, &Device::Cpu).unwrap();
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let var = |v: &[f64], shape: (usize, usize)| {
+                let t = Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+                Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+            };
+            let (x, w) = (var(&xs, (n, c)), var(&ws, (v, c)));
+            assert!(fused_linear_cross_entropy_applies(
+                x.as_tensor(),
+                w.as_tensor()
+            ));
+            // An upstream gradient of 3, which the fused backward must apply.
+            let run = |loss: Tensor| -> (f64, Vec<f64>, Vec<f64>) {
+                let value = loss
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let g = (loss * 3.0).unwrap().backward().unwrap();
+                let flat = |t: &Tensor| -> Vec<f64> {
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                (
+                    value,
+                    flat(g.get(x.as_tensor()).unwrap()),
+                    flat(g.get(w.as_tensor()).unwrap()),
+                )
+            };
+            let fused = fused_linear_cross_entropy(
+                x.as_tensor(),
+                w.as_tensor(),
+                &targets,
+                LossGradients::Eager,
+            )
+            .unwrap();
+            let (la, dxa, dwa) = run(fused);
+            let logits = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+            let (lb, dxb, dwb) = run(cross_entropy_ops(&logits, &targets).unwrap());
+            assert!(
+                (la - lb).abs() < tol * lb.abs(),
+                "({n}, {c}, {v}) {dtype:?} loss {la} vs {lb}"
+            );
+            for (name, a, b) in [("dx", &dxa, &dxb), ("dw", &dwa, &dwb)] {
+                let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                let worst = a
+                    .iter()
+                    .zip(b)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    worst <= tol * scale,
+                    "({n}, {c}, {v}) {dtype:?} {name}: {worst:e} (largest {scale:e})"
+                );
+            }
+            // Evaluation: the same loss, and no gradients to take.
+            let eval = fused_linear_cross_entropy(
+                x.as_tensor(),
+                w.as_tensor(),
+                &targets,
+                LossGradients::None,
+            )
+            .unwrap();
+            let le = eval
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert_eq!(le, la);
+            let err = eval.backward().unwrap_err().to_string();
+            assert!(err.contains("without gradients"), "{err}");
+        }
+    }
+    // A target outside the vocabulary is an error, not a panic.
+    let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
+    let err = fused_linear_cross_entropy(&x, &w, &bad, LossGradients::Eager).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
+fn eval_loss_equals_the_training_loss() {
+    let cfg = small(64, 8, true);
+    let params = Params::init(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+    let model = Gpt::new(&cfg, &params).unwrap();
+    let (x, y) = (random_ids(3, 8, 64, 5), random_ids(3, 8, 64, 6));
+    let train = model
+        .loss(&x, &y, None)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let eval = model.eval_loss(&x, &y).unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(train, eval);
+}

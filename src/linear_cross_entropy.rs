@@ -1,0 +1,259 @@
+//! The language-model head and the softmax cross-entropy fused on CPU: the final hidden states
+//! `x` (N, C), the tied embedding `w` (V, C) and the targets (N,) in, the mean loss out, without
+//! the (N, V) logits ever existing whole.
+//!
+//! With GPT-2's 50,304-token vocabulary the logits and their gradient are the largest tensors of a
+//! step by far (412 MB each for 2,048 tokens), freshly mapped and faulted in every step: a quarter
+//! of a `tiny50k` step was the kernel clearing and mapping pages. Here the rows go through in
+//! groups of about 16 MB of logits: each group's logits are computed, turned into losses and, in
+//! place, into their gradient, which goes straight into dx = dlogits·w and dw += dlogitsᵀ·x.
+//!
+//! The gradients are computed in the forward pass, for an upstream gradient of 1, and kept with
+//! the op until the backward pass scales them by the actual upstream gradient (by the chain rule
+//! they are linear in it). So a training step does the same three matmuls as the unfused version,
+//! with no recomputation. Evaluation asks for no gradients
+//! ([`LossGradients::None`]) and does only the first matmul.
+
+use crate::kernels::{
+    max_lanes, multiversioned, strided_matmul, sum_exp_lanes, sum_lanes, FastExp,
+};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Whether the fused loss computes gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossGradients {
+    /// Along with the loss (training): the backward pass only scales them.
+    Eager,
+    /// Not at all (evaluation): a backward pass through this loss is an error.
+    None,
+}
+
+/// Logits per row group (elements): 16 MB of f32.
+const GROUP_LOGITS: usize = 1 << 22;
+
+struct LinearCrossEntropy {
+    gradients: LossGradients,
+    /// (dx, dw) of the mean loss for an upstream gradient of 1, from the forward pass.
+    stash: Mutex<Option<(Tensor, Tensor)>>,
+}
+
+multiversioned! {
+    /// Rows of logits `z` (length v each) to their losses (log-sum-exp − the target's logit)
+    /// and, with `grad`, in place to (softmax − one-hot(target)) · scale.
+    fn loss_rows<T: FastExp>(z: &mut [T], targets: &[u32], v: usize, scale: T, grad: bool, losses: &mut [f64]) {
+        for ((row, &t), loss) in z.chunks_mut(v).zip(targets).zip(losses.iter_mut()) {
+            let max = max_lanes(row);
+            let lse = max + sum_exp_lanes(row, max).ln();
+            *loss = (lse - row[t as usize]).to_f64().unwrap_or(f64::NAN);
+            if grad {
+                for x in row.iter_mut() {
+                    *x = (*x - max).fast_exp();
+                }
+                let k = scale / sum_lanes(row);
+                for x in row.iter_mut() {
+                    *x = *x * k;
+                }
+                row[t as usize] = row[t as usize] - scale;
+            }
+        }
+    }
+}
+
+/// Mean loss and, with `grad`, (dx, dw) of it.
+#[allow(clippy::type_complexity)]
+fn run<T: FastExp>(
+    x: &[T],
+    w: &[T],
+    targets: &[u32],
+    (n, c, v): (usize, usize, usize),
+    grad: bool,
+) -> Result<(f64, Option<(Vec<T>, Vec<T>)>)> {
+    if n == 0 {
+        bail!("fused cross-entropy: no rows");
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+        bail!("cross-entropy target {bad} is outside the vocabulary of {v}");
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    let group = (GROUP_LOGITS / v).max(16).min(n);
+    let rows_per_task = crate::kernels::ce_rows_per_task(v);
+    let scale = T::from(1.0 / n as f64).expect("finite scale");
+    let mut z = vec![T::zero(); group * v];
+    let mut losses = vec![0f64; n];
+    let (mut dx, mut dw) = if grad {
+        (vec![T::zero(); n * c], vec![T::zero(); v * c])
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let (c_rs, v_rs) = (c as isize, v as isize);
+    for g0 in (0..n).step_by(group) {
+        let m = group.min(n - g0);
+        let z = &mut z[..m * v];
+        let xg = x[g0 * c..].as_ptr();
+        // SAFETY: every view below lies inside its buffer: x rows g0..g0+m (C wide), w (V×C),
+        // z (m×V), dx rows g0..g0+m, dw (V×C); the destinations overlap no input.
+        unsafe {
+            // z = x·wᵀ
+            strided_matmul(
+                (m, v, c),
+                (z.as_mut_ptr(), v_rs, 1),
+                (xg, c_rs, 1),
+                (w.as_ptr(), 1, c_rs),
+                false,
+                parallelism,
+            );
+        }
+        z.par_chunks_mut(rows_per_task * v)
+            .zip(targets[g0..g0 + m].par_chunks(rows_per_task))
+            .zip(losses[g0..g0 + m].par_chunks_mut(rows_per_task))
+            .for_each(|((z, t), l)| loss_rows(z, t, v, scale, grad, l));
+        if grad {
+            // SAFETY: as above.
+            unsafe {
+                // dx = dz·w
+                strided_matmul(
+                    (m, c, v),
+                    (dx[g0 * c..].as_mut_ptr(), c_rs, 1),
+                    (z.as_ptr(), v_rs, 1),
+                    (w.as_ptr(), c_rs, 1),
+                    false,
+                    parallelism,
+                );
+                // dw += dzᵀ·x, group by group in row order (the first group writes).
+                strided_matmul(
+                    (v, c, m),
+                    (dw.as_mut_ptr(), c_rs, 1),
+                    (z.as_ptr(), 1, v_rs),
+                    (xg, c_rs, 1),
+                    g0 > 0,
+                    parallelism,
+                );
+            }
+        }
+    }
+    // Per-row losses summed in row order: the same result on every run.
+    let mean = losses.iter().sum::<f64>() / n as f64;
+    Ok((mean, grad.then_some((dx, dw))))
+}
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => bail!("fused lm_head cross-entropy: {what} must be contiguous"),
+    }
+}
+
+impl LinearCrossEntropy {
+    fn forward<T: FastExp + candle_core::WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        targets: &[u32],
+        dims: (usize, usize, usize),
+    ) -> Result<T> {
+        let (n, c, v) = dims;
+        let (mean, grads) = run(x, w, targets, dims, self.gradients == LossGradients::Eager)?;
+        if let Some((dx, dw)) = grads {
+            let dx = Tensor::from_vec(dx, (n, c), &Device::Cpu)?;
+            let dw = Tensor::from_vec(dw, (v, c), &Device::Cpu)?;
+            *self.stash.lock().expect("stash lock") = Some((dx, dw));
+        }
+        Ok(T::from_f64(mean))
+    }
+}
+
+impl CustomOp3 for LinearCrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-lm-head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c) = l1.shape().dims2()?;
+        let (v, c_w) = l2.shape().dims2()?;
+        if c_w != c {
+            bail!("fused lm_head cross-entropy: x is {c} wide, the weight {c_w}");
+        }
+        let targets = match s3 {
+            CpuStorage::U32(t) => contiguous(t, l3, "targets")?,
+            _ => bail!("fused lm_head cross-entropy: targets must be u32"),
+        };
+        if targets.len() != n {
+            bail!(
+                "fused lm_head cross-entropy: {n} rows but {} targets",
+                targets.len()
+            );
+        }
+        let dims = (n, c, v);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                let (x, w) = (contiguous(x, l1, "x")?, contiguous(w, l2, "weight")?);
+                CpuStorage::F32(vec![self.forward(x, w, targets, dims)?])
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
+                let (x, w) = (contiguous(x, l1, "x")?, contiguous(w, l2, "weight")?);
+                CpuStorage::F64(vec![self.forward(x, w, targets, dims)?])
+            }
+            _ => bail!("fused lm_head cross-entropy on CPU: x and weight must both be f32 or f64"),
+        };
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _w: &Tensor,
+        _targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stash = self.stash.lock().expect("stash lock");
+        let Some((dx, dw)) = stash.as_ref() else {
+            bail!("this loss was computed for evaluation, without gradients (Gpt::eval_loss); train with Gpt::loss");
+        };
+        let upstream = grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if upstream == 1.0 {
+            return Ok((Some(dx.clone()), Some(dw.clone()), None));
+        }
+        Ok((Some((dx * upstream)?), Some((dw * upstream)?), None))
+    }
+}
+
+/// Mean cross-entropy of `targets` (N,) under the logits x·wᵀ, for x (N, C) and w (V, C),
+/// fused (see the module docs). CPU, f32 or f64; the loss has x's dtype.
+pub fn fused_linear_cross_entropy(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    gradients: LossGradients,
+) -> Result<Tensor> {
+    let op = LinearCrossEntropy {
+        gradients,
+        stash: Mutex::new(None),
+    };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &targets.contiguous()?, op)
+}
+
+/// Whether [`fused_linear_cross_entropy`] serves these hidden states and weight.
+pub fn fused_linear_cross_entropy_applies(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && w.device().is_cpu()
+        && x.dtype() == w.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+}
