@@ -465,9 +465,10 @@ impl FastExp for f32 {
     fn fast_exp(self) -> f32 {
         let x = self.clamp(-87.336_55, 88.0);
         // Round to nearest by adding and subtracting 1.5·2²³ (no call to floor, which the
-        // baseline x86-64 instruction set lacks).
+        // baseline x86-64 instruction set lacks). The sum's low mantissa bits hold 2²² + n.
         const ROUND: f32 = 12_582_912.0;
-        let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+        let shifted = x * std::f32::consts::LOG2_E + ROUND;
+        let n = shifted - ROUND;
         let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
         let mut p = 1.987_569_1e-4_f32;
         p = p * r + 1.398_199_9e-3;
@@ -476,8 +477,10 @@ impl FastExp for f32 {
         p = p * r + 1.666_666_5e-1;
         p = p * r + 0.5;
         let e_r = p * r * r + r + 1.0;
-        // n is in [-126, 127]: a normal power of two. NaN: `as` gives 0 and e_r carries the NaN.
-        e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        // 2ⁿ from those bits: shifted left by 23, 2²² + n + 127 leaves n + 127 (in [1, 254] for
+        // n in [-126, 127]) in the exponent field, with integer ops only (a float-to-int `as`
+        // saturates, which does not vectorize). A NaN x makes e_r NaN whatever the power.
+        e_r * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
     }
 }
 
