@@ -8,7 +8,8 @@
 # TORCH_PYTHON: a python with torch (default python3; PyTorch is skipped when it has none).
 # TORCH_BENCH: the reference script (default ../shared/bench/torch_gpt_bench.py).
 # Prints one line per measurement, then a markdown table of medians over the rounds, with
-# each binary's ratio to PyTorch in the same rounds and peak resident memory.
+# each binary's ratio to PyTorch in the same rounds, both MFUs (against the matmul peak our bench
+# measures) and peak resident memory (PyTorch's includes the interpreter and torch itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -96,8 +97,8 @@ keys = sorted({(p, t) for p, t, _ in runs}, key=lambda k: (k[0] != "tiny", k[1])
 whos = sorted({w for _, _, w in runs if w != "pytorch"}, key=lambda w: list(dict.fromkeys(w for *_, w in runs)).index(w))
 med = lambda xs: statistics.median(xs)
 print()
-print("| preset | threads | binary | tokens/s | fwd ms | bwd ms | opt ms | MFU | peak RSS | PyTorch tokens/s | PyTorch RSS | ratio (per round) |")
-print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+print("| preset | threads | binary | tokens/s | fwd ms | bwd ms | opt ms | MFU | peak RSS | PyTorch tokens/s | PyTorch MFU | PyTorch RSS | ratio (per round) |")
+print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
 for preset, threads in keys:
     torch = runs.get((preset, threads, "pytorch"), {})
     for who in whos:
@@ -106,7 +107,12 @@ for preset, threads in keys:
         ratios = [ours[r]["tokens_per_s"] / torch[r]["tokens_per_s"] for r in sorted(ours) if r in torch]
         t_tok = f"{med([r['tokens_per_s'] for r in torch.values()]):,.0f}" if torch else "-"
         t_rss = f"{med([r['peak_rss_mb'] for r in torch.values()]):,.0f} MB" if torch else "-"
+        # PyTorch's MFU on the same footing: its tokens/s times the model's FLOPs per token
+        # (ours, same shapes), against the matmul peak our bench measured in the same round.
+        t_mfu = [torch[r]["tokens_per_s"] * ours[r]["gflops"] / ours[r]["tokens_per_s"]
+                 / ours[r]["matmul_peak_gflops"] for r in sorted(ours) if r in torch]
+        t_mfu = f"{100 * med(t_mfu):.0f}%" if t_mfu else "-"
         ratio = " / ".join(f"{x:.2f}x" for x in ratios) if ratios else "-"
         print(f"| {preset} | {threads} | {who} | {f('tokens_per_s'):,.0f} | {f('fwd_ms'):.1f} | {f('bwd_ms'):.1f} | "
-              f"{f('opt_ms'):.2f} | {100 * f('mfu'):.0f}% | {f('peak_rss_mb'):,.0f} MB | {t_tok} | {t_rss} | {ratio} |")
+              f"{f('opt_ms'):.2f} | {100 * f('mfu'):.0f}% | {f('peak_rss_mb'):,.0f} MB | {t_tok} | {t_mfu} | {t_rss} | {ratio} |")
 EOF
