@@ -55,12 +55,15 @@ for round in $(seq 1 "$rounds"); do
     for preset in $presets; do
         for threads in $threads_list; do
             for b in "${binaries[@]}"; do
-                line=$("$b" bench --preset "$preset" --threads "$threads" --json 2>/dev/null | tail -n 1)
+                if ! line=$("$b" bench --preset "$preset" --threads "$threads" --json 2>/dev/null | tail -n 1); then
+                    echo "round $round $preset ${threads}t $b: bench failed (an older binary without this preset?)"
+                    continue
+                fi
                 echo "$round $preset $threads $b $line" >> "$results"
                 echo "round $round $preset ${threads}t $b: $(describe "$line")"
             done
             if [ "$have_torch" = 1 ]; then
-                steps=$([ "$preset" = baby ] && echo 12 || echo 30)
+                case "$preset" in baby) steps=12 ;; tiny) steps=30 ;; *) steps=10 ;; esac
                 # Peak RSS of the PyTorch process from /proc at exit (python3 reports it itself).
                 line=$("$torch_python" -c '
 import resource, runpy, sys
@@ -93,7 +96,8 @@ runs = defaultdict(dict)  # (preset, threads, who) -> {round: result}
 for line in open(sys.argv[1]):
     rnd, preset, threads, who, js = line.split(" ", 4)
     runs[(preset, int(threads), who)][int(rnd)] = json.loads(js)
-keys = sorted({(p, t) for p, t, _ in runs}, key=lambda k: (k[0] != "tiny", k[1]))
+order = list(dict.fromkeys(p for p, _, _ in runs))  # presets in the order they ran
+keys = sorted({(p, t) for p, t, _ in runs}, key=lambda k: (order.index(k[0]), k[1]))
 whos = sorted({w for _, _, w in runs if w != "pytorch"}, key=lambda w: list(dict.fromkeys(w for *_, w in runs)).index(w))
 med = lambda xs: statistics.median(xs)
 print()
@@ -102,7 +106,9 @@ print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---
 for preset, threads in keys:
     torch = runs.get((preset, threads, "pytorch"), {})
     for who in whos:
-        ours = runs[(preset, threads, who)]
+        ours = runs.get((preset, threads, who))
+        if not ours:
+            continue
         f = lambda k: med([r[k] for r in ours.values()])
         ratios = [ours[r]["tokens_per_s"] / torch[r]["tokens_per_s"] for r in sorted(ours) if r in torch]
         t_tok = f"{med([r['tokens_per_s'] for r in torch.values()]):,.0f}" if torch else "-"

@@ -5,7 +5,11 @@
 //! - Softmax cross-entropy: with GPT-2's 50,304-token vocabulary the logits are the largest tensor
 //!   of a step; the composed version makes about eight full-size temporaries forward and as many
 //!   backward. The fused one reads the logits twice forward (max, then log-sum-exp and the target)
-//!   and writes the gradient in one pass backward, in parallel over rows, deterministically.
+//!   and writes the gradient in one pass backward, in parallel over rows, deterministically. On
+//!   CPU the model goes further and fuses the lm_head into it ([`crate::linear_cross_entropy`]);
+//!   this kernel serves CUDA and callers with logits in hand.
+//! - The CPU loops share a vectorizable f32 exp ([`FastExp`]), lane-wise reductions and run-time
+//!   AVX-512/AVX2 dispatch (`multiversioned!`); the CPU attention is in [`crate::attention`].
 
 //! - Causal attention softmax (CUDA, src/kernels.cu): scale, causal mask and softmax of the
 //!   B·H·T·T scores in one read and one write, in f32 whatever the storage dtype; candle's ops take

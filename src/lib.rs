@@ -4,6 +4,8 @@
 //!
 //! The library holds everything; `src/main.rs` is a thin command-line layer over it.
 //! - [`model`]: the GPT-2 model (nanoGPT's architecture, Hugging Face tensor names).
+//! - [`kernels`], [`attention`], [`linear_cross_entropy`]: fused CPU (and CUDA) kernels with their
+//!   own backward passes, each tested against plain candle ops.
 //! - [`tokenizer`], [`data`]: tokenizers and the memory-mapped token cache with seeded batching.
 //! - [`optim`]: Adam, AdamW and ADOPT with exposed, checkpointable state; reusable by any candle program.
 //! - [`schedule`]: the learning-rate schedule, a pure function of the step.
