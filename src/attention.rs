@@ -18,7 +18,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::kernels::{
-    dot_lanes, max_lanes, multiversioned, strided_matmul, sum_lanes, FastExp, View,
+    contiguous, dot_lanes, max_lanes, multiversioned, strided_matmul, sum_lanes, FastExp, View,
 };
 
 /// Query rows per block. The blocks above the diagonal are skipped: at T = 256 the scores cost
@@ -238,13 +238,6 @@ fn attention_backward<T: FastExp>(qkv: &[T], dy: &[T], d: Dims, scale: f64) -> V
         },
     );
     dqkv
-}
-
-fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => bail!("fused attention: {what} must be contiguous"),
-    }
 }
 
 /// softmax(q·kᵀ·scale + causal mask)·v per head, from packed qkv.

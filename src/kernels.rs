@@ -30,10 +30,12 @@ struct CrossEntropyGrad {
     scale: f64,
 }
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+/// The elements of a contiguous tensor's storage; `what` names the tensor in the error (every
+/// fused kernel's wrapper makes its inputs contiguous, so this is a guard).
+pub(crate) fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
-        None => bail!("fused cross-entropy: {what} must be contiguous"),
+        None => bail!("fused kernel: its {what} must be contiguous"),
     }
 }
 

@@ -15,7 +15,7 @@
 //! ([`LossGradients::None`]) and does only the first matmul.
 
 use crate::kernels::{
-    max_lanes, multiversioned, strided_matmul, sum_exp_lanes, sum_lanes, FastExp,
+    contiguous, max_lanes, multiversioned, strided_matmul, sum_exp_lanes, sum_lanes, FastExp,
 };
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -142,13 +142,6 @@ fn run<T: FastExp>(
     // Per-row losses summed in row order: the same result on every run.
     let mean = losses.iter().sum::<f64>() / n as f64;
     Ok((mean, grad.then_some((dx, dw))))
-}
-
-fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => bail!("fused lm_head cross-entropy: {what} must be contiguous"),
-    }
 }
 
 impl LinearCrossEntropy {
