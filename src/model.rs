@@ -10,8 +10,9 @@
 //! Every layer is written with candle ops that have a backward pass (`candle_nn`'s LayerNorm and
 //! `softmax_last_dim` have none and would silently stop gradients), or with the fused kernels of
 //! [`crate::kernels`] (LayerNorm, causal softmax, tanh-GELU, cross-entropy; CPU and CUDA) and
-//! [`crate::attention`] (the whole causal attention on CPU), which carry their own backward and
-//! are tested against those ops.
+//! [`crate::attention`] (the whole causal attention on CPU) and [`crate::linear_cross_entropy`]
+//! (the lm_head and the loss on CPU), which carry their own backward and are tested against those
+//! ops.
 
 use crate::linear_cross_entropy::{
     fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
