@@ -28,6 +28,24 @@ fn random_ids(b: usize, t: usize, vocab: usize, seed: u64) -> Tensor {
     Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap()
 }
 
+/// A tensor's values in f64, flattened (to compare kernels of any dtype).
+fn as_f64_vec(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The largest |a − b| over two equally long slices.
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
 #[test]
 fn every_parameter_receives_a_nonzero_gradient() {
     for bias in [true, false] {
@@ -424,7 +442,7 @@ fn fused_cross_entropy_matches_candle_ops_in_value_and_gradient() {
             // Scale the loss so the upstream gradient is not 1.
             let ga = (fused * 3.0).unwrap().backward().unwrap();
             let gb = (plain * 3.0).unwrap().backward().unwrap();
-            let flat = |g: &candle_core::backprop::GradStore| -> Vec<f64> {
+            let grad_of_logits = |g: &candle_core::backprop::GradStore| -> Vec<f64> {
                 g.get(logits.as_tensor())
                     .unwrap()
                     .to_dtype(DType::F64)
@@ -434,12 +452,8 @@ fn fused_cross_entropy_matches_candle_ops_in_value_and_gradient() {
                     .to_vec1()
                     .unwrap()
             };
-            let (fa, fb) = (flat(&ga), flat(&gb));
-            let worst = fa
-                .iter()
-                .zip(&fb)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0, f64::max);
+            let (fa, fb) = (grad_of_logits(&ga), grad_of_logits(&gb));
+            let worst = max_abs_diff(&fa, &fb);
             let scale = fb.iter().map(|x| x.abs()).fold(0.0, f64::max);
             assert!(
                 worst <= tol * scale.max(1e-12) * 10.0,
@@ -547,15 +561,7 @@ fn fused_gelu_matches_candle_ops_in_value_and_gradient() {
                 .unwrap()
                 .backward()
                 .unwrap();
-            let flat = |t: &Tensor| -> Vec<f64> {
-                t.to_dtype(DType::F64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
-            (flat(&y), flat(g.get(x.as_tensor()).unwrap()))
+            (as_f64_vec(&y), as_f64_vec(g.get(x.as_tensor()).unwrap()))
         };
         let (ya, ga) = run(gelu_tanh);
         let (yb, gb) = run(gelu_tanh_ops);
@@ -619,25 +625,13 @@ fn fused_causal_softmax_matches_candle_ops_in_value_and_gradient() {
                     .unwrap()
                     .backward()
                     .unwrap();
-                let flat = |t: &Tensor| -> Vec<f64> {
-                    t.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                };
-                (flat(&y), flat(g.get(x.as_tensor()).unwrap()))
+                (as_f64_vec(&y), as_f64_vec(g.get(x.as_tensor()).unwrap()))
             };
             let (ya, ga) = run(&fused);
             let (yb, gb) = run(&composed);
             for (name, a, b) in [("value", &ya, &yb), ("gradient", &ga, &gb)] {
                 // Probabilities and their gradients are O(1).
-                let worst = a
-                    .iter()
-                    .zip(b.iter())
-                    .map(|(p, q)| (p - q).abs())
-                    .fold(0.0, f64::max);
+                let worst = max_abs_diff(a, b);
                 assert!(worst < tol, "{dims:?} {dtype:?} {name}: {worst:e}");
             }
             // Masked entries are exactly zero.
@@ -730,25 +724,13 @@ fn fused_attention_matches_candle_ops_in_value_and_gradient() {
                     .unwrap()
                     .backward()
                     .unwrap();
-                let flat = |t: &Tensor| -> Vec<f64> {
-                    t.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                };
-                (flat(&y), flat(g.get(qkv.as_tensor()).unwrap()))
+                (as_f64_vec(&y), as_f64_vec(g.get(qkv.as_tensor()).unwrap()))
             };
             let (ya, ga) = run(fused_causal_attention(qkv.as_tensor(), n_head).unwrap());
             let (yb, gb) = run(attention_composed(qkv.as_tensor(), n_head));
             for (name, a, r) in [("value", &ya, &yb), ("gradient", &ga, &gb)] {
                 let scale = r.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-                let worst = a
-                    .iter()
-                    .zip(r)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0.0, f64::max);
+                let worst = max_abs_diff(a, r);
                 assert!(
                     worst < tol * scale.max(1.0),
                     "({b}, {t}, {n_head}, {hd}) {dtype:?} {name}: {worst:e} (largest {scale:e})"
@@ -866,21 +848,13 @@ fn fused_layer_norm_matches_candle_ops_in_value_and_gradient() {
             };
             let run = |y: Tensor| -> Vec<Vec<f64>> {
                 let g = y.mul(&up).unwrap().sum_all().unwrap().backward().unwrap();
-                let flat = |t: &Tensor| -> Vec<f64> {
-                    t.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                };
                 let mut out = vec![
-                    flat(&y),
-                    flat(g.get(x.as_tensor()).unwrap()),
-                    flat(g.get(wv.as_tensor()).unwrap()),
+                    as_f64_vec(&y),
+                    as_f64_vec(g.get(x.as_tensor()).unwrap()),
+                    as_f64_vec(g.get(wv.as_tensor()).unwrap()),
                 ];
                 if bias {
-                    out.push(flat(g.get(bv.as_tensor()).unwrap()));
+                    out.push(as_f64_vec(g.get(bv.as_tensor()).unwrap()));
                 }
                 out
             };
@@ -954,18 +928,10 @@ fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
                     .to_scalar::<f64>()
                     .unwrap();
                 let g = (loss * 3.0).unwrap().backward().unwrap();
-                let flat = |t: &Tensor| -> Vec<f64> {
-                    t.to_dtype(DType::F64)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                };
                 (
                     value,
-                    flat(g.get(x.as_tensor()).unwrap()),
-                    flat(g.get(w.as_tensor()).unwrap()),
+                    as_f64_vec(g.get(x.as_tensor()).unwrap()),
+                    as_f64_vec(g.get(w.as_tensor()).unwrap()),
                 )
             };
             let fused = fused_linear_cross_entropy(
@@ -984,11 +950,7 @@ fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
             );
             for (name, a, b) in [("dx", &dxa, &dxb), ("dw", &dwa, &dwb)] {
                 let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-                let worst = a
-                    .iter()
-                    .zip(b)
-                    .map(|(p, q)| (p - q).abs())
-                    .fold(0.0, f64::max);
+                let worst = max_abs_diff(a, b);
                 assert!(
                     worst <= tol * scale,
                     "({n}, {c}, {v}) {dtype:?} {name}: {worst:e} (largest {scale:e})"
