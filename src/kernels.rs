@@ -48,7 +48,7 @@ fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
 
 /// Σ e^(x − shift) over a row, with [`LANES`] independent partial sums (vectorizable).
 #[inline(always)]
-pub(crate) fn sum_exp_lanes<T: FastExp>(row: &[T], shift: T) -> T {
+fn sum_exp_lanes<T: FastExp>(row: &[T], shift: T) -> T {
     let mut acc = [T::zero(); LANES];
     let chunks = row.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -66,30 +66,43 @@ pub(crate) fn ce_rows_per_task(v: usize) -> usize {
     (1usize << 16).div_ceil(v.max(1)).max(1)
 }
 
+/// A row's max and log-sum-exp (the max subtracted before exponentiating).
+#[inline(always)]
+pub(crate) fn max_and_log_sum_exp<T: FastExp>(row: &[T]) -> (T, T) {
+    let max = max_lanes(row);
+    (max, max + sum_exp_lanes(row, max).ln())
+}
+
+/// A row of logits with maximum `max`, in place, to (softmax(row) − one-hot(target)) · scale:
+/// the cross-entropy's gradient with respect to the row.
+#[inline(always)]
+pub(crate) fn softmax_minus_one_hot<T: FastExp>(row: &mut [T], max: T, target: usize, scale: T) {
+    for x in row.iter_mut() {
+        *x = (*x - max).fast_exp();
+    }
+    let k = scale / sum_lanes(row);
+    for x in row.iter_mut() {
+        *x = *x * k;
+    }
+    row[target] = row[target] - scale;
+}
+
 multiversioned! {
     /// Per row of `logits` (rows of length v): log-sum-exp of the row − the target's logit.
     fn ce_row_losses<T: FastExp>(logits: &[T], targets: &[u32], v: usize, losses: &mut [f64]) {
         for ((row, &t), loss) in logits.chunks(v).zip(targets).zip(losses.iter_mut()) {
-            let max = max_lanes(row);
-            let lse = max + sum_exp_lanes(row, max).ln();
+            let (_, lse) = max_and_log_sum_exp(row);
             *loss = (lse - row[t as usize]).to_f64().unwrap_or(f64::NAN);
         }
     }
 }
 
 multiversioned! {
-    /// Per row: (softmax(row) − one-hot(target)) · scale, into `grad`.
-    fn ce_row_grads<T: FastExp>(logits: &[T], targets: &[u32], v: usize, scale: T, grad: &mut [T]) {
-        for ((g, row), &t) in grad.chunks_mut(v).zip(logits.chunks(v)).zip(targets) {
+    /// Rows of logits (length v each), in place, to their gradients (softmax − one-hot) · scale.
+    fn ce_row_grads<T: FastExp>(rows: &mut [T], targets: &[u32], v: usize, scale: T) {
+        for (row, &t) in rows.chunks_mut(v).zip(targets) {
             let max = max_lanes(row);
-            for (gj, &x) in g.iter_mut().zip(row) {
-                *gj = (x - max).fast_exp();
-            }
-            let k = scale / sum_lanes(g);
-            for gj in g.iter_mut() {
-                *gj = *gj * k;
-            }
-            g[t as usize] = g[t as usize] - scale;
+            softmax_minus_one_hot(row, max, t as usize, scale);
         }
     }
 }
@@ -111,10 +124,11 @@ fn forward<T: FastExp>(logits: &[T], targets: &[u32], v: usize) -> Result<f64> {
 fn backward<T: FastExp>(logits: &[T], targets: &[u32], v: usize, scale: f64) -> Vec<T> {
     let scale = T::from(scale).expect("finite scale");
     let rows = ce_rows_per_task(v);
-    let mut grad = vec![T::zero(); logits.len()];
+    // The gradient is computed in place over a copy of the logits (a copy costs what zeroing did).
+    let mut grad = logits.to_vec();
     grad.par_chunks_mut(rows * v)
-        .zip(logits.par_chunks(rows * v).zip(targets.par_chunks(rows)))
-        .for_each(|(g, (x, t))| ce_row_grads(x, t, v, scale, g));
+        .zip(targets.par_chunks(rows))
+        .for_each(|(g, t)| ce_row_grads(g, t, v, scale));
     grad
 }
 

@@ -15,7 +15,7 @@
 //! ([`LossGradients::None`]) and does only the first matmul.
 
 use crate::kernels::{
-    contiguous, max_lanes, multiversioned, strided_matmul, sum_exp_lanes, sum_lanes, FastExp,
+    contiguous, max_and_log_sum_exp, multiversioned, softmax_minus_one_hot, strided_matmul, FastExp,
 };
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -45,18 +45,10 @@ multiversioned! {
     /// and, with `grad`, in place to (softmax − one-hot(target)) · scale.
     fn loss_rows<T: FastExp>(z: &mut [T], targets: &[u32], v: usize, scale: T, grad: bool, losses: &mut [f64]) {
         for ((row, &t), loss) in z.chunks_mut(v).zip(targets).zip(losses.iter_mut()) {
-            let max = max_lanes(row);
-            let lse = max + sum_exp_lanes(row, max).ln();
+            let (max, lse) = max_and_log_sum_exp(row);
             *loss = (lse - row[t as usize]).to_f64().unwrap_or(f64::NAN);
             if grad {
-                for x in row.iter_mut() {
-                    *x = (*x - max).fast_exp();
-                }
-                let k = scale / sum_lanes(row);
-                for x in row.iter_mut() {
-                    *x = *x * k;
-                }
-                row[t as usize] = row[t as usize] - scale;
+                softmax_minus_one_hot(row, max, t as usize, scale);
             }
         }
     }
