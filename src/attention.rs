@@ -37,6 +37,11 @@ struct Dims {
 }
 
 impl Dims {
+    /// The scores' scale, 1/√head_dim.
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
     fn of_qkv(l: &Layout, n_head: usize) -> Result<Self> {
         let (batch, t, c3) = l.shape().dims3()?;
         if c3 % 3 != 0 || n_head == 0 || (c3 / 3) % n_head != 0 {
@@ -150,8 +155,8 @@ fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |r0| (r0, (r0 + BLOCK).min(t)))
 }
 
-fn attention_forward<T: FastExp>(qkv: &[T], d: Dims, scale: f64) -> Vec<T> {
-    let scale = T::from(scale).expect("finite scale");
+fn attention_forward<T: FastExp>(qkv: &[T], d: Dims) -> Vec<T> {
+    let scale = T::from(d.scale()).expect("finite scale");
     let (t, c) = (d.t, d.c);
     let mut y = vec![T::zero(); d.batch * t * c];
     let y_ptr = SharedPtr(y.as_mut_ptr());
@@ -180,8 +185,8 @@ fn attention_forward<T: FastExp>(qkv: &[T], d: Dims, scale: f64) -> Vec<T> {
     y
 }
 
-fn attention_backward<T: FastExp>(qkv: &[T], dy: &[T], d: Dims, scale: f64) -> Vec<T> {
-    let scale = T::from(scale).expect("finite scale");
+fn attention_backward<T: FastExp>(qkv: &[T], dy: &[T], d: Dims) -> Vec<T> {
+    let scale = T::from(d.scale()).expect("finite scale");
     let (t, c, hd) = (d.t, d.c, d.head_dim);
     let (qkv_rs, t_rs) = (3 * c as isize, t as isize);
     let mut dqkv = vec![T::zero(); qkv.len()];
@@ -240,16 +245,14 @@ fn attention_backward<T: FastExp>(qkv: &[T], dy: &[T], d: Dims, scale: f64) -> V
     dqkv
 }
 
-/// softmax(q·kᵀ·scale + causal mask)·v per head, from packed qkv.
+/// softmax(q·kᵀ/√head_dim + causal mask)·v per head, from packed qkv.
 struct CausalAttention {
     n_head: usize,
-    scale: f64,
 }
 
 /// Its backward: dqkv from (qkv, dy).
 struct CausalAttentionGrad {
     n_head: usize,
-    scale: f64,
 }
 
 impl CustomOp1 for CausalAttention {
@@ -260,12 +263,8 @@ impl CustomOp1 for CausalAttention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of_qkv(l, self.n_head)?;
         let out = match s {
-            CpuStorage::F32(x) => {
-                CpuStorage::F32(attention_forward(contiguous(x, l, "qkv")?, d, self.scale))
-            }
-            CpuStorage::F64(x) => {
-                CpuStorage::F64(attention_forward(contiguous(x, l, "qkv")?, d, self.scale))
-            }
+            CpuStorage::F32(x) => CpuStorage::F32(attention_forward(contiguous(x, l, "qkv")?, d)),
+            CpuStorage::F64(x) => CpuStorage::F64(attention_forward(contiguous(x, l, "qkv")?, d)),
             _ => bail!("fused attention on CPU: qkv must be f32 or f64"),
         };
         Ok((out, Shape::from((d.batch, d.t, d.c))))
@@ -274,7 +273,6 @@ impl CustomOp1 for CausalAttention {
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let grad = CausalAttentionGrad {
             n_head: self.n_head,
-            scale: self.scale,
         };
         Ok(Some(qkv.apply_op2_no_bwd(&grad_res.contiguous()?, &grad)?))
     }
@@ -305,13 +303,11 @@ impl CustomOp2 for CausalAttentionGrad {
                 contiguous(x, l1, "qkv")?,
                 contiguous(g, l2, "dy")?,
                 d,
-                self.scale,
             )),
             (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(attention_backward(
                 contiguous(x, l1, "qkv")?,
                 contiguous(g, l2, "dy")?,
                 d,
-                self.scale,
             )),
             _ => bail!("fused attention gradient on CPU: qkv and dy must both be f32 or f64"),
         };
@@ -324,15 +320,7 @@ impl CustomOp2 for CausalAttentionGrad {
 /// to the heads' outputs side by side (B, T, C): for each head,
 /// softmax(q·kᵀ/√head_dim + causal mask)·v. CPU f32/f64, differentiable; see the module docs.
 pub fn fused_causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
-    let (_, _, c3) = qkv.dims3()?;
-    if n_head == 0 || c3 % (3 * n_head) != 0 {
-        bail!("fused attention: qkv width {c3} is not 3 × a multiple of {n_head} heads");
-    }
-    let head_dim = c3 / 3 / n_head;
-    qkv.contiguous()?.apply_op1(CausalAttention {
-        n_head,
-        scale: 1.0 / (head_dim as f64).sqrt(),
-    })
+    qkv.contiguous()?.apply_op1(CausalAttention { n_head })
 }
 
 /// Whether [`fused_causal_attention`] serves this qkv tensor: CPU, f32 or f64, rank 3.
