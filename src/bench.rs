@@ -27,21 +27,29 @@ pub struct BenchSetup {
     pub dtype: Precision,
 }
 
+/// The model preset a bench preset runs (`tiny50k` is the `tiny` model).
+fn model_preset(bench_preset: &str) -> &str {
+    match bench_preset {
+        "tiny50k" => "tiny",
+        other => other,
+    }
+}
+
 impl BenchSetup {
     /// The torch benchmark's configurations: tiny (batch 16, block 128, vocab 65), tiny50k (tiny
     /// with vocab 50304), baby (batch 8, block 256, vocab 65), gpt2 (batch 2, block 256, vocab
     /// 50304).
     pub fn preset(name: &str) -> Result<Self> {
-        let (model, batch_size, block_size, vocab_size) = match name {
-            "tiny" => ("tiny", 16, 128, 65),
+        let (batch_size, block_size, vocab_size) = match name {
+            "tiny" => (16, 128, 65),
             // The tiny model with GPT-2's vocabulary, as in the ADOPT-vs-Adam study: the
             // embedding, lm_head and cross-entropy dominate.
-            "tiny50k" => ("tiny", 16, 128, 50304),
-            "baby" => ("baby", 8, 256, 65),
-            "gpt2" => ("gpt2", 2, 256, 50304),
+            "tiny50k" => (16, 128, 50304),
+            "baby" => (8, 256, 65),
+            "gpt2" => (2, 256, 50304),
             _ => bail!("bench preset must be tiny, tiny50k, baby or gpt2, got '{name}'"),
         };
-        let m = GptConfig::preset(model)?;
+        let m = GptConfig::preset(model_preset(name))?;
         Ok(Self {
             preset: name.into(),
             n_layer: m.n_layer,
@@ -67,7 +75,7 @@ impl BenchSetup {
             self.batch_size = b;
         }
         if let Some(t) = block_size {
-            let max = GptConfig::preset(self.preset.trim_end_matches("50k"))?.block_size;
+            let max = GptConfig::preset(model_preset(&self.preset))?.block_size;
             if t == 0 || t > max {
                 bail!(
                     "--block-size must be in [1, {max}] for {}, got {t}",
