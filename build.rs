@@ -1,5 +1,5 @@
 //! Records the git commit the binary was built from, for each run's reproducibility header, and,
-//! with the `cuda` feature, compiles the CUDA kernels (src/optim/optim.cu, src/kernels.cu) to PTX.
+//! with the `cuda` feature, compiles the CUDA kernels (src/optim/optim.cu, src/ops/cuda/kernels.cu) to PTX.
 
 fn main() {
     let commit = std::process::Command::new("git")
@@ -17,7 +17,7 @@ fn main() {
         // No contracted multiply-adds in the optimizer: its f32 results then equal the CPU
         // kernel's bit for bit.
         compile_ptx("src/optim/optim.cu", "optim.ptx", &["--fmad=false"]);
-        compile_ptx("src/kernels.cu", "kernels.ptx", &[]);
+        compile_ptx("src/ops/cuda/kernels.cu", "kernels.ptx", &[]);
     }
 }
 

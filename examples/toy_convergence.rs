@@ -1,12 +1,12 @@
-//! The ADOPT paper's online convex problem (see `gpt_pretrain::toy`): Adam against ADOPT for
+//! The ADOPT paper's online convex problem (see `gpt_pretrain::study::toy`): Adam against ADOPT for
 //! k ∈ {10, 50} and β2 ∈ {0.1, 0.5, 0.999}, several seeds. Prints the final θ (mean ± sd; the
 //! optimum is −1) and draws θ over time for the first seed to PNG and SVG.
 //!
 //! cargo run --release --example toy_convergence -- [--steps N] [--seeds N] [--out DIR]
 
 use anyhow::{Context, Result};
-use gpt_pretrain::plot::{register_fonts, FONT};
-use gpt_pretrain::toy::{simulate, ToyOptimizer, ToyRun};
+use gpt_pretrain::study::plot::{register_fonts, FONT};
+use gpt_pretrain::study::toy::{simulate, ToyOptimizer, ToyRun};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::PathBuf;

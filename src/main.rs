@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use gpt_pretrain::config::TrainConfig;
-use gpt_pretrain::sample::{sample, SampleOptions};
+use gpt_pretrain::tools::sample::{sample, SampleOptions};
 use gpt_pretrain::train::{train_new, train_resume, Interrupted, Reporting, ResumeOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -280,10 +280,16 @@ fn run(cli: Cli) -> Result<()> {
             let base = config.as_deref().map(TrainConfig::read_table).transpose()?;
             let axes = grid
                 .iter()
-                .map(|g| gpt_pretrain::sweep::parse_axis(g))
+                .map(|g| gpt_pretrain::study::sweep::parse_axis(g))
                 .collect::<Result<Vec<_>>>()?;
-            let summary =
-                gpt_pretrain::sweep::sweep(base, &set, &axes, &seeds, &out, &Reporting { quiet })?;
+            let summary = gpt_pretrain::study::sweep::sweep(
+                base,
+                &set,
+                &axes,
+                &seeds,
+                &out,
+                &Reporting { quiet },
+            )?;
             println!(
                 "sweep {}: {} runs ({} already done, {} resumed, {} started)",
                 out.display(),
@@ -298,7 +304,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             target_loss,
         } => {
-            let report = gpt_pretrain::compare::compare(&runs, &out, target_loss)?;
+            let report = gpt_pretrain::study::compare::compare(&runs, &out, target_loss)?;
             println!("{report}");
             println!(
                 "wrote {}/report.md and plots (val_loss, train_loss, lr_grad_norm .png/.svg)",
@@ -320,14 +326,14 @@ fn run(cli: Cli) -> Result<()> {
                 std::env::set_var("RAYON_NUM_THREADS", n.to_string());
             }
             let device = gpt_pretrain::device::parse_device(&device)?;
-            let mut setup = gpt_pretrain::bench::BenchSetup::preset(&preset)?
+            let mut setup = gpt_pretrain::tools::bench::BenchSetup::preset(&preset)?
                 .with_batch(batch_size, block_size)?;
             setup.dtype = if dtype == "bf16" {
                 gpt_pretrain::config::Precision::Bf16
             } else {
                 gpt_pretrain::config::Precision::F32
             };
-            let r = gpt_pretrain::bench::run(&setup, steps, &device)?;
+            let r = gpt_pretrain::tools::bench::run(&setup, steps, &device)?;
             let on = match &r.device_name {
                 Some(name) => name.clone(),
                 None => format!("{} threads", r.threads),
@@ -370,7 +376,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Export { run_dir, hf } => {
-            gpt_pretrain::hf::export(&run_dir, &hf)?;
+            gpt_pretrain::model::hf::export(&run_dir, &hf)?;
             println!(
                 "wrote {} (load it with transformers.GPT2LMHeadModel.from_pretrained)",
                 hf.display()
@@ -385,8 +391,9 @@ fn run(cli: Cli) -> Result<()> {
             device,
         } => {
             let device = gpt_pretrain::device::parse_device(&device)?;
-            let scorer = gpt_pretrain::eval::Scorer::load(&model, &device)?;
-            let report = gpt_pretrain::eval::evaluate_text(&scorer, &data, block, stride, &device)?;
+            let scorer = gpt_pretrain::tools::eval::Scorer::load(&model, &device)?;
+            let report =
+                gpt_pretrain::tools::eval::evaluate_text(&scorer, &data, block, stride, &device)?;
             let stem = data
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())

@@ -492,7 +492,7 @@ fn non_finite_loss_stops_with_the_step_named_and_keeps_the_good_checkpoint() {
         stderr.contains("step-00000004"),
         "names the last good checkpoint: {stderr}"
     );
-    let complete = gpt_pretrain::checkpoint::list_complete(&ws.path("run")).unwrap();
+    let complete = gpt_pretrain::train::checkpoint::list_complete(&ws.path("run")).unwrap();
     assert_eq!(
         complete.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
         vec![4]
@@ -522,9 +522,11 @@ fn an_overflowing_learning_rate_is_caught_before_a_checkpoint() {
         stderr.contains("at step") && stderr.lines().count() == 1,
         "{stderr}"
     );
-    assert!(gpt_pretrain::checkpoint::list_complete(&ws.path("run"))
-        .unwrap()
-        .is_empty());
+    assert!(
+        gpt_pretrain::train::checkpoint::list_complete(&ws.path("run"))
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]

@@ -83,9 +83,9 @@ impl Setup {
 
 /// Every complete checkpoint of a run loads and passes its checksums.
 fn assert_checkpoints_intact(run: &Path) -> usize {
-    let complete = gpt_pretrain::checkpoint::list_complete(run).unwrap();
+    let complete = gpt_pretrain::train::checkpoint::list_complete(run).unwrap();
     for (_, dir) in &complete {
-        gpt_pretrain::checkpoint::load_dir(dir, &candle_core::Device::Cpu)
+        gpt_pretrain::train::checkpoint::load_dir(dir, &candle_core::Device::Cpu)
             .unwrap_or_else(|e| panic!("{} is damaged: {e:#}", dir.display()));
     }
     complete.len()
@@ -168,7 +168,7 @@ fn kill_9_at_random_moments_loses_nothing() {
         let kills_this_trial = rng.random_range(1..=3);
         let mut attempt = 0;
         loop {
-            let resume_step = gpt_pretrain::checkpoint::list_complete(&run)
+            let resume_step = gpt_pretrain::train::checkpoint::list_complete(&run)
                 .ok()
                 .and_then(|c| c.last().map(|(step, _)| *step));
             if resume_step.is_none() && run.exists() {
@@ -241,7 +241,7 @@ fn stop_with(signal: i32, expected_code: i32, name: &str) {
     // It stopped right after a step, and that step is checkpointed with its metrics flushed.
     let last_step = train_losses(&run).last().unwrap().0;
     assert!(last_step < STEPS);
-    let newest = gpt_pretrain::checkpoint::list_complete(&run)
+    let newest = gpt_pretrain::train::checkpoint::list_complete(&run)
         .unwrap()
         .last()
         .unwrap()
@@ -285,7 +285,7 @@ fn a_second_signal_exits_at_once_without_damage() {
     assert_checkpoints_intact(&run);
     // Whatever it was writing is discarded on resume, which then finishes the run exactly.
     let resumed = s.ws.train(&["--resume", "run"]);
-    if gpt_pretrain::checkpoint::list_complete(&run)
+    if gpt_pretrain::train::checkpoint::list_complete(&run)
         .unwrap()
         .is_empty()
     {
@@ -524,7 +524,7 @@ fn nan_policy_skip_counts_and_logs_skipped_steps() {
     .unwrap();
     assert_eq!(state["skipped_steps"], 1);
     // The skipped step changed nothing: the optimizer has taken 8 steps.
-    let ckpt = gpt_pretrain::checkpoint::load_dir(
+    let ckpt = gpt_pretrain::train::checkpoint::load_dir(
         &ws.path("run/checkpoints/step-00000009"),
         &candle_core::Device::Cpu,
     )

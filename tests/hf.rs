@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use gpt_pretrain::hf;
+use gpt_pretrain::model::hf;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -143,7 +143,7 @@ fn export_matches_the_transformers_layout_and_reloads_exactly() {
         );
         // The export read back gives the run's own logits.
         let (ids, _) = fixture_logits();
-        let scorer = gpt_pretrain::eval::Scorer::load(&run, &Device::Cpu).unwrap();
+        let scorer = gpt_pretrain::tools::eval::Scorer::load(&run, &Device::Cpu).unwrap();
         let model = scorer.model().unwrap();
         let theirs: Vec<f64> = model
             .forward(&Tensor::new(ids.clone(), &Device::Cpu).unwrap(), None)
@@ -207,7 +207,7 @@ fn eval_scores_a_run_and_its_export_alike() {
 fn sliding_windows_score_each_token_once_by_hand() {
     // With the fixture model: the windowed loss equals the mean over positions of the loss each
     // token gets from one full-context pass when the text fits in one block.
-    let scorer = gpt_pretrain::eval::Scorer::load(&fixture_dir(), &Device::Cpu);
+    let scorer = gpt_pretrain::tools::eval::Scorer::load(&fixture_dir(), &Device::Cpu);
     // The fixture has no tokenizer.json: supply the byte tokenizer's.
     let dir = tempfile::tempdir().unwrap();
     for f in ["config.json", "model.safetensors"] {
@@ -219,13 +219,15 @@ fn sliding_windows_score_each_token_once_by_hand() {
     )
     .unwrap();
     assert!(scorer.is_err(), "the fixture lacks a tokenizer");
-    let scorer = gpt_pretrain::eval::Scorer::load(dir.path(), &Device::Cpu).unwrap();
+    let scorer = gpt_pretrain::tools::eval::Scorer::load(dir.path(), &Device::Cpu).unwrap();
     let text = dir.path().join("t.txt");
     std::fs::write(&text, "Hello, world, hello").unwrap(); // 19 bytes, fits in one block of 32
-    let one = gpt_pretrain::eval::evaluate_text(&scorer, &text, Some(32), Some(16), &Device::Cpu)
-        .unwrap();
+    let one =
+        gpt_pretrain::tools::eval::evaluate_text(&scorer, &text, Some(32), Some(16), &Device::Cpu)
+            .unwrap();
     let many =
-        gpt_pretrain::eval::evaluate_text(&scorer, &text, Some(8), Some(1), &Device::Cpu).unwrap();
+        gpt_pretrain::tools::eval::evaluate_text(&scorer, &text, Some(8), Some(1), &Device::Cpu)
+            .unwrap();
     assert_eq!(one.scored, 18);
     assert_eq!(many.scored, 18);
     // By hand: one pass, mean of -log p(token | prefix).
@@ -258,7 +260,7 @@ fn byte_tokenizer_json_reproduces_byte_ids() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
     std::fs::write(&path, json).unwrap();
-    let tok = gpt_pretrain::tokenizer::Tokenizer::from_file(&path).unwrap();
+    let tok = gpt_pretrain::data::tokenizer::Tokenizer::from_file(&path).unwrap();
     let text = "naïve  café\n\tend — 東京 <|endoftext|>";
     let ids = tok.encode(text).unwrap();
     assert_eq!(ids, text.bytes().map(u32::from).collect::<Vec<_>>());

@@ -2,9 +2,9 @@
 //! at initialisation, overfitting one batch, and checkpoint round trips.
 
 use candle_core::{DType, Device, Tensor, Var};
-use gpt_pretrain::checkpoint::{self, TrainState};
 use gpt_pretrain::model::{cross_entropy, Gpt, GptConfig, Params};
 use gpt_pretrain::optim::{param_groups, Adam, AdamConfig, Optimizer, OptimizerKind};
+use gpt_pretrain::train::checkpoint::{self, TrainState};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -468,7 +468,7 @@ fn fused_cross_entropy_matches_candle_ops_in_value_and_gradient() {
 
 #[test]
 fn sum_of_squares_matches_f64_ops() {
-    use gpt_pretrain::kernels::sum_of_squares;
+    use gpt_pretrain::ops::sum_of_squares;
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let values: Vec<f64> = (0..10_007).map(|_| rng.random_range(-3.0..3.0)).collect();
     let expected: f64 = values.iter().map(|x| x * x).sum();
@@ -613,8 +613,8 @@ fn fused_causal_softmax_matches_candle_ops_in_value_and_gradient() {
                 e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap()
             };
             let fused = |x: &Tensor| -> Tensor {
-                assert!(gpt_pretrain::kernels::fused_causal_softmax_applies(x));
-                gpt_pretrain::kernels::fused_causal_softmax(x, scale).unwrap()
+                assert!(gpt_pretrain::ops::fused_causal_softmax_applies(x));
+                gpt_pretrain::ops::fused_causal_softmax(x, scale).unwrap()
             };
             let run = |f: &dyn Fn(&Tensor) -> Tensor| -> (Vec<f64>, Vec<f64>) {
                 let y = f(x.as_tensor());
@@ -689,7 +689,7 @@ fn attention_composed(qkv: &Tensor, n_head: usize) -> Tensor {
 
 #[test]
 fn fused_attention_matches_candle_ops_in_value_and_gradient() {
-    use gpt_pretrain::attention::{fused_causal_attention, fused_causal_attention_applies};
+    use gpt_pretrain::ops::attention::{fused_causal_attention, fused_causal_attention_applies};
     let mut rng = ChaCha8Rng::seed_from_u64(31);
     // (batch, T, heads, head_dim): one block; a partial last block; several blocks and a
     // partial one; the baby model's head shape over exactly two blocks.
@@ -753,7 +753,7 @@ fn fused_attention_matches_candle_ops_in_value_and_gradient() {
 
 #[test]
 fn fused_attention_is_causal_and_rejects_bad_shapes() {
-    use gpt_pretrain::attention::fused_causal_attention;
+    use gpt_pretrain::ops::attention::fused_causal_attention;
     // With T = 1 each head returns its own value vector, whatever q and k are.
     let qkv = Tensor::new(&[[[5.0f64, -1.0, 2.0, 3.0, 7.0, -4.0]]], &Device::Cpu).unwrap();
     let y = fused_causal_attention(&qkv, 2).unwrap();
@@ -834,11 +834,11 @@ fn fused_layer_norm_matches_candle_ops_in_value_and_gradient() {
                 }
             };
             let fused = || -> Tensor {
-                assert!(gpt_pretrain::kernels::fused_layer_norm_applies(
+                assert!(gpt_pretrain::ops::fused_layer_norm_applies(
                     x.as_tensor(),
                     wv.as_tensor()
                 ));
-                gpt_pretrain::kernels::fused_layer_norm(
+                gpt_pretrain::ops::fused_layer_norm(
                     x.as_tensor(),
                     wv.as_tensor(),
                     bias.then(|| bv.as_tensor()),
@@ -878,7 +878,7 @@ fn fused_layer_norm_matches_candle_ops_in_value_and_gradient() {
 
 #[test]
 fn fast_exp_f32_is_within_two_ulp_of_the_f64_exp() {
-    use gpt_pretrain::kernels::FastExp;
+    use gpt_pretrain::ops::FastExp;
     let mut worst_ulps = 0.0f64;
     let mut x = -87.0f32;
     while x <= 88.0 {
@@ -898,10 +898,10 @@ fn fast_exp_f32_is_within_two_ulp_of_the_f64_exp() {
 
 #[test]
 fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
-    use gpt_pretrain::linear_cross_entropy::{
+    use gpt_pretrain::model::cross_entropy_ops;
+    use gpt_pretrain::ops::lm_head_loss::{
         fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
     };
-    use gpt_pretrain::model::cross_entropy_ops;
     let mut rng = ChaCha8Rng::seed_from_u64(41);
     // (rows, width, vocab): one row group; GPT-2's vocabulary, where 83 rows make a group, so
     // 200 rows are two full groups and a partial one.

@@ -2,8 +2,8 @@
 
 mod common;
 
+use gpt_pretrain::data::tokenizer::Tokenizer;
 use gpt_pretrain::data::{Corpus, Split, TokenData};
-use gpt_pretrain::tokenizer::Tokenizer;
 
 #[test]
 fn gpt2_ids_match_openai() {

@@ -6,7 +6,7 @@
 //! k = 50 stays below the k needed until s > 50⁴ ≈ 6M steps: within 1M steps it behaves like Adam
 //! there, and converges for k = 10.
 
-use gpt_pretrain::toy::{simulate, ToyOptimizer, ToyRun};
+use gpt_pretrain::study::toy::{simulate, ToyOptimizer, ToyRun};
 
 fn final_theta(opt: ToyOptimizer, k: f64, beta2: f64) -> f64 {
     let run = ToyRun {

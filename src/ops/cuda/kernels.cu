@@ -1,4 +1,4 @@
-// Fused model kernels for CUDA (src/kernels_cuda.rs launches them; build.rs compiles to PTX).
+// Fused model kernels for CUDA (src/ops/cuda/kernels.cuda.rs launches them; build.rs compiles to PTX).
 //
 // - causal_softmax_fwd: y = softmax(scale·x) over each row with keys after the query masked, in
 //   f32 whatever the storage dtype; one warp per row. Replaces scale, mask add, max, subtract,

@@ -98,7 +98,7 @@ pub struct SweepSummary {
 
 fn is_done(run_dir: &Path) -> Result<bool> {
     let cfg = crate::train::load_run_config(run_dir)?;
-    Ok(crate::checkpoint::list_complete(run_dir)?
+    Ok(crate::train::checkpoint::list_complete(run_dir)?
         .last()
         .is_some_and(|(step, _)| *step >= cfg.max_steps as u64))
 }
@@ -133,7 +133,7 @@ pub fn sweep(
     }
     let mut summary = SweepSummary::default();
     for (i, (dir, cfg)) in plan.into_iter().enumerate() {
-        let has_checkpoint = !crate::checkpoint::list_complete(&dir)?.is_empty();
+        let has_checkpoint = !crate::train::checkpoint::list_complete(&dir)?.is_empty();
         if dir.join("config.toml").is_file() && is_done(&dir)? {
             summary.already_done += 1;
         } else if has_checkpoint {

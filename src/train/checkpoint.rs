@@ -6,7 +6,7 @@
 //! renamed into place: a directory named `step-*` is always complete. Loading verifies checksums
 //! before it trusts any byte.
 
-use crate::faults;
+use super::faults;
 use crate::fsutil::{sha256_hex, sync_dir, write_synced};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};

@@ -6,8 +6,8 @@
 //! both ways. The `attn.bias` / `attn.masked_bias` causal-mask buffers of older checkpoints are not
 //! parameters and are skipped; `lm_head.weight` is tied to `transformer.wte.weight`.
 
+use crate::data::tokenizer::Tokenizer;
 use crate::model::{GptConfig, Params};
-use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
@@ -251,7 +251,7 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<()> {
     crate::fsutil::write_atomic(&out.join("model.safetensors"), &bytes)?;
 
     let eot = match &tokenizer {
-        Tokenizer::Hf(t) => t.token_to_id(crate::tokenizer::END_OF_TEXT),
+        Tokenizer::Hf(t) => t.token_to_id(crate::data::tokenizer::END_OF_TEXT),
         Tokenizer::Byte => None,
     };
     let config = json!({
@@ -302,7 +302,7 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<()> {
     });
     if eot.is_some() {
         for key in ["bos_token", "eos_token", "unk_token"] {
-            tok_config[key] = json!(crate::tokenizer::END_OF_TEXT);
+            tok_config[key] = json!(crate::data::tokenizer::END_OF_TEXT);
         }
     }
     crate::fsutil::write_atomic(

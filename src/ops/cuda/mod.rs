@@ -1,4 +1,4 @@
-//! CUDA twins of the fused model kernels (src/kernels.cu): the causal attention softmax with its
+//! CUDA twins of the fused model kernels (src/ops/cuda/kernels.cu): the causal attention softmax with its
 //! backward, and per-block sums of squares for the gradient norm. Each takes contiguous f32, bf16
 //! or f16 input and computes in f32 (f64 for the sums).
 

@@ -5,7 +5,7 @@
 //! resumed step and a torn last line move to `metrics.superseded.jsonl` (nothing is deleted), and
 //! the rest is rewritten atomically.
 
-use crate::faults;
+use super::faults;
 use crate::fsutil::write_atomic;
 use anyhow::{Context, Result};
 use std::fs::{File, OpenOptions};

@@ -5,8 +5,10 @@
 //! validation split. Training batches are random windows from a ChaCha stream whose position is saved
 //! in checkpoints; evaluation uses fixed windows from `eval_seed`, the same for every run.
 
+pub mod tokenizer;
+
+use crate::data::tokenizer::Tokenizer;
 use crate::fsutil::{sha256_hex, write_atomic};
-use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;

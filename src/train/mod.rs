@@ -7,20 +7,27 @@
 //! optimizer moments and the data stream position are restored exactly, the schedule is a pure
 //! function of the step, and dropout masks are drawn from a stream keyed by the step.
 
-use crate::checkpoint::{self, TrainState};
+pub mod checkpoint;
+pub mod faults;
+pub mod metrics;
+pub mod runlock;
+pub mod schedule;
+pub mod signals;
+
 use crate::config::{NanPolicy, TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
+use crate::data::tokenizer::Tokenizer;
 use crate::data::{eval_windows, BatchSampler, Corpus, Split, TokenData};
-use crate::metrics::{self, Metrics};
 use crate::model::{Gpt, GptConfig, Params};
 use crate::optim::{self, Optimizer};
-use crate::runlock::RunLock;
-use crate::schedule::Schedule;
-use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
+use checkpoint::TrainState;
+use metrics::Metrics;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use runlock::RunLock;
+use schedule::Schedule;
 use serde::{Deserialize, Serialize};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -90,7 +97,7 @@ impl std::fmt::Display for Interrupted {
         write!(
             f,
             "interrupted by {} after step {}; saved {}; continue with --resume {}",
-            crate::signals::name(self.signal),
+            signals::name(self.signal),
             self.step,
             self.checkpoint.display(),
             self.run_dir.display()
@@ -232,7 +239,7 @@ pub fn train_new(
         model_cfg.block_size,
     )?;
     let params = match &pretrained {
-        Some(dir) => crate::hf::read_weights(dir, &model_cfg, &device)?,
+        Some(dir) => crate::model::hf::read_weights(dir, &model_cfg, &device)?,
         None => Params::init(&model_cfg, cfg.seed, DType::F32, &device)?,
     };
     let optimizer = build_optimizer(&cfg, &params)?;
@@ -297,8 +304,8 @@ pub fn train_new(
 /// Finds the `init_from` weights and makes their shape the run's: explicit shape keys must agree,
 /// `block_size` may crop the position table. Returns the weights' directory.
 fn adopt_pretrained_shape(cfg: &mut TrainConfig, vocab: usize) -> Result<PathBuf> {
-    let dir = crate::hf::resolve(&cfg.init_from)?;
-    let shape = crate::hf::read_config(&dir)?;
+    let dir = crate::model::hf::resolve(&cfg.init_from)?;
+    let shape = crate::model::hf::read_config(&dir)?;
     if shape.vocab_size != vocab {
         bail!(
             "init_from {} has a vocabulary of {}, the {:?} tokenizer {vocab}",
@@ -545,9 +552,9 @@ pub fn grad_norm(params: &Params, grads: &GradStore) -> Result<f64> {
     for var in params.vars() {
         if let Some(g) = grads.get(var.as_tensor()) {
             if g.device().is_cpu() {
-                sum += crate::kernels::sum_of_squares(g)?;
+                sum += crate::ops::sum_of_squares(g)?;
             } else {
-                device_sums.push(crate::kernels::sum_of_squares_on_device(g)?);
+                device_sums.push(crate::ops::sum_of_squares_on_device(g)?);
             }
         }
     }
@@ -711,7 +718,7 @@ impl Trainer {
                 rng
             });
             let mut loss = self.model.loss(&x, &y, dropout_rng.as_mut())?;
-            if crate::faults::nan_at(self.step + 1) {
+            if faults::nan_at(self.step + 1) {
                 loss = (loss * f64::NAN)?;
             }
             losses.push(loss.detach().to_dtype(DType::F64)?);
@@ -789,7 +796,7 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
         skipped_steps,
         lock: _lock,
     } = setup;
-    crate::signals::install().context("cannot install signal handlers")?;
+    signals::install().context("cannot install signal handlers")?;
     let schedule = Schedule {
         kind: cfg.schedule,
         lr: cfg.lr.expect("resolved"),
@@ -877,7 +884,7 @@ fn run(setup: Setup, reporting: &Reporting) -> Result<TrainSummary> {
                 secs * 1e3
             );
         }
-        if let Some(signal) = crate::signals::requested() {
+        if let Some(signal) = signals::requested() {
             // Finish what this step started: checkpoint it, then stop.
             let checkpoint = t.checkpoint()?;
             if let Some(bar) = &progress {

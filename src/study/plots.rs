@@ -2,8 +2,8 @@
 //! band = min–max over seeds), train loss against step (smoothed, raw faint), learning rate and
 //! gradient norm against step.
 
-use crate::compare::Group;
-use crate::plot::{register_fonts, FONT};
+use crate::study::compare::Group;
+use crate::study::plot::{register_fonts, FONT};
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;

@@ -6,17 +6,22 @@
 //!   of a step; the composed version makes about eight full-size temporaries forward and as many
 //!   backward. The fused one reads the logits twice forward (max, then log-sum-exp and the target)
 //!   and writes the gradient in one pass backward, in parallel over rows, deterministically. On
-//!   CPU the model goes further and fuses the lm_head into it ([`crate::linear_cross_entropy`]);
+//!   CPU the model goes further and fuses the lm_head into it ([`crate::ops::lm_head_loss`]);
 //!   this kernel serves CUDA and callers with logits in hand.
 //! - The CPU loops share a vectorizable f32 exp ([`FastExp`]), lane-wise reductions and run-time
-//!   AVX-512/AVX2 dispatch (`multiversioned!`); the CPU attention is in [`crate::attention`].
+//!   AVX-512/AVX2 dispatch (`multiversioned!`); the CPU attention is in [`crate::ops::attention`].
 
-//! - Causal attention softmax (CUDA, src/kernels.cu): scale, causal mask and softmax of the
+//! - Causal attention softmax (CUDA, src/ops/cuda/kernels.cu): scale, causal mask and softmax of the
 //!   B·H·T·T scores in one read and one write, in f32 whatever the storage dtype; candle's ops take
 //!   about 14 ms per GPT-2 layer for this at batch 8 × 1024 on an H100 (seven full passes, the
 //!   broadcasting ones slow), more than all the layer's matmuls together.
 //! - On CUDA the cross-entropy (one block per row), LayerNorm and GELU have kernels too
-//!   (src/kernels.cu, src/kernels_cuda.rs).
+//!   (src/ops/cuda/kernels.cu, src/ops/cuda/kernels.cuda.rs).
+
+pub mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod lm_head_loss;
 
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
@@ -172,7 +177,7 @@ impl CustomOp2 for CrossEntropy {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::kernels_cuda::cross_entropy_fwd(s1, l1, s2, l2)
+        crate::ops::cuda::cross_entropy_fwd(s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -185,11 +190,8 @@ impl CustomOp2 for CrossEntropy {
         #[cfg(feature = "cuda")]
         if logits.device().is_cuda() {
             let upstream = grad_res.to_dtype(DType::F32)?.contiguous()?;
-            let grad = logits.apply_op3_no_bwd(
-                targets,
-                &upstream,
-                &crate::kernels_cuda::CrossEntropyGrad,
-            )?;
+            let grad =
+                logits.apply_op3_no_bwd(targets, &upstream, &crate::ops::cuda::CrossEntropyGrad)?;
             return Ok((Some(grad), None));
         }
         let n = logits.dim(0)?;
@@ -353,7 +355,7 @@ impl candle_core::CustomOp1 for CausalSoftmax {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (tq, tk) = causal_dims(l)?;
-        crate::kernels_cuda::causal_softmax_fwd(s, l, tq, tk, self.scale as f32)
+        crate::ops::cuda::causal_softmax_fwd(s, l, tq, tk, self.scale as f32)
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -404,7 +406,7 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::kernels_cuda::softmax_grad(s1, l1, s2, l2, self.scale as f32)
+        crate::ops::cuda::softmax_grad(s1, l1, s2, l2, self.scale as f32)
     }
 }
 
@@ -433,7 +435,7 @@ pub fn sum_of_squares_on_device(t: &Tensor) -> Result<Tensor> {
     if t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
         return t
             .contiguous()?
-            .apply_op1_no_bwd(&crate::kernels_cuda::SumSquaresPartials)?
+            .apply_op1_no_bwd(&crate::ops::cuda::SumSquaresPartials)?
             .sum_all();
     }
     t.to_dtype(DType::F64)?.sqr()?.sum_all()
@@ -799,7 +801,7 @@ impl candle_core::CustomOp1 for Gelu {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::kernels_cuda::gelu_fwd(s, l)
+        crate::ops::cuda::gelu_fwd(s, l)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -846,7 +848,7 @@ impl CustomOp2 for GeluGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::kernels_cuda::gelu_bwd(s1, l1, s2, l2)
+        crate::ops::cuda::gelu_bwd(s1, l1, s2, l2)
     }
 }
 
@@ -1017,7 +1019,7 @@ impl candle_core::CustomOp3 for LayerNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::kernels_cuda::layer_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps as f32)
+        crate::ops::cuda::layer_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps as f32)
     }
 
     fn bwd(
@@ -1082,7 +1084,7 @@ impl candle_core::CustomOp3 for LayerNormGradInput {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::kernels_cuda::layer_norm_grad_input(s1, l1, s2, l2, s3, l3, self.eps as f32)
+        crate::ops::cuda::layer_norm_grad_input(s1, l1, s2, l2, s3, l3, self.eps as f32)
     }
 }
 
@@ -1131,7 +1133,7 @@ impl CustomOp2 for LayerNormGradParams {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::kernels_cuda::layer_norm_grad_params(
+        crate::ops::cuda::layer_norm_grad_params(
             s1,
             l1,
             s2,

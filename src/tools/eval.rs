@@ -5,9 +5,9 @@
 //! tokens of context after the first window. (The guide's code counts each window's scored tokens
 //! as one fewer than it scores; we count them exactly.)
 
+use crate::data::tokenizer::Tokenizer;
 use crate::data::Corpus;
 use crate::model::{Gpt, GptConfig, Params};
-use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde::Serialize;
@@ -42,8 +42,8 @@ impl Scorer {
                 vocab,
             })
         } else if path.join("config.json").is_file() {
-            let model_cfg = crate::hf::read_config(path)?;
-            let params = crate::hf::read_weights(path, &model_cfg, device)?;
+            let model_cfg = crate::model::hf::read_config(path)?;
+            let params = crate::model::hf::read_weights(path, &model_cfg, device)?;
             let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
             let vocab = model_cfg.vocab_size;
             Ok(Self {

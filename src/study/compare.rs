@@ -40,7 +40,8 @@ pub struct RunData {
 pub fn read_run(dir: &Path) -> Result<RunData> {
     let cfg = crate::train::load_run_config(dir)?;
     let header = crate::train::load_run_header(dir)?;
-    let text = std::fs::read_to_string(dir.join(crate::metrics::METRICS_FILE)).unwrap_or_default();
+    let text =
+        std::fs::read_to_string(dir.join(crate::train::metrics::METRICS_FILE)).unwrap_or_default();
     let mut train = BTreeMap::new();
     let mut val = BTreeMap::new();
     let mut speed = BTreeMap::new();
@@ -518,6 +519,6 @@ pub fn compare(paths: &[PathBuf], out: &Path, target: Option<f64>) -> Result<Str
     let md = report(&groups, target);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     crate::fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
-    crate::compare_plots::draw_all(&groups, out)?;
+    crate::study::plots::draw_all(&groups, out)?;
     Ok(md)
 }

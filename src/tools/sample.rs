@@ -1,8 +1,8 @@
 //! Text generation from a run's newest checkpoint.
 
 use crate::config::TokenizerKind;
+use crate::data::tokenizer::END_OF_TEXT;
 use crate::model::Gpt;
-use crate::tokenizer::END_OF_TEXT;
 use crate::train::{load_run_model, RunModel};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};

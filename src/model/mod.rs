@@ -9,12 +9,14 @@
 //!
 //! Every layer is written with candle ops that have a backward pass (`candle_nn`'s LayerNorm and
 //! `softmax_last_dim` have none and would silently stop gradients), or with the fused kernels of
-//! [`crate::kernels`] (LayerNorm, causal softmax, tanh-GELU, cross-entropy; CPU and CUDA) and
-//! [`crate::attention`] (the whole causal attention on CPU) and [`crate::linear_cross_entropy`]
+//! [`crate::ops`] (LayerNorm, causal softmax, tanh-GELU, cross-entropy; CPU and CUDA) and
+//! [`crate::ops::attention`] (the whole causal attention on CPU) and [`crate::ops::lm_head_loss`]
 //! (the lm_head and the loss on CPU), which carry their own backward and are tested against those
 //! ops.
 
-use crate::linear_cross_entropy::{
+pub mod hf;
+
+use crate::ops::lm_head_loss::{
     fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
 };
 use anyhow::{bail, Context, Result};
@@ -318,8 +320,8 @@ impl LayerNorm {
     /// Normalises in the weights' dtype whatever the input's (autocast keeps LayerNorm in f32).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = &x.to_dtype(self.weight.dtype())?;
-        if crate::kernels::fused_layer_norm_applies(x, &self.weight) {
-            return Ok(crate::kernels::fused_layer_norm(
+        if crate::ops::fused_layer_norm_applies(x, &self.weight) {
+            return Ok(crate::ops::fused_layer_norm(
                 x,
                 &self.weight,
                 self.bias.as_ref(),
@@ -341,8 +343,8 @@ impl LayerNorm {
 /// GELU with the tanh approximation GPT-2 uses: the fused kernel on CPU, candle ops elsewhere
 /// (candle's own `gelu` backward uses 6-digit constants, which finite-difference checks notice).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if crate::kernels::fused_gelu_applies(x) {
-        return Ok(crate::kernels::fused_gelu_tanh(x)?);
+    if crate::ops::fused_gelu_applies(x) {
+        return Ok(crate::ops::fused_gelu_tanh(x)?);
     }
     gelu_tanh_ops(x)
 }
@@ -398,8 +400,8 @@ impl CausalSelfAttention {
         // The fused CPU kernel has no attention dropout; with dropout on, the composed path runs
         // (and draws its masks in the same order as always).
         let attention_dropout = self.dropout > 0.0 && rng.is_some();
-        if !attention_dropout && crate::attention::fused_causal_attention_applies(&qkv) {
-            let y = crate::attention::fused_causal_attention(&qkv, self.n_head)?;
+        if !attention_dropout && crate::ops::attention::fused_causal_attention_applies(&qkv) {
+            let y = crate::ops::attention::fused_causal_attention(&qkv, self.n_head)?;
             return dropout(&self.c_proj.forward(&y)?, self.dropout, rng);
         }
         // (B, T, C) → (B, n_head, T, head_dim)
@@ -413,9 +415,9 @@ impl CausalSelfAttention {
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let scale = 1.0 / (head_dim as f64).sqrt();
         let raw = q.matmul(&k.t()?)?;
-        let att = if crate::kernels::fused_causal_softmax_applies(&raw) {
+        let att = if crate::ops::fused_causal_softmax_applies(&raw) {
             // The mask is causal: the fused kernel applies it itself.
-            crate::kernels::fused_causal_softmax(&raw, scale)?
+            crate::ops::fused_causal_softmax(&raw, scale)?
         } else {
             // Mask and softmax in the mask's dtype (f32 under bf16 autocast, as flash attention
             // keeps its softmax statistics in f32); the probabilities go back to v's dtype.
@@ -599,7 +601,7 @@ impl Gpt {
 
     /// Mean cross-entropy of predicting `targets` `(B, T)` from `idx` `(B, T)`, to train on
     /// (backward works through it). On CPU the lm_head and the loss are one fused kernel that
-    /// computes their gradients in the same pass ([`crate::linear_cross_entropy`]).
+    /// computes their gradients in the same pass ([`crate::ops::lm_head_loss`]).
     pub fn loss(
         &self,
         idx: &Tensor,
@@ -635,8 +637,8 @@ impl Gpt {
         let logits = self.lm_head(&x)?.flatten_to(1)?;
         // The fused kernel reads bf16 logits directly and computes in f32 (autocast's upcast,
         // without materialising an f32 copy of the largest tensor of the step).
-        if crate::kernels::fused_cross_entropy_applies(&logits) {
-            return Ok(crate::kernels::fused_cross_entropy(&logits, &targets)?);
+        if crate::ops::fused_cross_entropy_applies(&logits) {
+            return Ok(crate::ops::fused_cross_entropy(&logits, &targets)?);
         }
         cross_entropy(&logits.to_dtype(self.wte.dtype())?, &targets)
     }
@@ -645,8 +647,8 @@ impl Gpt {
 /// Mean negative log-likelihood of `targets` (N,) under `logits` (N, V): the fused kernel on
 /// CPU, candle ops elsewhere.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if crate::kernels::fused_cross_entropy_applies(logits) {
-        return Ok(crate::kernels::fused_cross_entropy(logits, targets)?);
+    if crate::ops::fused_cross_entropy_applies(logits) {
+        return Ok(crate::ops::fused_cross_entropy(logits, targets)?);
     }
     cross_entropy_ops(logits, targets)
 }

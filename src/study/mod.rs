@@ -1,0 +1,8 @@
+//! Experiments over runs: sweeps of configs and seeds, the comparison report with its statistics
+//! and plots, and the ADOPT paper's toy convergence problem.
+
+pub mod compare;
+pub mod plot;
+pub mod plots;
+pub mod sweep;
+pub mod toy;
