@@ -498,7 +498,8 @@ fn fused_causal_softmax_matches_f64_reference() {
                     .unwrap(),
             )
             .unwrap();
-            let y = gpt_pretrain::ops::fused_causal_softmax(xv.as_tensor(), scale).unwrap();
+            let y =
+                gpt_pretrain::ops::softmax::fused_causal_softmax(xv.as_tensor(), scale).unwrap();
             assert_eq!(y.dtype(), dtype);
             let rt = Tensor::from_slice(&r, dims, &gpu)
                 .unwrap()
@@ -543,7 +544,7 @@ fn gradient_norm_on_cuda_matches_the_cpu() {
         let x: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
         let exact: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
         let t = Tensor::from_slice(&x, n, &gpu).unwrap();
-        let ours = gpt_pretrain::ops::sum_of_squares_on_device(&t)
+        let ours = gpt_pretrain::ops::grad_norm::sum_of_squares_on_device(&t)
             .unwrap()
             .to_scalar::<f64>()
             .unwrap();
@@ -595,8 +596,8 @@ fn fused_gelu_on_cuda_matches_f64_reference() {
                 .unwrap(),
         )
         .unwrap();
-        assert!(gpt_pretrain::ops::fused_gelu_applies(xv.as_tensor()));
-        let y = gpt_pretrain::ops::fused_gelu_tanh(xv.as_tensor()).unwrap();
+        assert!(gpt_pretrain::ops::gelu::fused_gelu_applies(xv.as_tensor()));
+        let y = gpt_pretrain::ops::gelu::fused_gelu_tanh(xv.as_tensor()).unwrap();
         let rt = Tensor::from_slice(&r, n, &gpu)
             .unwrap()
             .to_dtype(dtype)
@@ -663,11 +664,11 @@ fn fused_layer_norm_on_cuda_matches_f64_reference() {
             gpu_var(&w, &[c]),
             gpu_var(&b, &[c]),
         );
-        assert!(gpt_pretrain::ops::fused_layer_norm_applies(
+        assert!(gpt_pretrain::ops::layer_norm::fused_layer_norm_applies(
             xg.as_tensor(),
             wg.as_tensor()
         ));
-        let y = gpt_pretrain::ops::fused_layer_norm(
+        let y = gpt_pretrain::ops::layer_norm::fused_layer_norm(
             xg.as_tensor(),
             wg.as_tensor(),
             bias.then(|| bg.as_tensor()),
@@ -734,10 +735,9 @@ fn fused_cross_entropy_on_cuda_matches_f64_reference() {
             )
             .unwrap();
             let t = Tensor::from_slice(&targets, n, &gpu).unwrap();
-            assert!(gpt_pretrain::ops::fused_cross_entropy_applies(
-                xv.as_tensor()
-            ));
-            let loss = gpt_pretrain::ops::fused_cross_entropy(xv.as_tensor(), &t).unwrap();
+            assert!(gpt_pretrain::ops::cross_entropy::fused_cross_entropy_applies(xv.as_tensor()));
+            let loss =
+                gpt_pretrain::ops::cross_entropy::fused_cross_entropy(xv.as_tensor(), &t).unwrap();
             let g = (&loss * 3.0).unwrap().backward().unwrap();
             let ours = loss
                 .to_dtype(DType::F64)

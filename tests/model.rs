@@ -468,7 +468,7 @@ fn fused_cross_entropy_matches_candle_ops_in_value_and_gradient() {
 
 #[test]
 fn sum_of_squares_matches_f64_ops() {
-    use gpt_pretrain::ops::sum_of_squares;
+    use gpt_pretrain::ops::grad_norm::sum_of_squares;
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let values: Vec<f64> = (0..10_007).map(|_| rng.random_range(-3.0..3.0)).collect();
     let expected: f64 = values.iter().map(|x| x * x).sum();
@@ -613,8 +613,8 @@ fn fused_causal_softmax_matches_candle_ops_in_value_and_gradient() {
                 e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap()
             };
             let fused = |x: &Tensor| -> Tensor {
-                assert!(gpt_pretrain::ops::fused_causal_softmax_applies(x));
-                gpt_pretrain::ops::fused_causal_softmax(x, scale).unwrap()
+                assert!(gpt_pretrain::ops::softmax::fused_causal_softmax_applies(x));
+                gpt_pretrain::ops::softmax::fused_causal_softmax(x, scale).unwrap()
             };
             let run = |f: &dyn Fn(&Tensor) -> Tensor| -> (Vec<f64>, Vec<f64>) {
                 let y = f(x.as_tensor());
@@ -834,11 +834,11 @@ fn fused_layer_norm_matches_candle_ops_in_value_and_gradient() {
                 }
             };
             let fused = || -> Tensor {
-                assert!(gpt_pretrain::ops::fused_layer_norm_applies(
+                assert!(gpt_pretrain::ops::layer_norm::fused_layer_norm_applies(
                     x.as_tensor(),
                     wv.as_tensor()
                 ));
-                gpt_pretrain::ops::fused_layer_norm(
+                gpt_pretrain::ops::layer_norm::fused_layer_norm(
                     x.as_tensor(),
                     wv.as_tensor(),
                     bias.then(|| bv.as_tensor()),
@@ -878,7 +878,7 @@ fn fused_layer_norm_matches_candle_ops_in_value_and_gradient() {
 
 #[test]
 fn fast_exp_f32_is_within_two_ulp_of_the_f64_exp() {
-    use gpt_pretrain::ops::FastExp;
+    use gpt_pretrain::ops::simd::FastExp;
     let mut worst_ulps = 0.0f64;
     let mut x = -87.0f32;
     while x <= 88.0 {

@@ -320,8 +320,8 @@ impl LayerNorm {
     /// Normalises in the weights' dtype whatever the input's (autocast keeps LayerNorm in f32).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = &x.to_dtype(self.weight.dtype())?;
-        if crate::ops::fused_layer_norm_applies(x, &self.weight) {
-            return Ok(crate::ops::fused_layer_norm(
+        if crate::ops::layer_norm::fused_layer_norm_applies(x, &self.weight) {
+            return Ok(crate::ops::layer_norm::fused_layer_norm(
                 x,
                 &self.weight,
                 self.bias.as_ref(),
@@ -343,8 +343,8 @@ impl LayerNorm {
 /// GELU with the tanh approximation GPT-2 uses: the fused kernel on CPU, candle ops elsewhere
 /// (candle's own `gelu` backward uses 6-digit constants, which finite-difference checks notice).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if crate::ops::fused_gelu_applies(x) {
-        return Ok(crate::ops::fused_gelu_tanh(x)?);
+    if crate::ops::gelu::fused_gelu_applies(x) {
+        return Ok(crate::ops::gelu::fused_gelu_tanh(x)?);
     }
     gelu_tanh_ops(x)
 }
@@ -415,9 +415,9 @@ impl CausalSelfAttention {
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let scale = 1.0 / (head_dim as f64).sqrt();
         let raw = q.matmul(&k.t()?)?;
-        let att = if crate::ops::fused_causal_softmax_applies(&raw) {
+        let att = if crate::ops::softmax::fused_causal_softmax_applies(&raw) {
             // The mask is causal: the fused kernel applies it itself.
-            crate::ops::fused_causal_softmax(&raw, scale)?
+            crate::ops::softmax::fused_causal_softmax(&raw, scale)?
         } else {
             // Mask and softmax in the mask's dtype (f32 under bf16 autocast, as flash attention
             // keeps its softmax statistics in f32); the probabilities go back to v's dtype.
@@ -637,8 +637,10 @@ impl Gpt {
         let logits = self.lm_head(&x)?.flatten_to(1)?;
         // The fused kernel reads bf16 logits directly and computes in f32 (autocast's upcast,
         // without materialising an f32 copy of the largest tensor of the step).
-        if crate::ops::fused_cross_entropy_applies(&logits) {
-            return Ok(crate::ops::fused_cross_entropy(&logits, &targets)?);
+        if crate::ops::cross_entropy::fused_cross_entropy_applies(&logits) {
+            return Ok(crate::ops::cross_entropy::fused_cross_entropy(
+                &logits, &targets,
+            )?);
         }
         cross_entropy(&logits.to_dtype(self.wte.dtype())?, &targets)
     }
@@ -647,8 +649,10 @@ impl Gpt {
 /// Mean negative log-likelihood of `targets` (N,) under `logits` (N, V): the fused kernel on
 /// CPU, candle ops elsewhere.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if crate::ops::fused_cross_entropy_applies(logits) {
-        return Ok(crate::ops::fused_cross_entropy(logits, targets)?);
+    if crate::ops::cross_entropy::fused_cross_entropy_applies(logits) {
+        return Ok(crate::ops::cross_entropy::fused_cross_entropy(
+            logits, targets,
+        )?);
     }
     cross_entropy_ops(logits, targets)
 }

@@ -10,16 +10,15 @@
 //!
 //! The backward recomputes the probabilities (as flash attention does) instead of keeping them
 //! from the forward, so the graph holds only `qkv`: one extra `Q·Kᵀ` per head, on the half of the
-//! blocks at or below the diagonal. The f32 softmax uses [`crate::ops::FastExp`], vectorized.
+//! blocks at or below the diagonal. The f32 softmax uses [`FastExp`], vectorized.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::ops::{
-    contiguous, dot_lanes, max_lanes, multiversioned, strided_matmul, sum_lanes, FastExp, View,
-};
+use super::cpu::{contiguous, strided_matmul, View};
+use super::simd::{dot_lanes, max_lanes, multiversioned, sum_lanes, FastExp};
 
 /// Query rows per block. The blocks above the diagonal are skipped: at T = 256 the scores cost
 /// 10/16 of the full square instead of 1.

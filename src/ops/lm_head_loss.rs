@@ -14,9 +14,9 @@
 //! with no recomputation. Evaluation asks for no gradients
 //! ([`LossGradients::None`]) and does only the first matmul.
 
-use crate::ops::{
-    contiguous, max_and_log_sum_exp, multiversioned, softmax_minus_one_hot, strided_matmul, FastExp,
-};
+use super::cpu::{contiguous, strided_matmul};
+use super::cross_entropy::{max_and_log_sum_exp, softmax_minus_one_hot};
+use super::simd::{multiversioned, FastExp};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -76,7 +76,7 @@ fn run<T: FastExp>(
         Parallelism::None
     };
     let group = (GROUP_LOGITS / v).max(16).min(n);
-    let rows_per_task = crate::ops::ce_rows_per_task(v);
+    let rows_per_task = super::cross_entropy::ce_rows_per_task(v);
     let scale = T::from(1.0 / n as f64).expect("finite scale");
     let mut z = vec![T::zero(); group * v];
     let mut losses = vec![0f64; n];

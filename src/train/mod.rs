@@ -552,9 +552,9 @@ pub fn grad_norm(params: &Params, grads: &GradStore) -> Result<f64> {
     for var in params.vars() {
         if let Some(g) = grads.get(var.as_tensor()) {
             if g.device().is_cpu() {
-                sum += crate::ops::sum_of_squares(g)?;
+                sum += crate::ops::grad_norm::sum_of_squares(g)?;
             } else {
-                device_sums.push(crate::ops::sum_of_squares_on_device(g)?);
+                device_sums.push(crate::ops::grad_norm::sum_of_squares_on_device(g)?);
             }
         }
     }

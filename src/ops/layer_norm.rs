@@ -1,0 +1,474 @@
+//! LayerNorm over the last dimension with its backward, fused (CPU f32/f64, CUDA f32).
+
+use super::cpu::contiguous;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// LayerNorm over the last dimension of x with weight w and bias b (zeros when the model has
+/// none), as `torch.nn.LayerNorm`: y = (x − mean) / sqrt(var + eps) · w + b.
+struct LayerNorm {
+    eps: f64,
+}
+
+/// dx of [`LayerNorm`] from (x, w, dy): (g − mean(g) − x̂·mean(g·x̂)) / std with g = dy·w.
+struct LayerNormGradInput {
+    eps: f64,
+}
+
+/// Per-chunk column sums (Σ dy·x̂, Σ dy) of [`LayerNorm`] from (x, dy), shape (2, chunks, c):
+/// summed over chunks afterwards, in order, so the result is the same on every run.
+struct LayerNormGradParams {
+    eps: f64,
+}
+
+/// Rows per chunk of the weight/bias gradient sums.
+const LAYER_NORM_ROWS_PER_CHUNK: usize = 64;
+
+/// Mean and standard deviation sqrt(var + eps) of a row, as the composed version computes them.
+#[inline]
+fn row_mean_std<T: Float>(row: &[T], eps: T) -> (T, T) {
+    let c = T::from(row.len()).expect("row length");
+    let mean = row.iter().fold(T::zero(), |a, &v| a + v) / c;
+    let var = row
+        .iter()
+        .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
+        / c;
+    (mean, (var + eps).sqrt())
+}
+
+fn layer_norm_rows<T: Float + Send + Sync>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let (c, eps) = (w.len(), T::from(eps).expect("finite eps"));
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(c)
+        .zip(x.par_chunks(c))
+        .for_each(|(yr, xr)| {
+            let (mean, std) = row_mean_std(xr, eps);
+            for j in 0..c {
+                yr[j] = (xr[j] - mean) / std * w[j] + b[j];
+            }
+        });
+    y
+}
+
+fn layer_norm_grad_input_rows<T: Float + Send + Sync>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    eps: f64,
+) -> Vec<T> {
+    let (c, eps) = (w.len(), T::from(eps).expect("finite eps"));
+    let n = T::from(c).expect("width");
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(c)
+        .zip(x.par_chunks(c).zip(dy.par_chunks(c)))
+        .for_each(|(dxr, (xr, dyr))| {
+            let (mean, std) = row_mean_std(xr, eps);
+            let (mut sum_g, mut sum_gx) = (T::zero(), T::zero());
+            for j in 0..c {
+                let g = dyr[j] * w[j];
+                sum_g = sum_g + g;
+                sum_gx = sum_gx + g * (xr[j] - mean) / std;
+            }
+            let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
+            for j in 0..c {
+                let xhat = (xr[j] - mean) / std;
+                dxr[j] = (dyr[j] * w[j] - mean_g - xhat * mean_gx) / std;
+            }
+        });
+    dx
+}
+
+fn layer_norm_grad_params_rows<T: Float + Send + Sync>(
+    x: &[T],
+    dy: &[T],
+    c: usize,
+    eps: f64,
+) -> (Vec<T>, usize) {
+    let eps = T::from(eps).expect("finite eps");
+    let chunk = LAYER_NORM_ROWS_PER_CHUNK * c;
+    let chunks = x.len().div_ceil(chunk).max(1);
+    // [chunk][0: Σ dy·x̂, 1: Σ dy][column], rearranged below to (2, chunks, c).
+    let mut partials = vec![T::zero(); 2 * chunks * c];
+    partials
+        .par_chunks_mut(2 * c)
+        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+        .for_each(|(out, (xs, dys))| {
+            let (dw, db) = out.split_at_mut(c);
+            for (xr, dyr) in xs.chunks(c).zip(dys.chunks(c)) {
+                let (mean, std) = row_mean_std(xr, eps);
+                for j in 0..c {
+                    dw[j] = dw[j] + dyr[j] * ((xr[j] - mean) / std);
+                    db[j] = db[j] + dyr[j];
+                }
+            }
+        });
+    let mut out = vec![T::zero(); 2 * chunks * c];
+    for k in 0..chunks {
+        for which in 0..2 {
+            let src = &partials[(2 * k + which) * c..(2 * k + which + 1) * c];
+            out[(which * chunks + k) * c..(which * chunks + k + 1) * c].copy_from_slice(src);
+        }
+    }
+    (out, chunks)
+}
+
+impl candle_core::CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(layer_norm_rows(
+                    contiguous(x, l1, "input")?,
+                    contiguous(w, l2, "weight")?,
+                    contiguous(b, l3, "bias")?,
+                    self.eps,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(layer_norm_rows(
+                    contiguous(x, l1, "input")?,
+                    contiguous(w, l2, "weight")?,
+                    contiguous(b, l3, "bias")?,
+                    self.eps,
+                ))
+            }
+            _ => bail!("fused layer norm on CPU: input, weight and bias must all be f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_kernels::layer_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps as f32)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = grad_res.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &LayerNormGradInput { eps: self.eps })?;
+        let partials = x.apply_op2_no_bwd(&dy, &LayerNormGradParams { eps: self.eps })?;
+        let sums = partials.sum(1)?; // (2, c)
+        Ok((Some(dx), Some(sums.get(0)?), Some(sums.get(1)?)))
+    }
+}
+
+impl candle_core::CustomOp3 for LayerNormGradInput {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
+                CpuStorage::F32(layer_norm_grad_input_rows(
+                    contiguous(x, l1, "input")?,
+                    contiguous(w, l2, "weight")?,
+                    contiguous(g, l3, "gradient")?,
+                    self.eps,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
+                CpuStorage::F64(layer_norm_grad_input_rows(
+                    contiguous(x, l1, "input")?,
+                    contiguous(w, l2, "weight")?,
+                    contiguous(g, l3, "gradient")?,
+                    self.eps,
+                ))
+            }
+            _ => bail!("fused layer norm gradient on CPU: all must be f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_kernels::layer_norm_grad_input(s1, l1, s2, l2, s3, l3, self.eps as f32)
+    }
+}
+
+impl CustomOp2 for LayerNormGradParams {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad-params"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let c = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let (out, chunks) = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                let (v, k) = layer_norm_grad_params_rows(
+                    contiguous(x, l1, "input")?,
+                    contiguous(g, l2, "gradient")?,
+                    c,
+                    self.eps,
+                );
+                (CpuStorage::F32(v), k)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                let (v, k) = layer_norm_grad_params_rows(
+                    contiguous(x, l1, "input")?,
+                    contiguous(g, l2, "gradient")?,
+                    c,
+                    self.eps,
+                );
+                (CpuStorage::F64(v), k)
+            }
+            _ => bail!("fused layer norm gradient on CPU: both must be f32 or f64"),
+        };
+        Ok((out, Shape::from((2, chunks, c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_kernels::layer_norm_grad_params(
+            s1,
+            l1,
+            s2,
+            l2,
+            self.eps as f32,
+            LAYER_NORM_ROWS_PER_CHUNK,
+        )
+    }
+}
+
+/// LayerNorm over the last dimension, fused: y = (x − mean)/sqrt(var + eps)·w + b in one pass
+/// forward and two backward (input gradient; weight and bias gradients as per-chunk column sums,
+/// deterministic), instead of about nine candle ops forward and twenty backward. CPU f32/f64,
+/// CUDA f32. `bias` None is a LayerNorm without bias.
+pub fn fused_layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = weight.zeros_like()?;
+            &zeros
+        }
+    };
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm { eps },
+    )
+}
+
+/// Whether [`fused_layer_norm`] serves this input and weight: CPU f32/f64, CUDA f32.
+pub fn fused_layer_norm_applies(x: &Tensor, weight: &Tensor) -> bool {
+    let same = x.dtype() == weight.dtype();
+    let on_cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    let on_cuda = cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32;
+    same && (on_cpu || on_cuda)
+}
+
+/// The CUDA side: launchers of kernels.cu's layernorm_* kernels (f32).
+#[cfg(feature = "cuda")]
+mod cuda_kernels {
+    use crate::ops::cuda::{
+        by_dtype, contiguous_range, cuda_err, f32_slice, rows_config, MODULE, PTX, THREADS,
+    };
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::{
+        bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    };
+
+    /// Rows of a LayerNorm input: (rows, width) from its layout, checked contiguous.
+    fn rows_of(l: &Layout) -> Result<(usize, usize)> {
+        let (start, end) = contiguous_range(l, "layer norm input")?;
+        let c = l.shape().dims().last().copied().unwrap_or(0);
+        if c == 0 {
+            bail!("layer norm over an empty dimension");
+        }
+        Ok(((end - start) / c, c))
+    }
+
+    /// LayerNorm forward on CUDA for f32 (the CUDA half of [`super::LayerNorm`]).
+    pub(crate) fn layer_norm_fwd(
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        eps: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, c) = rows_of(xl)?;
+        let (xv, wv, bv) = (
+            f32_slice(x, xl, "layer norm input")?,
+            f32_slice(w, wl, "layer norm weight")?,
+            f32_slice(b, bl, "layer norm bias")?,
+        );
+        if wv.len() != c || bv.len() != c {
+            bail!("layer norm: weight and bias must have {c} elements");
+        }
+        let dev = x.device.clone();
+        // SAFETY: the kernel writes every element.
+        let mut y = unsafe { dev.alloc::<f32>(rows * c) }?;
+        let func = dev.get_or_load_custom_func("layernorm_fwd_f32", MODULE, PTX)?;
+        let ci = c as i32;
+        let mut launch = func.builder();
+        launch
+            .arg(&xv)
+            .arg(&wv)
+            .arg(&bv)
+            .arg(&mut y)
+            .arg(&rows)
+            .arg(&ci)
+            .arg(&eps);
+        // SAFETY: arguments match layernorm_fwd_f32; x and y hold rows·c, w and b hold c.
+        unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+    }
+
+    /// LayerNorm's input gradient on CUDA (the CUDA half of [`super::LayerNormGradInput`]).
+    pub(crate) fn layer_norm_grad_input(
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        dy: &CudaStorage,
+        dyl: &Layout,
+        eps: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, c) = rows_of(xl)?;
+        let xv = f32_slice(x, xl, "layer norm input")?;
+        let wv = f32_slice(w, wl, "layer norm weight")?;
+        let dyv = f32_slice(dy, dyl, "layer norm gradient")?;
+        if dyv.len() != rows * c || wv.len() != c {
+            bail!("layer norm gradient: shapes differ");
+        }
+        let dev = x.device.clone();
+        // SAFETY: the kernel writes every element.
+        let mut dx = unsafe { dev.alloc::<f32>(rows * c) }?;
+        let func = dev.get_or_load_custom_func("layernorm_bwd_dx_f32", MODULE, PTX)?;
+        let ci = c as i32;
+        let mut launch = func.builder();
+        launch
+            .arg(&xv)
+            .arg(&wv)
+            .arg(&dyv)
+            .arg(&mut dx)
+            .arg(&rows)
+            .arg(&ci)
+            .arg(&eps);
+        // SAFETY: arguments match layernorm_bwd_dx_f32.
+        unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
+        Ok((CudaStorage::wrap_cuda_slice(dx, dev), xl.shape().clone()))
+    }
+
+    /// LayerNorm's per-chunk weight and bias gradient sums on CUDA, shape (2, chunks, c) (the CUDA
+    /// half of [`super::LayerNormGradParams`]).
+    pub(crate) fn layer_norm_grad_params(
+        x: &CudaStorage,
+        xl: &Layout,
+        dy: &CudaStorage,
+        dyl: &Layout,
+        eps: f32,
+        rows_per_chunk: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, c) = rows_of(xl)?;
+        let xv = f32_slice(x, xl, "layer norm input")?;
+        let dyv = f32_slice(dy, dyl, "layer norm gradient")?;
+        if dyv.len() != rows * c {
+            bail!("layer norm gradient: shapes differ");
+        }
+        let dev = x.device.clone();
+        let ci = c as i32;
+        // SAFETY: layernorm_stats_f32 writes 2 floats for every row.
+        let mut stats = unsafe { dev.alloc::<f32>(2 * rows) }?;
+        let func = dev.get_or_load_custom_func("layernorm_stats_f32", MODULE, PTX)?;
+        let mut launch = func.builder();
+        launch
+            .arg(&xv)
+            .arg(&mut stats)
+            .arg(&rows)
+            .arg(&ci)
+            .arg(&eps);
+        // SAFETY: arguments match layernorm_stats_f32.
+        unsafe { launch.launch(rows_config(rows)) }.map_err(cuda_err)?;
+
+        let chunks = rows.div_ceil(rows_per_chunk).max(1);
+        // SAFETY: every (chunk, column) pair is written, for both sums.
+        let mut partials = unsafe { dev.alloc::<f32>(2 * chunks * c) }?;
+        let func = dev.get_or_load_custom_func("layernorm_bwd_params_f32", MODULE, PTX)?;
+        let rows_per_chunk = rows_per_chunk as i32;
+        let mut launch = func.builder();
+        launch
+            .arg(&xv)
+            .arg(&dyv)
+            .arg(&stats)
+            .arg(&mut partials)
+            .arg(&rows)
+            .arg(&ci)
+            .arg(&rows_per_chunk);
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(THREADS as usize) as u32, chunks as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match layernorm_bwd_params_f32; the grid covers c × chunks.
+        unsafe { launch.launch(cfg) }.map_err(cuda_err)?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(partials, dev),
+            Shape::from((2, chunks, c)),
+        ))
+    }
+}
