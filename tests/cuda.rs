@@ -584,7 +584,7 @@ fn fused_gelu_on_cuda_matches_f64_reference() {
     let x: Vec<f64> = (0..n).map(|_| normal.sample(&mut rng)).collect();
     let r: Vec<f64> = (0..n).map(|_| normal.sample(&mut rng)).collect();
     let xr = Var::from_tensor(&Tensor::from_slice(&x, n, &Device::Cpu).unwrap()).unwrap();
-    let yr = gpt_pretrain::model::gelu_tanh_ops(xr.as_tensor()).unwrap();
+    let yr = gpt_pretrain::ops::gelu::gelu_tanh_ops(xr.as_tensor()).unwrap();
     let rr = Tensor::from_slice(&r, n, &Device::Cpu).unwrap();
     let gr = yr.mul(&rr).unwrap().sum_all().unwrap().backward().unwrap();
     let (y_ref, dx_ref) = (to_host(&yr), to_host(gr.get(xr.as_tensor()).unwrap()));
@@ -721,7 +721,8 @@ fn fused_cross_entropy_on_cuda_matches_f64_reference() {
         let targets: Vec<u32> = (0..n).map(|i| ((i * 7919) % v) as u32).collect();
         let xr = Var::from_tensor(&Tensor::from_slice(&x, (n, v), &Device::Cpu).unwrap()).unwrap();
         let tr = Tensor::from_slice(&targets, n, &Device::Cpu).unwrap();
-        let loss_ref = gpt_pretrain::model::cross_entropy_ops(xr.as_tensor(), &tr).unwrap();
+        let loss_ref =
+            gpt_pretrain::ops::cross_entropy::cross_entropy_ops(xr.as_tensor(), &tr).unwrap();
         // An upstream gradient other than 1 must scale the result.
         let g_ref = (&loss_ref * 3.0).unwrap().backward().unwrap();
         let loss_ref = loss_ref.to_scalar::<f64>().unwrap();

@@ -242,7 +242,7 @@ fn sliding_windows_score_each_token_once_by_hand() {
             None,
         )
         .unwrap();
-    let loss = gpt_pretrain::model::cross_entropy(
+    let loss = gpt_pretrain::ops::cross_entropy::cross_entropy(
         &logits.squeeze(0).unwrap(),
         &Tensor::new(&ids[1..], &Device::Cpu).unwrap(),
     )

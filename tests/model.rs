@@ -2,7 +2,8 @@
 //! at initialisation, overfitting one batch, and checkpoint round trips.
 
 use candle_core::{DType, Device, Tensor, Var};
-use gpt_pretrain::model::{cross_entropy, Gpt, GptConfig, Params};
+use gpt_pretrain::model::{Gpt, GptConfig, Params};
+use gpt_pretrain::ops::cross_entropy::cross_entropy;
 use gpt_pretrain::optim::{param_groups, Adam, AdamConfig, Optimizer, OptimizerKind};
 use gpt_pretrain::train::checkpoint::{self, TrainState};
 use rand::{Rng, SeedableRng};
@@ -407,7 +408,7 @@ fn checkpoint_round_trip_is_exact_and_checksummed() {
 
 #[test]
 fn fused_cross_entropy_matches_candle_ops_in_value_and_gradient() {
-    use gpt_pretrain::model::cross_entropy_ops;
+    use gpt_pretrain::ops::cross_entropy::cross_entropy_ops;
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
         for (n, v) in [(7, 5), (64, 1000), (3, 50304)] {
@@ -537,7 +538,7 @@ fn sums_over_leading_dims_are_row_ordered_f32_sums_at_every_size() {
 
 #[test]
 fn fused_gelu_matches_candle_ops_in_value_and_gradient() {
-    use gpt_pretrain::model::{gelu_tanh, gelu_tanh_ops};
+    use gpt_pretrain::ops::gelu::{gelu_tanh, gelu_tanh_ops};
     let mut rng = ChaCha8Rng::seed_from_u64(21);
     for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
         let values: Vec<f64> = (0..40_000).map(|_| rng.random_range(-6.0..6.0)).collect();
@@ -552,7 +553,7 @@ fn fused_gelu_matches_candle_ops_in_value_and_gradient() {
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        let run = |f: fn(&Tensor) -> anyhow::Result<Tensor>| -> (Vec<f64>, Vec<f64>) {
+        let run = |f: fn(&Tensor) -> candle_core::Result<Tensor>| -> (Vec<f64>, Vec<f64>) {
             let y = f(x.as_tensor()).unwrap();
             let g = y
                 .mul(&upstream)
@@ -898,7 +899,7 @@ fn fast_exp_f32_is_within_two_ulp_of_the_f64_exp() {
 
 #[test]
 fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
-    use gpt_pretrain::model::cross_entropy_ops;
+    use gpt_pretrain::ops::cross_entropy::cross_entropy_ops;
     use gpt_pretrain::ops::lm_head_loss::{
         fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
     };

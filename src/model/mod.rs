@@ -14,257 +14,20 @@
 //! (the lm_head and the loss on CPU), which carry their own backward and are tested against those
 //! ops.
 
+mod config;
 pub mod hf;
+mod params;
+
+pub use config::GptConfig;
+pub use params::{Init, ParamSpec, Params};
 
 use crate::ops::lm_head_loss::{
     fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
 };
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
-use rand::SeedableRng;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, D};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, Normal};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
-
-/// The model's shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GptConfig {
-    pub n_layer: usize,
-    pub n_head: usize,
-    pub n_embd: usize,
-    /// Longest context; the size of the position table.
-    pub block_size: usize,
-    /// Biases in linear layers and LayerNorms (GPT-2 has them).
-    pub bias: bool,
-    pub dropout: f64,
-    /// Rows of the embedding table (the tokenizer's vocabulary padded to a multiple of 64).
-    pub vocab_size: usize,
-}
-
-impl GptConfig {
-    /// Named model shapes. The vocabulary is set later from the tokenizer.
-    pub fn preset(name: &str) -> Result<Self> {
-        let (n_layer, n_head, n_embd, block_size) = match name {
-            "tiny" => (4, 4, 128, 128),
-            // nanoGPT's Shakespeare model.
-            "baby" => (6, 6, 384, 256),
-            // GPT-2 small, 124M parameters.
-            "gpt2" => (12, 12, 768, 1024),
-            "gpt2-medium" => (24, 16, 1024, 1024),
-            _ => bail!("unknown model preset '{name}' (expected tiny, baby, gpt2 or gpt2-medium)"),
-        };
-        Ok(Self {
-            n_layer,
-            n_head,
-            n_embd,
-            block_size,
-            bias: true,
-            dropout: 0.0,
-            vocab_size: 50304,
-        })
-    }
-
-    /// Pads a vocabulary to a multiple of 64 (50257 → 50304, as nanoGPT) for faster matmuls.
-    /// The padded rows are never targets, so training drives their logits down.
-    pub fn padded_vocab(vocab: usize) -> usize {
-        vocab.div_ceil(64) * 64
-    }
-
-    /// Rejects shapes the model cannot build.
-    pub fn validate(&self) -> Result<()> {
-        if self.n_layer == 0 || self.n_head == 0 || self.n_embd == 0 || self.block_size == 0 {
-            bail!("n_layer, n_head, n_embd and block_size must all be at least 1");
-        }
-        if !self.n_embd.is_multiple_of(self.n_head) {
-            bail!(
-                "n_embd ({}) must be a multiple of n_head ({})",
-                self.n_embd,
-                self.n_head
-            );
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            bail!("dropout must be in [0, 1), got {}", self.dropout);
-        }
-        Ok(())
-    }
-
-    /// Every parameter tensor: name, shape and initialisation, in name order.
-    pub fn parameter_specs(&self) -> Vec<ParamSpec> {
-        let c = self.n_embd;
-        let std = 0.02;
-        // GPT-2 scales the residual projections by 1/sqrt(number of residual additions).
-        let proj_std = 0.02 / ((2 * self.n_layer) as f64).sqrt();
-        let mut specs = vec![
-            ParamSpec::new(
-                "transformer.wte.weight",
-                &[self.vocab_size, c],
-                Init::Normal(std),
-            ),
-            ParamSpec::new(
-                "transformer.wpe.weight",
-                &[self.block_size, c],
-                Init::Normal(std),
-            ),
-            ParamSpec::new("transformer.ln_f.weight", &[c], Init::Ones),
-        ];
-        if self.bias {
-            specs.push(ParamSpec::new("transformer.ln_f.bias", &[c], Init::Zeros));
-        }
-        for i in 0..self.n_layer {
-            let p = |s: &str| format!("transformer.h.{i}.{s}");
-            let mut layer = vec![
-                (p("ln_1.weight"), vec![c], Init::Ones),
-                (p("attn.c_attn.weight"), vec![3 * c, c], Init::Normal(std)),
-                (p("attn.c_proj.weight"), vec![c, c], Init::Normal(proj_std)),
-                (p("ln_2.weight"), vec![c], Init::Ones),
-                (p("mlp.c_fc.weight"), vec![4 * c, c], Init::Normal(std)),
-                (
-                    p("mlp.c_proj.weight"),
-                    vec![c, 4 * c],
-                    Init::Normal(proj_std),
-                ),
-            ];
-            if self.bias {
-                layer.extend([
-                    (p("ln_1.bias"), vec![c], Init::Zeros),
-                    (p("attn.c_attn.bias"), vec![3 * c], Init::Zeros),
-                    (p("attn.c_proj.bias"), vec![c], Init::Zeros),
-                    (p("ln_2.bias"), vec![c], Init::Zeros),
-                    (p("mlp.c_fc.bias"), vec![4 * c], Init::Zeros),
-                    (p("mlp.c_proj.bias"), vec![c], Init::Zeros),
-                ]);
-            }
-            specs.extend(layer.into_iter().map(|(name, shape, init)| ParamSpec {
-                name,
-                shape,
-                init,
-            }));
-        }
-        specs.sort_by(|a, b| a.name.cmp(&b.name));
-        specs
-    }
-
-    /// Number of parameters (the tied `lm_head` counted once).
-    pub fn n_params(&self) -> usize {
-        self.parameter_specs()
-            .iter()
-            .map(|s| s.shape.iter().product::<usize>())
-            .sum()
-    }
-}
-
-/// How a parameter starts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Init {
-    /// N(0, std²).
-    Normal(f64),
-    Zeros,
-    Ones,
-}
-
-/// One parameter tensor's name, shape and initialisation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub init: Init,
-}
-
-impl ParamSpec {
-    fn new(name: &str, shape: &[usize], init: Init) -> Self {
-        Self {
-            name: name.to_string(),
-            shape: shape.to_vec(),
-            init,
-        }
-    }
-}
-
-/// The trainable tensors, by name in sorted order (optimizer state and checkpoints rely on it).
-pub struct Params {
-    vars: BTreeMap<String, Var>,
-}
-
-impl Params {
-    /// Fresh parameters drawn from a ChaCha RNG seeded with `seed` in name order, so the same
-    /// seed gives the same model on every machine (candle's own CPU RNG cannot be seeded).
-    pub fn init(cfg: &GptConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut vars = BTreeMap::new();
-        for spec in cfg.parameter_specs() {
-            let n: usize = spec.shape.iter().product();
-            let values: Vec<f64> = match spec.init {
-                Init::Zeros => vec![0.0; n],
-                Init::Ones => vec![1.0; n],
-                Init::Normal(std) => {
-                    let normal = Normal::new(0.0, std)?;
-                    (0..n).map(|_| normal.sample(&mut rng)).collect()
-                }
-            };
-            let t = Tensor::from_vec(values, spec.shape.as_slice(), device)?.to_dtype(dtype)?;
-            vars.insert(spec.name, Var::from_tensor(&t)?);
-        }
-        Ok(Self { vars })
-    }
-
-    /// Parameters from named tensors (a checkpoint), which must match `cfg` exactly.
-    pub fn from_tensors(
-        cfg: &GptConfig,
-        mut tensors: HashMap<String, Tensor>,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let mut vars = BTreeMap::new();
-        for spec in cfg.parameter_specs() {
-            let t = tensors
-                .remove(&spec.name)
-                .with_context(|| format!("checkpoint lacks tensor {}", spec.name))?;
-            if t.dims() != spec.shape.as_slice() {
-                bail!(
-                    "checkpoint tensor {} has shape {:?}, the model expects {:?} (a different model shape)",
-                    spec.name,
-                    t.dims(),
-                    spec.shape
-                );
-            }
-            let t = t.to_dtype(dtype)?.to_device(device)?;
-            vars.insert(spec.name, Var::from_tensor(&t)?);
-        }
-        if let Some(extra) = tensors.keys().min() {
-            bail!("checkpoint has tensor {extra}, which this model shape does not (a different model shape)");
-        }
-        Ok(Self { vars })
-    }
-
-    /// The variable called `name`.
-    pub fn get(&self, name: &str) -> Result<&Var> {
-        self.vars
-            .get(name)
-            .with_context(|| format!("no parameter named {name}"))
-    }
-
-    /// `(name, var)` pairs in name order.
-    pub fn named_vars(&self) -> Vec<(String, Var)> {
-        self.vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect()
-    }
-
-    /// The variables in name order, borrowed (no allocation: the training loop calls this every step).
-    pub fn vars(&self) -> impl Iterator<Item = &Var> {
-        self.vars.values()
-    }
-
-    /// Current values by name, for saving.
-    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect()
-    }
-}
+use rand_distr::Distribution;
 
 /// A linear layer `y = x Wᵀ + b` with `W` stored `[out, in]`, computed in `compute` dtype: the
 /// input, weight and bias are cast to it (differentiably, so gradients reach the master weights in
@@ -338,23 +101,6 @@ impl LayerNorm {
             None => y,
         })
     }
-}
-
-/// GELU with the tanh approximation GPT-2 uses: the fused kernel on CPU, candle ops elsewhere
-/// (candle's own `gelu` backward uses 6-digit constants, which finite-difference checks notice).
-pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if crate::ops::gelu::fused_gelu_applies(x) {
-        return Ok(crate::ops::gelu::fused_gelu_tanh(x)?);
-    }
-    gelu_tanh_ops(x)
-}
-
-/// [`gelu_tanh`] from plain candle ops (the reference the fused kernel is tested against).
-pub fn gelu_tanh_ops(x: &Tensor) -> Result<Tensor> {
-    let sqrt_2_over_pi = (2.0 / std::f64::consts::PI).sqrt();
-    let inner = ((x.sqr()? * 0.044715)? + 1.0)?.mul(x)?;
-    let tanh = (inner * sqrt_2_over_pi)?.tanh()?;
-    Ok(((tanh + 1.0)? * 0.5)?.mul(x)?)
 }
 
 /// Softmax over the last dimension. The max is detached: subtracting it only prevents overflow,
@@ -439,7 +185,7 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let h = gelu_tanh(&self.c_fc.forward(x)?)?;
+        let h = crate::ops::gelu::gelu_tanh(&self.c_fc.forward(x)?)?;
         dropout(&self.c_proj.forward(&h)?, self.dropout, rng)
     }
 }
@@ -642,27 +388,9 @@ impl Gpt {
                 &logits, &targets,
             )?);
         }
-        cross_entropy(&logits.to_dtype(self.wte.dtype())?, &targets)
+        Ok(crate::ops::cross_entropy::cross_entropy(
+            &logits.to_dtype(self.wte.dtype())?,
+            &targets,
+        )?)
     }
-}
-
-/// Mean negative log-likelihood of `targets` (N,) under `logits` (N, V): the fused kernel on
-/// CPU, candle ops elsewhere.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if crate::ops::cross_entropy::fused_cross_entropy_applies(logits) {
-        return Ok(crate::ops::cross_entropy::fused_cross_entropy(
-            logits, targets,
-        )?);
-    }
-    cross_entropy_ops(logits, targets)
-}
-
-/// [`cross_entropy`] from plain candle ops (the reference the fused kernel is tested against).
-pub fn cross_entropy_ops(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let log_probs = shifted.broadcast_sub(&log_z)?;
-    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
-    Ok(picked.mean_all()?.neg()?)
 }

@@ -7,7 +7,7 @@
 
 use super::cpu::contiguous;
 use super::simd::{max_lanes, multiversioned, sum_lanes, FastExp, LANES};
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Mean cross-entropy of integer `targets` (N,) under `logits` (N, V).
@@ -227,6 +227,25 @@ pub fn fused_cross_entropy_applies(logits: &Tensor) -> bool {
         && logits.device().is_cuda()
         && matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16);
     (on_cpu || on_cuda) && logits.rank() == 2
+}
+
+/// Mean negative log-likelihood of `targets` (N,) under `logits` (N, V): the fused kernel on
+/// CPU, candle ops elsewhere.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused_cross_entropy_applies(logits) {
+        return fused_cross_entropy(logits, targets);
+    }
+    cross_entropy_ops(logits, targets)
+}
+
+/// [`cross_entropy`] from plain candle ops (the reference the fused kernel is tested against).
+pub fn cross_entropy_ops(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let log_probs = shifted.broadcast_sub(&log_z)?;
+    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
+    picked.mean_all()?.neg()
 }
 
 /// The CUDA side: launchers of kernels.cu's cross-entropy kernels.

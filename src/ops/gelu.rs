@@ -230,6 +230,23 @@ pub fn fused_gelu_applies(x: &Tensor) -> bool {
             && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16))
 }
 
+/// GELU with the tanh approximation GPT-2 uses: the fused kernel on CPU, candle ops elsewhere
+/// (candle's own `gelu` backward uses 6-digit constants, which finite-difference checks notice).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if fused_gelu_applies(x) {
+        return fused_gelu_tanh(x);
+    }
+    gelu_tanh_ops(x)
+}
+
+/// [`gelu_tanh`] from plain candle ops (the reference the fused kernel is tested against).
+pub fn gelu_tanh_ops(x: &Tensor) -> Result<Tensor> {
+    let sqrt_2_over_pi = (2.0 / std::f64::consts::PI).sqrt();
+    let inner = ((x.sqr()? * 0.044715)? + 1.0)?.mul(x)?;
+    let tanh = (inner * sqrt_2_over_pi)?.tanh()?;
+    ((tanh + 1.0)? * 0.5)?.mul(x)
+}
+
 /// The CUDA side: launchers of kernels.cu's gelu_fwd_* and gelu_bwd_*.
 #[cfg(feature = "cuda")]
 mod cuda_kernels {

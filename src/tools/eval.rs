@@ -89,7 +89,7 @@ fn window_nll(model: &Gpt, ids: &[u32], skip: usize, vocab: usize, device: &Devi
         .narrow(D::Minus1, 0, vocab)?;
     let logits = logits.narrow(0, skip, ids.len() - 1 - skip)?;
     let targets = Tensor::new(&ids[skip + 1..], device)?;
-    let mean = crate::model::cross_entropy(&logits, &targets)?;
+    let mean = crate::ops::cross_entropy::cross_entropy(&logits, &targets)?;
     Ok(mean.to_dtype(DType::F64)?.to_scalar::<f64>()? * targets.dim(0)? as f64)
 }
 
