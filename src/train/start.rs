@@ -1,0 +1,335 @@
+//! How a trainer comes to be: a new run (inputs checked before the disk is touched, then the run
+//! directory written) or a resumed one (the saved config, the newest complete checkpoint, and what
+//! a crash may have left behind cleaned up).
+
+use super::checkpoint;
+use super::metrics::{self, Metrics};
+use super::run_dir::{
+    identity, identity_hash, load_run_config, load_run_header, load_run_tokenizer, RunHeader,
+    CONFIG_FILE, RUN_FILE, TOKENIZER_FILE,
+};
+use super::runlock::RunLock;
+use super::{Position, Reporting, ResumeOptions, Trainer};
+use crate::config::{TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
+use crate::data::tokenizer::Tokenizer;
+use crate::data::{BatchSampler, Corpus, TokenData};
+use crate::model::{Gpt, Params};
+use crate::optim::{self, Optimizer};
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use std::path::{Path, PathBuf};
+
+impl Trainer {
+    /// A new run in `run_dir`, which must not exist yet (or be empty): checks every input, then
+    /// writes the config, the header and (for a trained BPE) the tokenizer.
+    pub(super) fn start(
+        mut cfg: TrainConfig,
+        run_dir: &Path,
+        reporting: &Reporting,
+    ) -> Result<Self> {
+        if run_dir.exists()
+            && std::fs::read_dir(run_dir)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+        {
+            bail!(
+                "run directory {} already exists; continue it with --resume {0} or pick another --out",
+                run_dir.display()
+            );
+        }
+        let device = crate::device::parse_device(&cfg.device)?;
+        let corpus = Corpus::read(Path::new(&cfg.data))?;
+        let tokenizer = match cfg.tokenizer {
+            TokenizerKind::Byte => Tokenizer::Byte,
+            TokenizerKind::Gpt2 => Tokenizer::gpt2(cfg.tokenizer_path.as_deref().map(Path::new))?,
+            TokenizerKind::Bpe => {
+                Tokenizer::train_bpe(corpus.training_text(cfg.val_fraction), cfg.bpe_vocab_size)?
+            }
+        };
+        let pretrained = match cfg.pretrained() {
+            true => Some(adopt_pretrained_shape(&mut cfg, tokenizer.vocab_size())?),
+            false => None,
+        };
+        let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
+        let data = TokenData::load(
+            &corpus,
+            &tokenizer,
+            Path::new(&cfg.cache_dir),
+            cfg.val_fraction,
+            model_cfg.block_size,
+        )?;
+        let params = match &pretrained {
+            Some(dir) => crate::model::hf::read_weights(dir, &model_cfg, &device)?,
+            None => Params::init(&model_cfg, cfg.seed, DType::F32, &device)?,
+        };
+        let optimizer = build_optimizer(&cfg, &params)?;
+
+        // Inputs are valid: only now touch the disk.
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+        let lock = RunLock::acquire(run_dir)?;
+        if run_dir.join(CONFIG_FILE).exists() {
+            bail!(
+                "run directory {} was started by another process meanwhile",
+                run_dir.display()
+            );
+        }
+        crate::fsutil::write_atomic(&run_dir.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
+        let header = RunHeader {
+            crate_version: env!("CARGO_PKG_VERSION").to_string(),
+            git_commit: env!("GPT_PRETRAIN_GIT_COMMIT").to_string(),
+            seed: cfg.seed,
+            device: cfg.device.clone(),
+            start_time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            corpus: corpus.path.display().to_string(),
+            corpus_sha256: corpus.sha256.clone(),
+            tokenizer_sha256: tokenizer.fingerprint()?,
+            vocab_size: tokenizer.vocab_size(),
+            n_tokens: data.len(),
+            n_params: model_cfg.n_params(),
+            model: model_cfg.clone(),
+            overrides: Vec::new(),
+        };
+        crate::fsutil::write_atomic(
+            &run_dir.join(RUN_FILE),
+            serde_json::to_string_pretty(&header)?.as_bytes(),
+        )?;
+        if cfg.tokenizer == TokenizerKind::Bpe {
+            crate::fsutil::write_atomic(
+                &run_dir.join(TOKENIZER_FILE),
+                tokenizer.to_json()?.as_bytes(),
+            )?;
+        }
+        Ok(Trainer {
+            model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
+            metrics: Metrics::open(run_dir)?,
+            config_hash: identity_hash(&cfg)?,
+            position: Position::start(cfg.seed),
+            cfg,
+            run_dir: run_dir.to_path_buf(),
+            device,
+            data,
+            params,
+            optimizer,
+            quiet: reporting.quiet,
+            _lock: lock,
+        })
+    }
+
+    /// The run in `run_dir` at its newest complete checkpoint. `config_file` (if given)
+    /// and `overrides` may change only [`RESUME_OVERRIDABLE`] keys.
+    pub(super) fn resume(
+        run_dir: &Path,
+        config_file: Option<toml::Table>,
+        overrides: &[String],
+        options: &ResumeOptions,
+        reporting: &Reporting,
+    ) -> Result<Self> {
+        let saved = load_run_config(run_dir)?;
+        let lock = RunLock::acquire(run_dir)?;
+        let mut table = saved.to_table()?;
+        if let Some(file) = config_file {
+            let requested = TrainConfig::from_table(file)?;
+            let (a, b) = (identity(&saved)?, identity(&requested)?);
+            if let Some(key) = a.keys().find(|k| a.get(*k) != b.get(*k)) {
+                bail!(
+                    "--config differs from the run's saved config in '{key}'; a resumed run may change only {}",
+                    RESUME_OVERRIDABLE.join(", ")
+                );
+            }
+            for key in RESUME_OVERRIDABLE {
+                if let Some(v) = requested.to_table()?.get(*key) {
+                    table.insert(key.to_string(), v.clone());
+                }
+            }
+        }
+        for assignment in overrides {
+            let (key, value) = crate::config::parse_override(assignment)?;
+            if !RESUME_OVERRIDABLE.contains(&key.as_str()) {
+                bail!(
+                    "cannot change '{key}' when resuming (it would change the model, data, tokenizer or \
+                     optimizer); only {} may be overridden",
+                    RESUME_OVERRIDABLE.join(", ")
+                );
+            }
+            table.insert(key, value);
+        }
+        let cfg = TrainConfig::from_table(table)?;
+        let mut header = load_run_header(run_dir)?;
+
+        let device = crate::device::parse_device(&cfg.device)?;
+        let ckpt = checkpoint::load_latest(run_dir, &device)?;
+        if ckpt.state.config_hash != identity_hash(&cfg)? {
+            bail!(
+                "checkpoint {} was written with a different config than {}",
+                ckpt.dir.display(),
+                run_dir.join(CONFIG_FILE).display()
+            );
+        }
+        let corpus = Corpus::read(Path::new(&cfg.data))?;
+        let tokenizer = load_run_tokenizer(run_dir, &cfg)?;
+        let fingerprint = tokenizer.fingerprint()?;
+        let mut changes = Vec::new();
+        if corpus.sha256 != header.corpus_sha256 {
+            changes.push(format!(
+                "corpus {} (sha256 {} then, {} now)",
+                cfg.data,
+                &header.corpus_sha256[..12],
+                &corpus.sha256[..12]
+            ));
+        }
+        if fingerprint != header.tokenizer_sha256 {
+            changes.push(format!(
+                "tokenizer (sha256 {} then, {} now)",
+                &header.tokenizer_sha256[..12],
+                &fingerprint[..12]
+            ));
+        }
+        if !changes.is_empty() {
+            if !options.allow_data_change {
+                bail!(
+                    "{} changed since the run started; refusing to resume (--allow-data-change accepts it and records it in run.json)",
+                    changes.join(" and ")
+                );
+            }
+            for change in changes {
+                eprintln!("warning: resuming with a changed {change}");
+                header.overrides.push(format!(
+                    "at step {}: {change}, accepted with --allow-data-change",
+                    ckpt.state.step
+                ));
+            }
+            header.corpus_sha256 = corpus.sha256.clone();
+            header.tokenizer_sha256 = fingerprint;
+            crate::fsutil::write_atomic(
+                &run_dir.join(RUN_FILE),
+                serde_json::to_string_pretty(&header)?.as_bytes(),
+            )?;
+        }
+        let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
+        let data = TokenData::load(
+            &corpus,
+            &tokenizer,
+            Path::new(&cfg.cache_dir),
+            cfg.val_fraction,
+            model_cfg.block_size,
+        )?;
+        let params = Params::from_tensors(&model_cfg, ckpt.model, DType::F32, &device)
+            .with_context(|| format!("cannot load {}", ckpt.dir.display()))?;
+        let mut optimizer = build_optimizer(&cfg, &params)?;
+        optimizer
+            .load_state_tensors(&ckpt.optimizer)
+            .with_context(|| format!("cannot load optimizer state from {}", ckpt.dir.display()))?;
+        let word_pos: u128 = ckpt
+            .state
+            .data_word_pos
+            .parse()
+            .with_context(|| format!("bad data_word_pos in {}", ckpt.dir.display()))?;
+        // What a crash may have left behind: half-written checkpoint directories, and metrics for
+        // steps after the checkpoint (or a torn last line).
+        for name in checkpoint::remove_incomplete(run_dir)? {
+            eprintln!(
+                "warning: removed incomplete checkpoint {name} (a crash interrupted its writing)"
+            );
+        }
+        let reconciled = metrics::reconcile(run_dir, ckpt.state.step)?;
+        if reconciled.torn {
+            eprintln!(
+                "warning: {}: its last line was incomplete (a crash mid-write); moved to {}",
+                metrics::METRICS_FILE,
+                metrics::SUPERSEDED_FILE
+            );
+        }
+        if reconciled.superseded > 0 {
+            eprintln!(
+                "warning: {}: {} events after step {} are superseded by this resume; moved to {}",
+                metrics::METRICS_FILE,
+                reconciled.superseded,
+                ckpt.state.step,
+                metrics::SUPERSEDED_FILE
+            );
+        }
+        if !reporting.quiet {
+            println!(
+                "resuming {} from {} (step {})",
+                run_dir.display(),
+                ckpt.dir.display(),
+                ckpt.state.step
+            );
+        }
+        Ok(Trainer {
+            model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
+            metrics: Metrics::open(run_dir)?,
+            config_hash: identity_hash(&cfg)?,
+            position: Position {
+                sampler: BatchSampler::at(ckpt.state.data_seed, word_pos),
+                step: ckpt.state.step,
+                tokens: ckpt.state.tokens,
+                best_val_loss: ckpt.state.best_val_loss,
+                skipped_steps: ckpt.state.skipped_steps,
+            },
+            cfg,
+            run_dir: run_dir.to_path_buf(),
+            device,
+            data,
+            params,
+            optimizer,
+            quiet: reporting.quiet,
+            _lock: lock,
+        })
+    }
+}
+
+/// Finds the `init_from` weights and makes their shape the run's: explicit shape keys must agree,
+/// `block_size` may crop the position table. Returns the weights' directory.
+fn adopt_pretrained_shape(cfg: &mut TrainConfig, vocab: usize) -> Result<PathBuf> {
+    let dir = crate::model::hf::resolve(&cfg.init_from)?;
+    let shape = crate::model::hf::read_config(&dir)?;
+    if shape.vocab_size != vocab {
+        bail!(
+            "init_from {} has a vocabulary of {}, the {:?} tokenizer {vocab}",
+            cfg.init_from,
+            shape.vocab_size,
+            cfg.tokenizer
+        );
+    }
+    for (key, set, theirs) in [
+        ("n_layer", cfg.n_layer, shape.n_layer),
+        ("n_head", cfg.n_head, shape.n_head),
+        ("n_embd", cfg.n_embd, shape.n_embd),
+    ] {
+        if set.is_some_and(|v| v != theirs) {
+            bail!(
+                "{key} = {} disagrees with init_from {} ({theirs})",
+                set.unwrap(),
+                cfg.init_from
+            );
+        }
+    }
+    if cfg.bias == Some(false) {
+        bail!("init_from GPT-2 weights have biases; drop bias = false");
+    }
+    let block = cfg.block_size.unwrap_or(shape.block_size);
+    if block > shape.block_size {
+        bail!(
+            "block_size {block} is larger than init_from {} allows ({})",
+            cfg.init_from,
+            shape.block_size
+        );
+    }
+    cfg.n_layer = Some(shape.n_layer);
+    cfg.n_head = Some(shape.n_head);
+    cfg.n_embd = Some(shape.n_embd);
+    cfg.block_size = Some(block);
+    cfg.bias = Some(true);
+    Ok(dir)
+}
+
+fn build_optimizer(cfg: &TrainConfig, params: &Params) -> Result<Box<dyn Optimizer>> {
+    let groups = optim::param_groups(
+        &params.named_vars(),
+        cfg.weight_decay.unwrap_or(0.0),
+        cfg.decay_1d,
+    );
+    Ok(optim::build(&cfg.optimizer_settings(), groups)?)
+}
