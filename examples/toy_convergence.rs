@@ -5,7 +5,7 @@
 //! cargo run --release --example toy_convergence -- [--steps N] [--seeds N] [--out DIR]
 
 use anyhow::{Context, Result};
-use gpt_pretrain::study::plot::{register_fonts, FONT};
+use gpt_pretrain::study::plots::{register_fonts, FONT};
 use gpt_pretrain::study::toy::{simulate, ToyOptimizer, ToyRun};
 use plotters::coord::Shift;
 use plotters::prelude::*;

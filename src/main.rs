@@ -376,7 +376,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Export { run_dir, hf } => {
-            gpt_pretrain::model::hf::export(&run_dir, &hf)?;
+            gpt_pretrain::tools::export::export(&run_dir, &hf)?;
             println!(
                 "wrote {} (load it with transformers.GPT2LMHeadModel.from_pretrained)",
                 hf.display()

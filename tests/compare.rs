@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use gpt_pretrain::study::compare::{count_spikes, mean_sd, paired_t, welch};
+use gpt_pretrain::study::stats::{count_spikes, mean_sd, paired_t, welch};
 
 #[test]
 fn welch_matches_an_independent_computation() {

@@ -203,16 +203,14 @@ fn byte_level_char(b: u8) -> char {
     char::from_u32(256 + n).expect("valid char")
 }
 
-/// Writes a run's newest checkpoint as a `transformers` GPT-2 directory: `config.json`,
-/// `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`.
-pub fn export(run_dir: &Path, out: &Path) -> Result<()> {
-    let (run, _) = crate::train::load_run_model(run_dir, Some(&Device::Cpu))?;
-    let crate::train::RunModel {
-        tokenizer,
-        model_cfg,
-        params,
-        ..
-    } = run;
+/// Writes a model as a `transformers` GPT-2 directory: `config.json`, `model.safetensors`,
+/// `tokenizer.json`, `tokenizer_config.json`.
+pub fn write_transformers_dir(
+    out: &Path,
+    model_cfg: &GptConfig,
+    params: &Params,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
     let vocab = tokenizer.vocab_size();
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, t) in params.tensors() {
@@ -250,7 +248,7 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<()> {
     )?;
     crate::fsutil::write_atomic(&out.join("model.safetensors"), &bytes)?;
 
-    let eot = match &tokenizer {
+    let eot = match tokenizer {
         Tokenizer::Hf(t) => t.token_to_id(crate::data::tokenizer::END_OF_TEXT),
         Tokenizer::Byte => None,
     };
@@ -290,7 +288,7 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<()> {
         &out.join("config.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),
     )?;
-    let tokenizer_json = match &tokenizer {
+    let tokenizer_json = match tokenizer {
         Tokenizer::Byte => byte_tokenizer_json()?,
         Tokenizer::Hf(_) => tokenizer.to_json()?,
     };

@@ -2,7 +2,8 @@
 //! and plots, and the ADOPT paper's toy convergence problem.
 
 pub mod compare;
-pub mod plot;
 pub mod plots;
+pub mod runs;
+pub mod stats;
 pub mod sweep;
 pub mod toy;

@@ -2,13 +2,27 @@
 //! band = min–max over seeds), train loss against step (smoothed, raw faint), learning rate and
 //! gradient norm against step.
 
-use crate::study::compare::Group;
-use crate::study::plot::{register_fonts, FONT};
+use super::runs::Group;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::FontStyle;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Once;
+
+/// The font family name charts should use.
+pub const FONT: &str = "sans-serif";
+
+/// Registers DejaVu Sans (regular and bold) as [`FONT`]; safe to call any number of times.
+pub fn register_fonts() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The bytes are a valid TrueType font shipped by the `dejavu` crate.
+        let _ = plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular());
+        let _ = plotters::style::register_font(FONT, FontStyle::Bold, dejavu::sans::bold());
+    });
+}
 
 const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
