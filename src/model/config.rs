@@ -1,6 +1,6 @@
-//! The model's shape: presets, the padded vocabulary, and the parameter tensors it implies.
+//! The model's shape: presets, the padded vocabulary, and the parameter tensors it implies (name,
+//! shape, initialisation).
 
-use super::params::{Init, ParamSpec};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -128,5 +128,32 @@ impl GptConfig {
             .iter()
             .map(|s| s.shape.iter().product::<usize>())
             .sum()
+    }
+}
+
+/// How a parameter starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// N(0, std²).
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// One parameter tensor's name, shape and initialisation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+impl ParamSpec {
+    fn new(name: &str, shape: &[usize], init: Init) -> Self {
+        Self {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            init,
+        }
     }
 }

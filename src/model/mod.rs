@@ -18,8 +18,8 @@ mod config;
 pub mod hf;
 mod params;
 
-pub use config::GptConfig;
-pub use params::{Init, ParamSpec, Params};
+pub use config::{GptConfig, Init, ParamSpec};
+pub use params::Params;
 
 use crate::ops::lm_head_loss::{
     fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,

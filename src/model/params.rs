@@ -1,39 +1,12 @@
 //! The trainable tensors: seeded initialisation, loading from named tensors, and access by name.
 
-use super::config::GptConfig;
+use super::config::{GptConfig, Init};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 use std::collections::{BTreeMap, HashMap};
-
-/// How a parameter starts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Init {
-    /// N(0, std²).
-    Normal(f64),
-    Zeros,
-    Ones,
-}
-
-/// One parameter tensor's name, shape and initialisation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub init: Init,
-}
-
-impl ParamSpec {
-    pub(crate) fn new(name: &str, shape: &[usize], init: Init) -> Self {
-        Self {
-            name: name.to_string(),
-            shape: shape.to_vec(),
-            init,
-        }
-    }
-}
 
 /// The trainable tensors, by name in sorted order (optimizer state and checkpoints rely on it).
 pub struct Params {

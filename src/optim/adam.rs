@@ -1,6 +1,6 @@
 //! Adam and AdamW, exactly as `torch.optim.Adam` / `torch.optim.AdamW` (no amsgrad, no maximize).
 
-use super::kernel::Update;
+use super::update::Update;
 use super::{check_common, OptimizerKind, Param, Slots};
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};

@@ -1,7 +1,7 @@
 //! ADOPT (Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any β2 with the Optimal Rate",
 //! NeurIPS 2024, <https://arxiv.org/abs/2411.02853>), in two versions of the authors' code.
 
-use super::kernel::Update;
+use super::update::Update;
 use super::{check_common, Param, Slots};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor, Var};

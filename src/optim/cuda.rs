@@ -2,7 +2,7 @@
 //! once and writes θ, m and v in place (src/optim/optim.cu, compiled to PTX by build.rs). The
 //! state stays on the device; nothing is copied to the host.
 
-use super::kernel::Update;
+use super::update::Update;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::{bail, CpuStorage, DType, InplaceOp2, Layout, Result, Storage, Tensor};

@@ -18,9 +18,10 @@ pub use adopt::{Adopt, AdoptConfig, AdoptVariant};
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Tensor, Var};
-use kernel::{Moments, Update};
+use kernel::Moments;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use update::Update;
 
 /// Which optimizer a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +152,7 @@ mod adopt;
 mod cuda;
 mod kernel;
 pub mod replay;
+mod update;
 
 /// Builds the optimizer a config asks for.
 pub fn build(settings: &OptimizerSettings, params: Vec<Param>) -> Result<Box<dyn Optimizer>> {
