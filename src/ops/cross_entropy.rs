@@ -251,13 +251,11 @@ pub fn cross_entropy_ops(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// The CUDA side: launchers of kernels.cu's cross-entropy kernels.
 #[cfg(feature = "cuda")]
 mod cuda_kernels {
-    use crate::ops::cuda::{by_dtype, contiguous_range, cuda_err, f32_slice, MODULE, PTX, THREADS};
+    use crate::ops::cuda::{by_dtype, contiguous_range, cuda_err, MODULE, PTX, THREADS};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::CudaStorage;
-    use candle_core::{
-        bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor,
-    };
+    use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape};
 
     /// The mean cross-entropy forward on CUDA (the CUDA half of [`super::CrossEntropy`]): per-row
     /// losses by one block per row, then their mean in row order; an f32 scalar for any logits dtype.

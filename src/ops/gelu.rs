@@ -250,15 +250,11 @@ pub fn gelu_tanh_ops(x: &Tensor) -> Result<Tensor> {
 /// The CUDA side: launchers of kernels.cu's gelu_fwd_* and gelu_bwd_*.
 #[cfg(feature = "cuda")]
 mod cuda_kernels {
-    use crate::ops::cuda::{
-        by_dtype, contiguous_range, cuda_err, elementwise_config, MODULE, PTX, THREADS,
-    };
+    use crate::ops::cuda::{by_dtype, contiguous_range, cuda_err, elementwise_config, MODULE, PTX};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::CudaStorage;
-    use candle_core::{
-        bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor,
-    };
+    use candle_core::{bail, DType, Layout, Result, Shape};
 
     /// The tanh-GELU forward on CUDA (the CUDA half of [`super::Gelu`]).
     pub(crate) fn gelu_fwd(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {

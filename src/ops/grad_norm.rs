@@ -46,9 +46,7 @@ mod cuda_kernels {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::CudaStorage;
-    use candle_core::{
-        bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor,
-    };
+    use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape};
 
     /// Blocks of the sum-of-squares kernel at most: its output has one f64 per block.
     const SUM_BLOCKS: usize = 1024;

@@ -321,14 +321,11 @@ pub fn fused_layer_norm_applies(x: &Tensor, weight: &Tensor) -> bool {
 #[cfg(feature = "cuda")]
 mod cuda_kernels {
     use crate::ops::cuda::{
-        by_dtype, contiguous_range, cuda_err, f32_slice, rows_config, MODULE, PTX, THREADS,
+        contiguous_range, cuda_err, f32_slice, rows_config, MODULE, PTX, THREADS,
     };
-    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::CudaStorage;
-    use candle_core::{
-        bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor,
-    };
+    use candle_core::{bail, Layout, Result, Shape};
 
     /// Rows of a LayerNorm input: (rows, width) from its layout, checked contiguous.
     fn rows_of(l: &Layout) -> Result<(usize, usize)> {

@@ -185,15 +185,11 @@ pub fn fused_causal_softmax_applies(x: &Tensor) -> bool {
 /// The CUDA side: launchers of kernels.cu's causal_softmax_fwd_* and softmax_bwd_*.
 #[cfg(feature = "cuda")]
 mod cuda_kernels {
-    use crate::ops::cuda::{
-        by_dtype, contiguous_range, cuda_err, rows_config, MODULE, PTX, THREADS,
-    };
+    use crate::ops::cuda::{by_dtype, contiguous_range, cuda_err, rows_config, MODULE, PTX};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::cuda_backend::CudaStorage;
-    use candle_core::{
-        bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor,
-    };
+    use candle_core::{bail, DType, Layout, Result, Shape};
 
     /// The causal softmax forward on CUDA (the CUDA half of [`super::CausalSoftmax`]): for x of
     /// shape (…, Tq, Tk) (Tq ≤ Tk, checked by the caller), query i sees keys j ≤ i + Tk − Tq.

@@ -1,4 +1,5 @@
-// Fused model kernels for CUDA (src/ops/cuda/kernels.cuda.rs launches them; build.rs compiles to PTX).
+// Fused model kernels for CUDA (each op file under src/ops/ launches its own from a `cuda_kernels`
+// module; build.rs compiles this file to PTX).
 //
 // - causal_softmax_fwd: y = softmax(scale·x) over each row with keys after the query masked, in
 //   f32 whatever the storage dtype; one warp per row. Replaces scale, mask add, max, subtract,
@@ -93,7 +94,7 @@ __device__ void sum_squares_partials(const T* __restrict__ x, size_t n, double* 
     if (threadIdx.x == 0) out[blockIdx.x] = shared[0];
 }
 
-// The constants and operation order of gelu_value / gelu_derivative in kernels.rs.
+// The constants and operation order of gelu_value / gelu_derivative in ops/gelu.rs.
 #define GELU_C 0.7978845608028654f
 #define GELU_A 0.044715f
 
