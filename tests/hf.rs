@@ -41,14 +41,6 @@ fn our_logits(dir: &Path, ids: &[Vec<u32>]) -> Vec<f64> {
         .unwrap()
 }
 
-fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-}
-
 #[test]
 fn transformers_weights_load_and_give_the_fixture_logits() {
     let cfg = hf::read_config(&fixture_dir()).unwrap();

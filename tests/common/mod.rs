@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -162,4 +163,23 @@ pub fn train_losses(run: &Path) -> Vec<(u64, f64)> {
 
 pub fn file_bytes(run: &Path, step: u64, file: &str) -> Vec<u8> {
     std::fs::read(run.join(format!("checkpoints/step-{step:08}/{file}"))).unwrap()
+}
+
+/// A tensor's values in f64, flattened (to compare kernels of any dtype).
+pub fn as_f64_vec(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The largest |a − b| over two equally long slices.
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }

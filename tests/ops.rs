@@ -1,0 +1,587 @@
+//! The fused ops against plain candle ops (values and gradients, f64 and f32), their edge cases,
+//! and the numerics they rely on (the vectorized exp, row-ordered sums).
+
+use candle_core::{DType, Device, Tensor, Var};
+use gpt_pretrain::ops::cross_entropy::cross_entropy;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::{as_f64_vec, max_abs_diff};
+
+#[test]
+fn fused_cross_entropy_matches_candle_ops_in_value_and_gradient() {
+    use gpt_pretrain::ops::cross_entropy::cross_entropy_ops;
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        for (n, v) in [(7, 5), (64, 1000), (3, 50304)] {
+            let values: Vec<f64> = (0..n * v).map(|_| rng.random_range(-8.0..8.0)).collect();
+            let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+            let logits = Var::from_tensor(
+                &Tensor::from_vec(values, (n, v), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let t = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+            let fused = cross_entropy(logits.as_tensor(), &t).unwrap();
+            let plain = cross_entropy_ops(logits.as_tensor(), &t).unwrap();
+            let (a, b) = (
+                fused
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap(),
+                plain
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap(),
+            );
+            assert!(
+                (a - b).abs() <= tol * b.abs(),
+                "{dtype:?} {n}x{v}: loss {a} vs {b}"
+            );
+            // Scale the loss so the upstream gradient is not 1.
+            let ga = (fused * 3.0).unwrap().backward().unwrap();
+            let gb = (plain * 3.0).unwrap().backward().unwrap();
+            let grad_of_logits = |g: &candle_core::backprop::GradStore| -> Vec<f64> {
+                g.get(logits.as_tensor())
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (fa, fb) = (grad_of_logits(&ga), grad_of_logits(&gb));
+            let worst = max_abs_diff(&fa, &fb);
+            let scale = fb.iter().map(|x| x.abs()).fold(0.0, f64::max);
+            assert!(
+                worst <= tol * scale.max(1e-12) * 10.0,
+                "{dtype:?} {n}x{v}: gradient differs by {worst:e} (max {scale:e})"
+            );
+        }
+    }
+    // A target outside the vocabulary is an error, not a read out of bounds.
+    let logits = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(cross_entropy(&logits, &Tensor::new(&[1u32, 4], &Device::Cpu).unwrap()).is_err());
+}
+
+#[test]
+fn sum_of_squares_matches_f64_ops() {
+    use gpt_pretrain::ops::grad_norm::sum_of_squares;
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let values: Vec<f64> = (0..10_007).map(|_| rng.random_range(-3.0..3.0)).collect();
+    let expected: f64 = values.iter().map(|x| x * x).sum();
+    let t64 = Tensor::new(values.as_slice(), &Device::Cpu).unwrap();
+    assert_eq!(sum_of_squares(&t64).unwrap(), expected);
+    let t32 = t64.to_dtype(DType::F32).unwrap();
+    let expected32: f64 = values.iter().map(|&x| (x as f32 as f64).powi(2)).sum();
+    assert!((sum_of_squares(&t32).unwrap() - expected32).abs() < 1e-9 * expected32);
+    // A non-contiguous view takes the op path and agrees.
+    let m = t64
+        .narrow(0, 0, 10_000)
+        .unwrap()
+        .reshape((100, 100))
+        .unwrap()
+        .t()
+        .unwrap();
+    let direct: f64 = values[..10_000].iter().map(|x| x * x).sum();
+    assert!((sum_of_squares(&m).unwrap() - direct).abs() < 1e-9 * direct);
+}
+
+#[test]
+fn sums_over_leading_dims_are_row_ordered_f32_sums_at_every_size() {
+    // The vendored candle-core sums over leading dimensions row by row, columns in parallel
+    // (vendor/candle-core/PATCHED.md). The reference is that definition written out: per column,
+    // f32 additions in row order from zero, which is also what upstream's generic loop computes.
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    // (3, 5, 7): the serial path; (4, 128, 384): the parallel one (≥ 64K elements, ≥ 128 columns).
+    for (b, t, c) in [(3, 5, 7), (4, 128, 384), (2, 300, 1000)] {
+        let values: Vec<f32> = (0..b * t * c)
+            .map(|_| rng.random_range(-3.0f32..3.0))
+            .collect();
+        let x = Tensor::from_vec(values.clone(), (b, t, c), &Device::Cpu).unwrap();
+        let mut rows_ordered = vec![0f32; c];
+        for row in values.chunks(c) {
+            for (d, &v) in rows_ordered.iter_mut().zip(row) {
+                *d += v;
+            }
+        }
+        let ours: Vec<f32> = x.sum((0, 1)).unwrap().to_vec1().unwrap();
+        assert_eq!(ours, rows_ordered, "({b}, {t}, {c}) over dims 0 and 1");
+        let kept = x.sum_keepdim(0).unwrap();
+        assert_eq!(kept.dims(), &[1, t, c]);
+        let mut over_batch = vec![0f32; t * c];
+        for block in values.chunks(t * c) {
+            for (d, &v) in over_batch.iter_mut().zip(block) {
+                *d += v;
+            }
+        }
+        assert_eq!(
+            kept.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            over_batch
+        );
+        // A middle dimension still takes the generic path: against an f64 sum.
+        let middle: Vec<f32> = x.sum(1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for i in 0..b {
+            for j in 0..c {
+                let exact: f64 = (0..t).map(|k| values[(i * t + k) * c + j] as f64).sum();
+                assert!(
+                    (middle[i * c + j] as f64 - exact).abs() < 1e-3,
+                    "({i}, {j})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_gelu_matches_candle_ops_in_value_and_gradient() {
+    use gpt_pretrain::ops::gelu::{gelu_tanh, gelu_tanh_ops};
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let values: Vec<f64> = (0..40_000).map(|_| rng.random_range(-6.0..6.0)).collect();
+        let x = Var::from_tensor(
+            &Tensor::from_vec(values, (200, 200), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let upstream = Tensor::rand(-1f32, 1f32, (200, 200), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let run = |f: fn(&Tensor) -> candle_core::Result<Tensor>| -> (Vec<f64>, Vec<f64>) {
+            let y = f(x.as_tensor()).unwrap();
+            let g = y
+                .mul(&upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            (as_f64_vec(&y), as_f64_vec(g.get(x.as_tensor()).unwrap()))
+        };
+        let (ya, ga) = run(gelu_tanh);
+        let (yb, gb) = run(gelu_tanh_ops);
+        for (name, a, b) in [("value", &ya, &yb), ("gradient", &ga, &gb)] {
+            // Relative to the O(1) scale of GELU and its derivative: near x = -6 both are ~1e-7
+            // and carry cancellation error in any f32 formula.
+            let worst = a
+                .iter()
+                .zip(b.iter())
+                .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+                .fold(0.0, f64::max);
+            assert!(worst < tol, "{dtype:?} {name}: {worst:e}");
+        }
+    }
+}
+
+#[test]
+fn fused_causal_softmax_matches_candle_ops_in_value_and_gradient() {
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let scale = 0.125;
+    // The model's square case, and Tq < Tk (queries at the end of a longer key sequence).
+    for dims in [[2usize, 3, 40, 40], [2, 3, 5, 9]] {
+        let (tq, tk) = (dims[2], dims[3]);
+        let n: usize = dims.iter().product();
+        let mask: Vec<f64> = (0..tq * tk)
+            .map(|k| {
+                if k % tk > k / tk + tk - tq {
+                    f64::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let values: Vec<f64> = (0..n).map(|_| rng.random_range(-8.0..8.0)).collect();
+        let upstream: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+            let tensor = |v: &[f64], shape: &[usize]| {
+                Tensor::from_slice(v, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let x = Var::from_tensor(&tensor(&values, &dims)).unwrap();
+            let (mask, upstream) = (tensor(&mask, &[tq, tk]), tensor(&upstream, &dims));
+            let composed = |x: &Tensor| -> Tensor {
+                let s = (x * scale).unwrap().broadcast_add(&mask).unwrap();
+                let max = s.max_keepdim(3).unwrap().detach();
+                let e = s.broadcast_sub(&max).unwrap().exp().unwrap();
+                e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap()
+            };
+            let fused = |x: &Tensor| -> Tensor {
+                assert!(gpt_pretrain::ops::softmax::fused_causal_softmax_applies(x));
+                gpt_pretrain::ops::softmax::fused_causal_softmax(x, scale).unwrap()
+            };
+            let run = |f: &dyn Fn(&Tensor) -> Tensor| -> (Vec<f64>, Vec<f64>) {
+                let y = f(x.as_tensor());
+                let g = y
+                    .mul(&upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (as_f64_vec(&y), as_f64_vec(g.get(x.as_tensor()).unwrap()))
+            };
+            let (ya, ga) = run(&fused);
+            let (yb, gb) = run(&composed);
+            for (name, a, b) in [("value", &ya, &yb), ("gradient", &ga, &gb)] {
+                // Probabilities and their gradients are O(1).
+                let worst = max_abs_diff(a, b);
+                assert!(worst < tol, "{dims:?} {dtype:?} {name}: {worst:e}");
+            }
+            // Masked entries are exactly zero.
+            for (k, &p) in ya.iter().enumerate() {
+                let (i, j) = ((k / tk) % tq, k % tk);
+                if j > i + tk - tq {
+                    assert_eq!(p, 0.0, "{dims:?} masked ({i}, {j})");
+                }
+            }
+        }
+    }
+}
+
+/// Causal attention from packed qkv (B, T, 3C) with plain candle ops: split, scores, −∞ mask,
+/// softmax, weighted values, heads back side by side.
+fn attention_composed(qkv: &Tensor, n_head: usize) -> Tensor {
+    let (b, t, c3) = qkv.dims3().unwrap();
+    let (c, hd) = (c3 / 3, c3 / 3 / n_head);
+    let heads = |i: usize| {
+        qkv.narrow(2, i * c, c)
+            .unwrap()
+            .reshape((b, t, n_head, hd))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let (q, k, v) = (heads(0), heads(1), heads(2));
+    let mask: Vec<f64> = (0..t * t)
+        .map(|i| {
+            if i % t > i / t {
+                f64::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu)
+        .unwrap()
+        .to_dtype(qkv.dtype())
+        .unwrap();
+    let scores = (q.matmul(&k.t().unwrap()).unwrap() / (hd as f64).sqrt())
+        .unwrap()
+        .broadcast_add(&mask)
+        .unwrap();
+    let p = candle_nn::ops::softmax(&scores, candle_core::D::Minus1).unwrap();
+    p.matmul(&v)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, t, c))
+        .unwrap()
+}
+
+#[test]
+fn fused_attention_matches_candle_ops_in_value_and_gradient() {
+    use gpt_pretrain::ops::attention::{fused_causal_attention, fused_causal_attention_applies};
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    // (batch, T, heads, head_dim): one block; a partial last block; several blocks and a
+    // partial one; the baby model's head shape over exactly two blocks.
+    for (b, t, n_head, hd) in [
+        (2, 7, 2, 4),
+        (1, 70, 3, 8),
+        (2, 150, 2, 16),
+        (1, 128, 1, 64),
+    ] {
+        let c = n_head * hd;
+        let n = b * t * 3 * c;
+        // Scores of order 1-10 so the softmax is neither flat nor one-hot.
+        let values: Vec<f64> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let upstream: Vec<f64> = (0..b * t * c)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            let tensor = |v: &[f64], shape: &[usize]| {
+                Tensor::from_slice(v, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let qkv = Var::from_tensor(&tensor(&values, &[b, t, 3 * c])).unwrap();
+            let upstream = tensor(&upstream, &[b, t, c]);
+            assert!(fused_causal_attention_applies(qkv.as_tensor()));
+            let run = |y: Tensor| -> (Vec<f64>, Vec<f64>) {
+                let g = y
+                    .mul(&upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (as_f64_vec(&y), as_f64_vec(g.get(qkv.as_tensor()).unwrap()))
+            };
+            let (ya, ga) = run(fused_causal_attention(qkv.as_tensor(), n_head).unwrap());
+            let (yb, gb) = run(attention_composed(qkv.as_tensor(), n_head));
+            for (name, a, r) in [("value", &ya, &yb), ("gradient", &ga, &gb)] {
+                let scale = r.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                let worst = max_abs_diff(a, r);
+                assert!(
+                    worst < tol * scale.max(1.0),
+                    "({b}, {t}, {n_head}, {hd}) {dtype:?} {name}: {worst:e} (largest {scale:e})"
+                );
+            }
+            // The gradient reaches all of q, k and v.
+            for part in 0..3 {
+                let norm: f64 = (0..b * t)
+                    .flat_map(|row| &ga[row * 3 * c + part * c..row * 3 * c + (part + 1) * c])
+                    .map(|g| g * g)
+                    .sum();
+                assert!(
+                    norm > 0.0,
+                    "({b}, {t}, {n_head}, {hd}): part {part} has no gradient"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_attention_is_causal_and_rejects_bad_shapes() {
+    use gpt_pretrain::ops::attention::fused_causal_attention;
+    // With T = 1 each head returns its own value vector, whatever q and k are.
+    let qkv = Tensor::new(&[[[5.0f64, -1.0, 2.0, 3.0, 7.0, -4.0]]], &Device::Cpu).unwrap();
+    let y = fused_causal_attention(&qkv, 2).unwrap();
+    assert_eq!(y.to_vec3::<f64>().unwrap(), vec![vec![vec![7.0, -4.0]]]);
+    // Changing the last position's q, k or v leaves the earlier outputs bitwise unchanged.
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (t, c3) = (100, 24);
+    let mut values: Vec<f32> = (0..t * c3).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let before = fused_causal_attention(
+        &Tensor::from_slice(&values, (1, t, c3), &Device::Cpu).unwrap(),
+        2,
+    )
+    .unwrap()
+    .narrow(1, 0, t - 1)
+    .unwrap()
+    .flatten_all()
+    .unwrap()
+    .to_vec1::<f32>()
+    .unwrap();
+    for v in &mut values[(t - 1) * c3..] {
+        *v += 3.0;
+    }
+    let after = fused_causal_attention(
+        &Tensor::from_slice(&values, (1, t, c3), &Device::Cpu).unwrap(),
+        2,
+    )
+    .unwrap()
+    .narrow(1, 0, t - 1)
+    .unwrap()
+    .flatten_all()
+    .unwrap()
+    .to_vec1::<f32>()
+    .unwrap();
+    assert_eq!(before, after);
+    // A width that is not 3 × a multiple of the head count is an error, not a panic.
+    let bad = Tensor::zeros((1, 4, 10), DType::F32, &Device::Cpu).unwrap();
+    assert!(fused_causal_attention(&bad, 2).is_err());
+    let qkv = Tensor::zeros((1, 4, 18), DType::F32, &Device::Cpu).unwrap();
+    assert!(fused_causal_attention(&qkv, 3).is_ok());
+    assert!(fused_causal_attention(&qkv, 4).is_err());
+}
+
+#[test]
+fn fused_layer_norm_matches_candle_ops_in_value_and_gradient() {
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    // Rows not a multiple of the 64-row gradient chunks.
+    for (rows, c, bias) in [(150usize, 48usize, true), (7, 13, false)] {
+        let values: Vec<f64> = (0..rows * c).map(|_| rng.random_range(-4.0..6.0)).collect();
+        let w: Vec<f64> = (0..c).map(|_| rng.random_range(0.5..1.5)).collect();
+        let b: Vec<f64> = (0..c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let upstream: Vec<f64> = (0..rows * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            let var = |v: &[f64], shape: &[usize]| {
+                Var::from_tensor(
+                    &Tensor::from_slice(v, shape, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap()
+            };
+            let (x, wv, bv) = (var(&values, &[rows, c]), var(&w, &[c]), var(&b, &[c]));
+            let up = var(&upstream, &[rows, c]).as_tensor().detach();
+            let composed = || -> Tensor {
+                let xt = x.as_tensor();
+                let mean = xt.mean_keepdim(1).unwrap();
+                let centered = xt.broadcast_sub(&mean).unwrap();
+                let v = centered.sqr().unwrap().mean_keepdim(1).unwrap();
+                let y = centered
+                    .broadcast_div(&(v + 1e-5).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(wv.as_tensor())
+                    .unwrap();
+                if bias {
+                    y.broadcast_add(bv.as_tensor()).unwrap()
+                } else {
+                    y
+                }
+            };
+            let fused = || -> Tensor {
+                assert!(gpt_pretrain::ops::layer_norm::fused_layer_norm_applies(
+                    x.as_tensor(),
+                    wv.as_tensor()
+                ));
+                gpt_pretrain::ops::layer_norm::fused_layer_norm(
+                    x.as_tensor(),
+                    wv.as_tensor(),
+                    bias.then(|| bv.as_tensor()),
+                    1e-5,
+                )
+                .unwrap()
+            };
+            let run = |y: Tensor| -> Vec<Vec<f64>> {
+                let g = y.mul(&up).unwrap().sum_all().unwrap().backward().unwrap();
+                let mut out = vec![
+                    as_f64_vec(&y),
+                    as_f64_vec(g.get(x.as_tensor()).unwrap()),
+                    as_f64_vec(g.get(wv.as_tensor()).unwrap()),
+                ];
+                if bias {
+                    out.push(as_f64_vec(g.get(bv.as_tensor()).unwrap()));
+                }
+                out
+            };
+            let (a, r) = (run(fused()), run(composed()));
+            for (name, a, r) in ["y", "dx", "dw", "db"]
+                .iter()
+                .zip(&a)
+                .zip(&r)
+                .map(|((n, a), r)| (n, a, r))
+            {
+                let worst = a
+                    .iter()
+                    .zip(r)
+                    .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+                    .fold(0.0, f64::max);
+                assert!(worst < tol, "{rows}x{c} {dtype:?} {name}: {worst:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fast_exp_f32_is_within_two_ulp_of_the_f64_exp() {
+    use gpt_pretrain::ops::simd::FastExp;
+    let mut worst_ulps = 0.0f64;
+    let mut x = -87.0f32;
+    while x <= 88.0 {
+        let exact = (x as f64).exp();
+        let ulp = f32::EPSILON as f64 * exact; // one ulp of a normal f32 near e^x, within 2x
+        let err = (x.fast_exp() as f64 - exact).abs() / ulp;
+        worst_ulps = worst_ulps.max(err);
+        x += 0.000_731;
+    }
+    assert!(worst_ulps <= 2.0, "worst error {worst_ulps} ulp");
+    // Exact at 0, NaN stays NaN, far below the range the smallest normal, f64 is libm's.
+    assert_eq!(0.0f32.fast_exp(), 1.0);
+    assert!(f32::NAN.fast_exp().is_nan());
+    assert!((-1000.0f32).fast_exp() < 1.2e-38);
+    assert_eq!(5.0f64.fast_exp(), 5.0f64.exp());
+}
+
+#[test]
+fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
+    use gpt_pretrain::ops::cross_entropy::cross_entropy_ops;
+    use gpt_pretrain::ops::lm_head_loss::{
+        fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    // (rows, width, vocab): one row group; GPT-2's vocabulary, where 83 rows make a group, so
+    // 200 rows are two full groups and a partial one.
+    for (n, c, v) in [(37usize, 12usize, 65usize), (200, 8, 50304)] {
+        let xs: Vec<f64> = (0..n * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let ws: Vec<f64> = (0..v * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let ts: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+        let targets = Tensor::from_vec(ts, n, &Device::Cpu).unwrap();
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let var = |v: &[f64], shape: (usize, usize)| {
+                let t = Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+                Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+            };
+            let (x, w) = (var(&xs, (n, c)), var(&ws, (v, c)));
+            assert!(fused_linear_cross_entropy_applies(
+                x.as_tensor(),
+                w.as_tensor()
+            ));
+            // An upstream gradient of 3, which the fused backward must apply.
+            let run = |loss: Tensor| -> (f64, Vec<f64>, Vec<f64>) {
+                let value = loss
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let g = (loss * 3.0).unwrap().backward().unwrap();
+                (
+                    value,
+                    as_f64_vec(g.get(x.as_tensor()).unwrap()),
+                    as_f64_vec(g.get(w.as_tensor()).unwrap()),
+                )
+            };
+            let fused = fused_linear_cross_entropy(
+                x.as_tensor(),
+                w.as_tensor(),
+                &targets,
+                LossGradients::Eager,
+            )
+            .unwrap();
+            let (la, dxa, dwa) = run(fused);
+            let logits = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+            let (lb, dxb, dwb) = run(cross_entropy_ops(&logits, &targets).unwrap());
+            assert!(
+                (la - lb).abs() < tol * lb.abs(),
+                "({n}, {c}, {v}) {dtype:?} loss {la} vs {lb}"
+            );
+            for (name, a, b) in [("dx", &dxa, &dxb), ("dw", &dwa, &dwb)] {
+                let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                let worst = max_abs_diff(a, b);
+                assert!(
+                    worst <= tol * scale,
+                    "({n}, {c}, {v}) {dtype:?} {name}: {worst:e} (largest {scale:e})"
+                );
+            }
+            // Evaluation: the same loss, and no gradients to take.
+            let eval = fused_linear_cross_entropy(
+                x.as_tensor(),
+                w.as_tensor(),
+                &targets,
+                LossGradients::None,
+            )
+            .unwrap();
+            let le = eval
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert_eq!(le, la);
+            let err = eval.backward().unwrap_err().to_string();
+            assert!(err.contains("without gradients"), "{err}");
+        }
+    }
+    // A target outside the vocabulary is an error, not a panic.
+    let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
+    let err = fused_linear_cross_entropy(&x, &w, &bad, LossGradients::Eager).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
