@@ -1,6 +1,7 @@
 //! GPT-2's tanh-approximated GELU with its backward, fused (CPU and CUDA).
 
 use super::cpu::contiguous;
+use super::simd::multiversioned;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -80,50 +81,23 @@ fn gelu_derivative<T: GeluFloat>(x: T) -> T {
     half * (T::one() + t) + half * x * (T::one() - t * t) * c * (T::one() + three * a * x * x)
 }
 
-/// out[i] = gelu(x[i]) (`grad` None) or gelu'(x[i])·grad[i], with the widest vector
-/// instructions this CPU has (the loop is the same code in every version).
-fn gelu_slices<T: GeluFloat>(x: &[T], grad: Option<&[T]>, out: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
-            return unsafe { gelu_slices_avx512(x, grad, out) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { gelu_slices_avx2(x, grad, out) };
-        }
-    }
-    gelu_slices_portable(x, grad, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gelu_slices_avx512<T: GeluFloat>(x: &[T], grad: Option<&[T]>, out: &mut [T]) {
-    gelu_slices_portable(x, grad, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_slices_avx2<T: GeluFloat>(x: &[T], grad: Option<&[T]>, out: &mut [T]) {
-    gelu_slices_portable(x, grad, out)
-}
-
-#[inline(always)]
-fn gelu_slices_portable<T: GeluFloat>(x: &[T], grad: Option<&[T]>, out: &mut [T]) {
-    let n = out.len();
-    let x = &x[..n];
-    match grad {
-        None => {
-            for i in 0..n {
-                out[i] = gelu_value(x[i]);
+multiversioned! {
+    /// out[i] = gelu(x[i]) (`grad` None) or gelu'(x[i])·grad[i], with the widest vector
+    /// instructions this CPU has (the loop is the same code in every version).
+    fn gelu_slices<T: GeluFloat>(x: &[T], grad: Option<&[T]>, out: &mut [T]) {
+        let n = out.len();
+        let x = &x[..n];
+        match grad {
+            None => {
+                for i in 0..n {
+                    out[i] = gelu_value(x[i]);
+                }
             }
-        }
-        Some(g) => {
-            let g = &g[..n];
-            for i in 0..n {
-                out[i] = gelu_derivative(x[i]) * g[i];
+            Some(g) => {
+                let g = &g[..n];
+                for i in 0..n {
+                    out[i] = gelu_derivative(x[i]) * g[i];
+                }
             }
         }
     }
