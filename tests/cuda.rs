@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{ok, read_json_lines, tinyshakespeare, train_losses, Workspace};
+use common::{as_f64_vec, ok, read_json_lines, tinyshakespeare, train_losses, Workspace};
 use gpt_pretrain::optim::replay::{flat, flat_values, read_fixture};
 use gpt_pretrain::optim::{
     self, AdamConfig, AdoptConfig, AdoptVariant, Optimizer, OptimizerKind, OptimizerSettings, Param,
@@ -507,17 +507,12 @@ fn fused_causal_softmax_matches_f64_reference() {
                 .unwrap();
             let grads = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
             let dx = grads.get(xv.as_tensor()).unwrap();
-            let host = |t: &Tensor| -> Vec<f64> {
-                t.to_dtype(DType::F64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
             // bf16 inputs are rounded before the kernel sees them: compare against the
             // reference on those rounded values' scale (outputs ≤ 1, gradients ≤ a few).
-            for (what, ours, reference) in [("y", host(&y), &y_ref), ("dx", host(dx), &dx_ref)] {
+            for (what, ours, reference) in [
+                ("y", as_f64_vec(&y), &y_ref),
+                ("dx", as_f64_vec(dx), &dx_ref),
+            ] {
                 let worst = ours
                     .iter()
                     .zip(reference.iter())
@@ -555,15 +550,6 @@ fn gradient_norm_on_cuda_matches_the_cpu() {
     }
 }
 
-fn to_host(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 /// Largest |a − b| / max(|b|, 1).
 fn worst_error(ours: &[f64], reference: &[f64]) -> f64 {
     assert_eq!(ours.len(), reference.len());
@@ -587,7 +573,7 @@ fn fused_gelu_on_cuda_matches_f64_reference() {
     let yr = gpt_pretrain::ops::gelu::gelu_tanh_ops(xr.as_tensor()).unwrap();
     let rr = Tensor::from_slice(&r, n, &Device::Cpu).unwrap();
     let gr = yr.mul(&rr).unwrap().sum_all().unwrap().backward().unwrap();
-    let (y_ref, dx_ref) = (to_host(&yr), to_host(gr.get(xr.as_tensor()).unwrap()));
+    let (y_ref, dx_ref) = (as_f64_vec(&yr), as_f64_vec(gr.get(xr.as_tensor()).unwrap()));
     for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 3e-2)] {
         let xv = Var::from_tensor(
             &Tensor::from_slice(&x, n, &gpu)
@@ -604,9 +590,9 @@ fn fused_gelu_on_cuda_matches_f64_reference() {
             .unwrap();
         let g = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
         let dx = g.get(xv.as_tensor()).unwrap();
-        let ey = worst_error(&to_host(&y), &y_ref);
+        let ey = worst_error(&as_f64_vec(&y), &y_ref);
         // bf16: x itself is rounded to 8 bits of mantissa before the kernel sees it, and r too.
-        let edx = worst_error(&to_host(dx), &dx_ref);
+        let edx = worst_error(&as_f64_vec(dx), &dx_ref);
         assert!(ey < tolerance, "{dtype:?} gelu: {ey:e}");
         assert!(edx < tolerance * 4.0, "{dtype:?} gelu grad: {edx:e}");
     }
@@ -681,23 +667,23 @@ fn fused_layer_norm_on_cuda_matches_f64_reference() {
             .unwrap();
         let g = y.mul(&rt).unwrap().sum_all().unwrap().backward().unwrap();
         let mut pairs = vec![
-            ("y", to_host(&y), to_host(&yr)),
+            ("y", as_f64_vec(&y), as_f64_vec(&yr)),
             (
                 "dx",
-                to_host(g.get(xg.as_tensor()).unwrap()),
-                to_host(gr.get(xr.as_tensor()).unwrap()),
+                as_f64_vec(g.get(xg.as_tensor()).unwrap()),
+                as_f64_vec(gr.get(xr.as_tensor()).unwrap()),
             ),
             (
                 "dw",
-                to_host(g.get(wg.as_tensor()).unwrap()),
-                to_host(gr.get(wr.as_tensor()).unwrap()),
+                as_f64_vec(g.get(wg.as_tensor()).unwrap()),
+                as_f64_vec(gr.get(wr.as_tensor()).unwrap()),
             ),
         ];
         if bias {
             pairs.push((
                 "db",
-                to_host(g.get(bg.as_tensor()).unwrap()),
-                to_host(gr.get(br.as_tensor()).unwrap()),
+                as_f64_vec(g.get(bg.as_tensor()).unwrap()),
+                as_f64_vec(gr.get(br.as_tensor()).unwrap()),
             ));
         }
         for (what, ours, reference) in pairs {
@@ -726,7 +712,7 @@ fn fused_cross_entropy_on_cuda_matches_f64_reference() {
         // An upstream gradient other than 1 must scale the result.
         let g_ref = (&loss_ref * 3.0).unwrap().backward().unwrap();
         let loss_ref = loss_ref.to_scalar::<f64>().unwrap();
-        let dx_ref = to_host(g_ref.get(xr.as_tensor()).unwrap());
+        let dx_ref = as_f64_vec(g_ref.get(xr.as_tensor()).unwrap());
         for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
             let xv = Var::from_tensor(
                 &Tensor::from_slice(&x, (n, v), &gpu)
@@ -750,7 +736,7 @@ fn fused_cross_entropy_on_cuda_matches_f64_reference() {
                 "{n}x{v} {dtype:?}: loss {ours} vs {loss_ref}"
             );
             // Gradients are ~1/(n·v) per element: compare on the scale of the largest.
-            let dx = to_host(g.get(xv.as_tensor()).unwrap());
+            let dx = as_f64_vec(g.get(xv.as_tensor()).unwrap());
             let scale = dx_ref.iter().fold(0f64, |m, x| m.max(x.abs()));
             let worst = dx
                 .iter()
