@@ -282,10 +282,19 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
     Ok(())
 }
 
-/// Turns a serde error about one value into a one-line message.
-fn value_error(e: toml::de::Error, origin: &str) -> anyhow::Error {
+/// Turns a serde error about one value into a one-line message naming its key. serde's message
+/// for a bad enum value ("unknown variant `sgd`") does not say which key held it, so each key is
+/// read alone over the defaults until one fails.
+fn value_error(e: toml::de::Error, table: &toml::Table, origin: &str) -> anyhow::Error {
     let msg = e.message().replace('\n', " ");
-    anyhow::anyhow!("bad config value in {origin}: {msg}")
+    let culprit = table.iter().find(|(key, value)| {
+        let alone = toml::Table::from_iter([((*key).clone(), (*value).clone())]);
+        toml::Table::try_into::<TrainConfig>(alone).is_err()
+    });
+    match culprit {
+        Some((key, _)) => anyhow::anyhow!("bad value for '{key}' in {origin}: {msg}"),
+        None => anyhow::anyhow!("bad config value in {origin}: {msg}"),
+    }
 }
 
 impl TrainConfig {
@@ -319,8 +328,8 @@ impl TrainConfig {
     /// Deserializes a complete or partial table (missing keys take defaults) and resolves it.
     pub fn from_table(table: toml::Table) -> Result<Self> {
         check_keys(&table, "the config")?;
-        let cfg: TrainConfig =
-            toml::Table::try_into(table).map_err(|e| value_error(e, "the config"))?;
+        let cfg: TrainConfig = toml::Table::try_into(table.clone())
+            .map_err(|e| value_error(e, &table, "the config"))?;
         cfg.resolved()
     }
 
@@ -418,7 +427,20 @@ impl TrainConfig {
         }
         let lr = self.lr.unwrap();
         self.min_lr.get_or_insert(lr / 10.0);
-        self.lr_decay_steps.get_or_insert(self.max_steps);
+        let decay_steps_given = self.lr_decay_steps.is_some();
+        let decay_steps = *self.lr_decay_steps.get_or_insert(self.max_steps);
+        // Past lr_decay_steps the cosine holds min_lr, so a warmup that ends later would climb to
+        // lr and then drop to min_lr at once: a contradiction when both were chosen.
+        if self.schedule == ScheduleKind::Cosine
+            && decay_steps_given
+            && self.warmup_steps > decay_steps
+        {
+            bail!(
+                "warmup_steps ({}) exceeds lr_decay_steps ({decay_steps}): the cosine would end \
+                 before the warmup does; lower warmup_steps or raise lr_decay_steps",
+                self.warmup_steps
+            );
+        }
         self.validate()?;
         Ok(self)
     }
@@ -615,7 +637,19 @@ mod tests {
         assert!(err(&["nonsense=1"]).contains("unknown config key 'nonsense'"));
         assert!(err(&["batch_size=0"]).contains("batch_size"));
         assert!(err(&["eval_batch_size=0"]).contains("eval_batch_size"));
-        assert!(err(&["optimizer=sgd"]).contains("bad config value"));
+        assert_eq!(
+            err(&["optimizer=sgd"]),
+            "bad value for 'optimizer' in the config: unknown variant `sgd`, expected one of \
+             `adam`, `adamw`, `adopt`"
+        );
+        assert!(err(&["lr=1e-3", "schedule=linear"]).starts_with("bad value for 'schedule'"));
+        assert!(err(&["lr_decay_steps=50", "warmup_steps=60"])
+            .contains("warmup_steps (60) exceeds lr_decay_steps (50)"));
+        assert!(TrainConfig::from_layers(
+            None,
+            &["lr_decay_steps=50".into(), "warmup_steps=50".into()]
+        )
+        .is_ok());
         assert!(err(&["optimizer=adam", "decouple=true"]).contains("adopt only"));
     }
 }

@@ -323,7 +323,7 @@ fn bad_config_values_and_keys_are_refused() {
             "larger than the 'tiny' preset allows (128)",
         ),
         ("colour=1", "unknown config key 'colour'"),
-        ("optimizer=sgd", "bad config value"),
+        ("optimizer=sgd", "bad value for 'optimizer'"),
         ("val_fraction=1.5", "val_fraction"),
         ("device=tpu", "device must be"),
         ("model=huge", "unknown model preset"),
@@ -585,4 +585,38 @@ fn bench_prints_its_figures_as_json() {
     assert_eq!(last["threads"], 1);
     let out = bin().args(["bench", "--preset", "huge"]).output().unwrap();
     fails_with(&out, "bench preset must be tiny, tiny50k, baby or gpt2");
+}
+
+#[test]
+fn schedule_surprises_are_warned_about() {
+    let ws = Workspace::new();
+    let corpus = common::tinyshakespeare();
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    // The workspace config warms up for 4 steps and decays over 20.
+    let cfg = ws.config("c", &corpus, "max_steps = 3\neval_interval = 3");
+    let out = ws.train(&["--config", cfg.to_str().unwrap(), "--out", "short"]);
+    ok(&out);
+    assert!(
+        stderr(&out).contains("warning: warmup_steps (4) exceeds max_steps (3)"),
+        "{}",
+        stderr(&out)
+    );
+    let cfg = ws.config(
+        "d",
+        &corpus,
+        "max_steps = 4\nlr_decay_steps = 4\neval_interval = 2",
+    );
+    let out = ws.train(&["--config", cfg.to_str().unwrap(), "--out", "run"]);
+    ok(&out);
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+    let out = ws.train(&["--resume", "run", "--set", "max_steps=6"]);
+    ok(&out);
+    assert!(
+        stderr(&out).contains(
+            "warning: max_steps (6) is past lr_decay_steps (4), which a resumed run keeps: steps \
+             4-6 train at min_lr (1e-3)"
+        ),
+        "{}",
+        stderr(&out)
+    );
 }

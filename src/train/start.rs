@@ -10,7 +10,7 @@ use super::run_dir::{
 };
 use super::runlock::RunLock;
 use super::{Position, Reporting, ResumeOptions, Trainer};
-use crate::config::{TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
+use crate::config::{ScheduleKind, TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
 use crate::data::tokenizer::Tokenizer;
 use crate::data::{BatchSampler, Corpus, TokenData};
 use crate::model::{Gpt, Params};
@@ -63,6 +63,7 @@ impl Trainer {
             None => Params::init(&model_cfg, cfg.seed, DType::F32, &device)?,
         };
         let optimizer = build_optimizer(&cfg, &params)?;
+        warn_about_schedule(&cfg, false);
 
         // Inputs are valid: only now touch the disk.
         std::fs::create_dir_all(run_dir)
@@ -249,6 +250,7 @@ impl Trainer {
                 metrics::SUPERSEDED_FILE
             );
         }
+        warn_about_schedule(&cfg, true);
         if !reporting.quiet {
             println!(
                 "resuming {} from {} (step {})",
@@ -332,4 +334,27 @@ fn build_optimizer(cfg: &TrainConfig, params: &Params) -> Result<Box<dyn Optimiz
         cfg.decay_1d,
     );
     Ok(optim::build(&cfg.optimizer_settings(), groups)?)
+}
+
+/// Says on stderr what a valid schedule will do that its config may not have meant: a run that
+/// ends inside its warmup, and (when resuming, since a resume keeps lr_decay_steps) steps past the
+/// cosine's end, which train at min_lr.
+fn warn_about_schedule(cfg: &TrainConfig, resuming: bool) {
+    if cfg.warmup_steps > cfg.max_steps {
+        eprintln!(
+            "warning: warmup_steps ({}) exceeds max_steps ({}): the run ends during the warmup, \
+             below lr",
+            cfg.warmup_steps, cfg.max_steps
+        );
+    }
+    let decay_steps = cfg.lr_decay_steps.expect("resolved");
+    if resuming && cfg.schedule == ScheduleKind::Cosine && cfg.max_steps > decay_steps {
+        eprintln!(
+            "warning: max_steps ({}) is past lr_decay_steps ({decay_steps}), which a resumed run \
+             keeps: steps {decay_steps}-{} train at min_lr ({:e})",
+            cfg.max_steps,
+            cfg.max_steps,
+            cfg.min_lr.expect("resolved")
+        );
+    }
 }
