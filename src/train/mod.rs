@@ -94,7 +94,8 @@ pub fn train_new(cfg: TrainConfig, run_dir: &Path, reporting: &Reporting) -> Res
 }
 
 /// Continues the run in `run_dir` from its newest complete checkpoint to `max_steps`.
-/// `config_file` (if given) and `overrides` may change only [`RESUME_OVERRIDABLE`] keys.
+/// `config_file` (if given) and `overrides` may change only
+/// [`RESUME_OVERRIDABLE`](crate::config::RESUME_OVERRIDABLE) keys.
 pub fn train_resume(
     run_dir: &Path,
     config_file: Option<toml::Table>,
