@@ -23,7 +23,8 @@ pub(crate) fn median(xs: &[f64]) -> f64 {
     }
 }
 
-/// Loss spikes in a train-loss series (see the module docs for the rule).
+/// Loss spikes in a train-loss series: a loss above [`SPIKE_FACTOR`] × the median of the previous
+/// [`SPIKE_WINDOW`] finite losses (once [`SPIKE_MIN_HISTORY`] exist), or a non-finite loss.
 pub fn count_spikes(losses: &[f64]) -> usize {
     let mut spikes = 0;
     for t in 0..losses.len() {
