@@ -102,11 +102,12 @@ pub enum NanPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// Everything in f32 (the default, and the only CPU precision).
+    /// Everything in f32 (the default).
     F32,
-    /// CUDA mixed precision as nanoGPT's `torch.autocast(dtype=torch.bfloat16)`: bf16 matmuls,
-    /// attention and MLP activations; f32 master weights, optimizer state, LayerNorm, softmax,
-    /// residual stream and loss.
+    /// On CUDA, mixed precision as nanoGPT's `torch.autocast(dtype=torch.bfloat16)`: bf16
+    /// matmuls, attention and MLP activations; f32 master weights, optimizer state, LayerNorm,
+    /// softmax, residual stream and loss. On CPU (with oneDNN), bf16 operands in the linear
+    /// layers' and the lm_head's matmuls, accumulated in f32, and f32 everywhere else.
     Bf16,
 }
 
@@ -205,7 +206,7 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// `f32`, or `bf16` mixed precision on CUDA.
+    /// `f32`, or `bf16` mixed precision (CUDA, or CPU with oneDNN).
     pub dtype: Precision,
 }
 
@@ -510,8 +511,14 @@ impl TrainConfig {
             bail!("data must name a corpus file");
         }
         crate::device::parse_device_spec(&self.device)?;
-        if self.dtype == Precision::Bf16 && !self.device.starts_with("cuda") {
-            bail!("dtype = \"bf16\" needs a CUDA device (f32 is the only CPU dtype)");
+        if self.dtype == Precision::Bf16
+            && !self.device.starts_with("cuda")
+            && crate::ops::onednn::onednn().is_none()
+        {
+            bail!(
+                "dtype = \"bf16\" on CPU needs oneDNN's bf16 matmuls, and the CPU matmuls run on {}",
+                crate::ops::onednn::backend_description()
+            );
         }
         Ok(())
     }

@@ -354,6 +354,16 @@ fn run(cli: Cli) -> Result<()> {
                 r.matmul_peak_gflops,
                 r.peak_rss_mb
             );
+            if let Some(p) = &r.cpu_peaks {
+                let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+                println!(
+                    "  CPU matmuls on {}; peaks (GFLOP/s): gemm f32 {:.0}, oneDNN f32 {}, oneDNN bf16 {}",
+                    p.backend,
+                    p.gemm_f32,
+                    show(p.onednn_f32),
+                    show(p.onednn_bf16)
+                );
+            }
             if let (Some(peak), Some(mfu)) = (r.nominal_peak_gflops, r.mfu_nominal) {
                 println!(
                     "  MFU {:.1}% of the data-sheet peak {:.0} GFLOP/s",
@@ -371,6 +381,7 @@ fn run(cli: Cli) -> Result<()> {
                         "batch_size": setup.batch_size, "block_size": setup.block_size,
                         "matmul_peak_gflops": r.matmul_peak_gflops, "device_name": r.device_name,
                         "nominal_peak_gflops": r.nominal_peak_gflops, "mfu_nominal": r.mfu_nominal,
+                        "cpu_peaks": r.cpu_peaks,
                     })
                 );
             }

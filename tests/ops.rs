@@ -9,6 +9,123 @@ use rand_chacha::ChaCha8Rng;
 mod common;
 use common::{as_f64_vec, max_abs_diff};
 
+/// The oneDNN paths are tested wherever the suite runs (CI installs libdnnl2); a machine without
+/// the library fails here rather than skipping them silently. `GPT_PRETRAIN_ONEDNN=0` runs the
+/// gemm fallbacks instead, on purpose.
+fn require_onednn() -> bool {
+    if std::env::var("GPT_PRETRAIN_ONEDNN").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    assert!(
+        gpt_pretrain::ops::onednn::onednn().is_some(),
+        "oneDNN is not loaded ({}); install it (apt-get install libdnnl2) or set GPT_PRETRAIN_ONEDNN=0",
+        gpt_pretrain::ops::onednn::backend_description()
+    );
+    true
+}
+
+#[test]
+fn fused_linear_matches_f64_ops_in_value_and_gradient() {
+    use gpt_pretrain::ops::linear::{fused_linear, fused_linear_applies, MatmulPrecision};
+    if !require_onednn() {
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    // (rows, in, out): below one task's rows, uneven splits, and the `baby` MLP's shape.
+    for (m, k, n, bias) in [
+        (5, 3, 4, true),
+        (131, 40, 70, false),
+        (2048, 384, 1536, true),
+    ] {
+        let randoms = |len: usize, rng: &mut ChaCha8Rng| -> Vec<f64> {
+            (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+        };
+        let (xs, ws, bs, up) = (
+            randoms(m * k, &mut rng),
+            randoms(n * k, &mut rng),
+            randoms(n, &mut rng),
+            randoms(m * n, &mut rng),
+        );
+        let f64_tensor =
+            |v: &[f64], shape: &[usize]| Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+        let upstream = f64_tensor(&up, &[m, n]);
+        for precision in [MatmulPrecision::F32, MatmulPrecision::Bf16] {
+            let var = |v: &[f64], shape: &[usize]| {
+                Var::from_tensor(&f64_tensor(v, shape).to_dtype(DType::F32).unwrap()).unwrap()
+            };
+            let (x, w, b) = (var(&xs, &[m, k]), var(&ws, &[n, k]), var(&bs, &[n]));
+            assert!(fused_linear_applies(x.as_tensor(), w.as_tensor()));
+            let y = fused_linear(
+                x.as_tensor(),
+                w.as_tensor(),
+                bias.then(|| b.as_tensor()),
+                precision,
+            )
+            .unwrap();
+            let grads = (y.to_dtype(DType::F64).unwrap() * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            // The reference: f64 matmuls of the operands as the precision rounds them (bf16 by
+            // candle's own conversion), the output gradient rounded likewise for dx and dW.
+            let rounded = |t: &Tensor| match precision {
+                MatmulPrecision::F32 => t.to_dtype(DType::F64).unwrap(),
+                MatmulPrecision::Bf16 => t
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap(),
+            };
+            let (rx, rw) = (rounded(x.as_tensor()), rounded(w.as_tensor()));
+            let mut y_ref = rx.matmul(&rw.t().unwrap()).unwrap();
+            if bias {
+                y_ref = y_ref
+                    .broadcast_add(&b.as_tensor().to_dtype(DType::F64).unwrap())
+                    .unwrap();
+            }
+            let dy = rounded(&upstream.to_dtype(DType::F32).unwrap());
+            let dx_ref = dy.matmul(&rw).unwrap();
+            let dw_ref = dy.t().unwrap().matmul(&rx).unwrap();
+            let db_ref = upstream.sum(0).unwrap();
+            // f32 accumulation over k (or m) terms of size ≤ 1: a few f32 ulps of √k·|terms|.
+            let close = |name: &str, a: &Tensor, b: &Tensor, depth: usize| {
+                let (a, b) = (as_f64_vec(a), as_f64_vec(b));
+                let worst = max_abs_diff(&a, &b);
+                let bound = 1e-6 * depth as f64;
+                assert!(
+                    worst <= bound,
+                    "({m}, {k}, {n}) {precision:?} {name}: off by {worst:e} (bound {bound:e})"
+                );
+            };
+            close("y", &y, &y_ref, k);
+            close("dx", grads.get(x.as_tensor()).unwrap(), &dx_ref, n);
+            close("dw", grads.get(w.as_tensor()).unwrap(), &dw_ref, m);
+            match grads.get(b.as_tensor()) {
+                Some(db) => close("db", db, &db_ref, m),
+                None => assert!(!bias, "no bias gradient"),
+            }
+            if precision == MatmulPrecision::Bf16 {
+                // And against the exact f64 product: bf16 rounding, 2⁻⁹ relative per operand.
+                let exact = f64_tensor(&xs, &[m, k])
+                    .matmul(&f64_tensor(&ws, &[n, k]).t().unwrap())
+                    .unwrap();
+                let exact = if bias {
+                    exact.broadcast_add(&f64_tensor(&bs, &[n])).unwrap()
+                } else {
+                    exact
+                };
+                let off = max_abs_diff(&as_f64_vec(&y), &as_f64_vec(&exact));
+                assert!(
+                    off > 1e-4 && off < 2.0 * (k as f64).sqrt() / 256.0,
+                    "({m}, {k}, {n}) bf16 against the exact product: off by {off:e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn fused_cross_entropy_matches_candle_ops_in_value_and_gradient() {
     use gpt_pretrain::ops::cross_entropy::cross_entropy_ops;
@@ -503,9 +620,11 @@ fn fast_exp_f32_is_within_two_ulp_of_the_f64_exp() {
 #[test]
 fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
     use gpt_pretrain::ops::cross_entropy::cross_entropy_ops;
+    use gpt_pretrain::ops::linear::MatmulPrecision;
     use gpt_pretrain::ops::lm_head_loss::{
         fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
     };
+    require_onednn();
     let mut rng = ChaCha8Rng::seed_from_u64(41);
     // (rows, width, vocab): one row group; GPT-2's vocabulary, where 83 rows make a group, so
     // 200 rows are two full groups and a partial one.
@@ -514,7 +633,14 @@ fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
         let ws: Vec<f64> = (0..v * c).map(|_| rng.random_range(-1.0..1.0)).collect();
         let ts: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
         let targets = Tensor::from_vec(ts, n, &Device::Cpu).unwrap();
-        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        // bf16: the reference multiplies the bf16-rounded x and w (candle's rounding) in f64; the
+        // fused loss also rounds the logits' gradient to bf16 for dx and dw (2⁻⁹ relative per
+        // element), hence the wider gradient tolerance.
+        for (dtype, precision, tol, grad_tol) in [
+            (DType::F64, MatmulPrecision::F32, 1e-12, 1e-12),
+            (DType::F32, MatmulPrecision::F32, 1e-5, 1e-5),
+            (DType::F32, MatmulPrecision::Bf16, 1e-5, 1e-2),
+        ] {
             let var = |v: &[f64], shape: (usize, usize)| {
                 let t = Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
                 Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
@@ -543,21 +669,32 @@ fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
                 w.as_tensor(),
                 &targets,
                 LossGradients::Eager,
+                precision,
             )
             .unwrap();
             let (la, dxa, dwa) = run(fused);
-            let logits = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+            let as_computed = |t: &Tensor| match precision {
+                MatmulPrecision::F32 => t.clone(),
+                MatmulPrecision::Bf16 => t
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap(),
+            };
+            let logits = as_computed(x.as_tensor())
+                .matmul(&as_computed(w.as_tensor()).t().unwrap())
+                .unwrap();
             let (lb, dxb, dwb) = run(cross_entropy_ops(&logits, &targets).unwrap());
             assert!(
                 (la - lb).abs() < tol * lb.abs(),
-                "({n}, {c}, {v}) {dtype:?} loss {la} vs {lb}"
+                "({n}, {c}, {v}) {dtype:?} {precision:?} loss {la} vs {lb}"
             );
             for (name, a, b) in [("dx", &dxa, &dxb), ("dw", &dwa, &dwb)] {
                 let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
                 let worst = max_abs_diff(a, b);
                 assert!(
-                    worst <= tol * scale,
-                    "({n}, {c}, {v}) {dtype:?} {name}: {worst:e} (largest {scale:e})"
+                    worst <= grad_tol * scale,
+                    "({n}, {c}, {v}) {dtype:?} {precision:?} {name}: {worst:e} (largest {scale:e})"
                 );
             }
             // Evaluation: the same loss, and no gradients to take.
@@ -566,6 +703,7 @@ fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
                 w.as_tensor(),
                 &targets,
                 LossGradients::None,
+                precision,
             )
             .unwrap();
             let le = eval
@@ -582,6 +720,7 @@ fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
     let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
     let w = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
     let bad = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
-    let err = fused_linear_cross_entropy(&x, &w, &bad, LossGradients::Eager).unwrap_err();
+    let err = fused_linear_cross_entropy(&x, &w, &bad, LossGradients::Eager, MatmulPrecision::F32)
+        .unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
 }

@@ -21,6 +21,7 @@ mod params;
 pub use config::{GptConfig, Init, ParamSpec};
 pub use params::Params;
 
+use crate::ops::linear::{fused_linear, fused_linear_applies, MatmulPrecision};
 use crate::ops::lm_head_loss::{
     fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
 };
@@ -31,15 +32,17 @@ use rand_distr::Distribution;
 
 /// A linear layer `y = x Wᵀ + b` with `W` stored `[out, in]`, computed in `compute` dtype: the
 /// input, weight and bias are cast to it (differentiably, so gradients reach the master weights in
-/// their own dtype) and the output stays in it, as under PyTorch's autocast.
+/// their own dtype) and the output stays in it, as under PyTorch's autocast. On CPU with oneDNN
+/// loaded, f32 tensors go through [`fused_linear`] instead, its matmuls in `cpu_precision`.
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     compute: DType,
+    cpu_precision: MatmulPrecision,
 }
 
 impl Linear {
-    fn new(params: &Params, prefix: &str, bias: bool, compute: DType) -> Result<Self> {
+    fn new(params: &Params, prefix: &str, bias: bool, precision: Precision) -> Result<Self> {
         Ok(Self {
             weight: params.get(&format!("{prefix}.weight"))?.as_tensor().clone(),
             bias: if bias {
@@ -47,13 +50,23 @@ impl Linear {
             } else {
                 None
             },
-            compute,
+            compute: precision.compute,
+            cpu_precision: precision.cpu_matmuls,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // (B, T, in) → (B·T, in) so one 2-D matmul does the work.
         let (b, t, c) = x.dims3()?;
+        if fused_linear_applies(x, &self.weight) {
+            let y = fused_linear(
+                &x.reshape((b * t, c))?,
+                &self.weight,
+                self.bias.as_ref(),
+                self.cpu_precision,
+            )?;
+            return Ok(y.reshape((b, t, ()))?);
+        }
         let x = x.to_dtype(self.compute)?;
         let weight = self.weight.to_dtype(self.compute)?;
         let y = x.reshape((b * t, c))?.matmul(&weight.t()?)?;
@@ -73,7 +86,7 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn new(params: &Params, prefix: &str, bias: bool) -> Result<Self> {
-        let lin = Linear::new(params, prefix, bias, DType::F32)?;
+        let lin = Linear::new(params, prefix, bias, Precision::f32())?;
         Ok(Self {
             weight: lin.weight,
             bias: lin.bias,
@@ -198,7 +211,7 @@ struct Block {
 }
 
 impl Block {
-    fn new(params: &Params, cfg: &GptConfig, i: usize, compute: DType) -> Result<Self> {
+    fn new(params: &Params, cfg: &GptConfig, i: usize, compute: Precision) -> Result<Self> {
         let p = |s: &str| format!("transformer.h.{i}.{s}");
         Ok(Self {
             ln_1: LayerNorm::new(params, &p("ln_1"), cfg.bias)?,
@@ -244,6 +257,25 @@ pub struct Gpt {
     causal_mask: Tensor,
     /// The dtype of matmuls and their outputs (the parameters' own dtype unless autocast).
     compute: DType,
+    /// What the CPU's oneDNN matmuls multiply in.
+    cpu_matmuls: MatmulPrecision,
+}
+
+/// How a layer's matmuls compute: in `compute` dtype (CUDA autocast casts tensors to bf16), or,
+/// on CPU with oneDNN, on f32 tensors with `cpu_matmuls` operands.
+#[derive(Clone, Copy)]
+struct Precision {
+    compute: DType,
+    cpu_matmuls: MatmulPrecision,
+}
+
+impl Precision {
+    fn f32() -> Self {
+        Self {
+            compute: DType::F32,
+            cpu_matmuls: MatmulPrecision::F32,
+        }
+    }
 }
 
 impl Gpt {
@@ -257,10 +289,31 @@ impl Gpt {
     /// Mixed precision, as nanoGPT under `torch.autocast`: matmuls, attention and the MLP in
     /// `compute` (bf16), with LayerNorm, softmax, the residual stream, the logits handed to the
     /// loss, and the parameters and their gradients in the parameters' own dtype (f32).
+    ///
+    /// On CPU, bf16 means bf16 operands in the linear layers' and the lm_head's matmuls (oneDNN:
+    /// AMX, AVX512-BF16), f32 everywhere else, attention included ([`crate::ops::linear`]);
+    /// it needs oneDNN and f32 parameters.
     pub fn with_compute_dtype(cfg: &GptConfig, params: &Params, compute: DType) -> Result<Self> {
         cfg.validate()?;
         let wte = params.get("transformer.wte.weight")?.as_tensor().clone();
         let (device, dtype) = (wte.device().clone(), wte.dtype());
+        let precision = if device.is_cpu() && compute == DType::BF16 && dtype != DType::BF16 {
+            if dtype != DType::F32 || crate::ops::onednn::onednn().is_none() {
+                bail!(
+                    "bf16 matmuls on CPU need f32 parameters and oneDNN ({})",
+                    crate::ops::onednn::backend_description()
+                );
+            }
+            Precision {
+                compute: dtype,
+                cpu_matmuls: MatmulPrecision::Bf16,
+            }
+        } else {
+            Precision {
+                compute,
+                cpu_matmuls: MatmulPrecision::F32,
+            }
+        };
         let n = cfg.block_size;
         let mask: Vec<f32> = (0..n * n)
             .map(|i| {
@@ -275,12 +328,13 @@ impl Gpt {
             cfg: cfg.clone(),
             wpe: params.get("transformer.wpe.weight")?.as_tensor().clone(),
             blocks: (0..cfg.n_layer)
-                .map(|i| Block::new(params, cfg, i, compute))
+                .map(|i| Block::new(params, cfg, i, precision))
                 .collect::<Result<_>>()?,
             ln_f: LayerNorm::new(params, "transformer.ln_f", cfg.bias)?,
             causal_mask: Tensor::from_vec(mask, (n, n), &device)?.to_dtype(dtype)?,
             wte,
-            compute,
+            compute: precision.compute,
+            cpu_matmuls: precision.cpu_matmuls,
         })
     }
 
@@ -310,6 +364,11 @@ impl Gpt {
     fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         // lm_head is tied to wte.
+        if fused_linear_applies(x, &self.wte) {
+            let x = x.reshape((b * t, c))?;
+            let logits = fused_linear(&x, &self.wte, None, self.cpu_matmuls)?;
+            return Ok(logits.reshape((b, t, ()))?);
+        }
         let x = x.reshape((b * t, c))?.to_dtype(self.compute)?;
         let logits = x.matmul(&self.wte.to_dtype(self.compute)?.t()?)?;
         Ok(logits.reshape((b, t, ()))?)
@@ -378,6 +437,7 @@ impl Gpt {
                 &self.wte,
                 &targets,
                 gradients,
+                self.cpu_matmuls,
             )?);
         }
         let logits = self.lm_head(&x)?.flatten_to(1)?;

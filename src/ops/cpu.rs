@@ -2,6 +2,7 @@
 
 use candle_core::{bail, Layout, Result};
 use num_traits::Float;
+use std::mem::MaybeUninit;
 
 /// The elements of a contiguous tensor's storage; `what` names the tensor in the error (every
 /// fused kernel's wrapper makes its inputs contiguous, so this is a guard).
@@ -51,4 +52,230 @@ pub(crate) unsafe fn strided_matmul<T: Float + 'static>(
         false,
         parallelism,
     )
+}
+
+/// A matrix operand of [`matmul`]: its elements with (row stride, column stride), in f32 or as
+/// bf16 bits ([`super::simd::round_to_bf16`]).
+#[derive(Clone, Copy)]
+pub(crate) enum Matrix<'a> {
+    F32(&'a [f32], isize, isize),
+    Bf16(&'a [u16], isize, isize),
+}
+
+impl Matrix<'_> {
+    /// Whether a (rows × cols) view with these strides stays inside the slice.
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        let (len, rs, cs) = match *self {
+            Matrix::F32(s, rs, cs) => (s.len(), rs, cs),
+            Matrix::Bf16(s, rs, cs) => (s.len(), rs, cs),
+        };
+        if rows == 0 || cols == 0 {
+            return true;
+        }
+        rs >= 0 && cs >= 0 && (rows - 1) * (rs as usize) + (cols - 1) * (cs as usize) < len
+    }
+
+    /// The rows from `row` on.
+    fn rows_from(self, row: usize) -> Self {
+        match self {
+            Matrix::F32(s, rs, cs) => Matrix::F32(&s[row * rs as usize..], rs, cs),
+            Matrix::Bf16(s, rs, cs) => Matrix::Bf16(&s[row * rs as usize..], rs, cs),
+        }
+    }
+
+    fn operand(&self) -> super::onednn::Operand {
+        use super::onednn::Elem;
+        match *self {
+            Matrix::F32(s, rs, cs) => (s.as_ptr().cast(), Elem::F32, rs, cs),
+            Matrix::Bf16(s, rs, cs) => (s.as_ptr().cast(), Elem::Bf16, rs, cs),
+        }
+    }
+}
+
+/// Rows of the output per oneDNN call, at least: below it one thread does the whole matmul.
+const MIN_ROWS_PER_TASK: usize = 64;
+
+/// dst (m×n, row-major) = lhs (m×k) · rhs (k×n) [+ bias on every row], or dst += … with
+/// `accumulate`, products accumulated in f32: through oneDNN when it is loaded
+/// ([`super::onednn::onednn`]), else with gemm (f32 operands only), on rayon's thread count.
+pub(crate) fn matmul(
+    mnk: (usize, usize, usize),
+    dst: &mut [f32],
+    lhs: Matrix,
+    rhs: Matrix,
+    bias: Option<&[f32]>,
+    accumulate: bool,
+) -> Result<()> {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and only initialised f32 are written through it.
+    let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    matmul_uninit(mnk, dst, lhs, rhs, bias, accumulate)
+}
+
+/// lhs (m×k) · rhs (k×n) [+ bias on every row] in a new row-major m×n buffer, as [`matmul`],
+/// without clearing the buffer first where oneDNN writes all of it.
+pub(crate) fn matmul_new(
+    (m, n, k): (usize, usize, usize),
+    lhs: Matrix,
+    rhs: Matrix,
+    bias: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    if super::onednn::onednn().is_none() {
+        let mut dst = vec![0f32; m * n];
+        matmul((m, n, k), &mut dst, lhs, rhs, bias, false)?;
+        return Ok(dst);
+    }
+    let mut dst = Vec::with_capacity(m * n);
+    matmul_uninit(
+        (m, n, k),
+        &mut dst.spare_capacity_mut()[..m * n],
+        lhs,
+        rhs,
+        bias,
+        false,
+    )?;
+    // SAFETY: oneDNN wrote every element of the m×n result (or the k = 0 fill did).
+    unsafe { dst.set_len(m * n) };
+    Ok(dst)
+}
+
+/// [`matmul`] into a destination that need not be initialised unless `accumulate` (oneDNN and
+/// the k = 0 fill write every element; gemm is given initialised memory by `matmul_new`).
+fn matmul_uninit(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [MaybeUninit<f32>],
+    lhs: Matrix,
+    rhs: Matrix,
+    bias: Option<&[f32]>,
+    accumulate: bool,
+) -> Result<()> {
+    if dst.len() < m * n
+        || !lhs.covers(m, k)
+        || !rhs.covers(k, n)
+        || bias.is_some_and(|b| b.len() < n)
+    {
+        bail!("CPU matmul ({m}×{k} · {k}×{n}): an operand is smaller than its view");
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let dst = &mut dst[..m * n];
+    if k == 0 {
+        for (i, y) in dst.iter_mut().enumerate() {
+            // SAFETY: with `accumulate` the caller initialised dst.
+            let before = if accumulate {
+                unsafe { y.assume_init() }
+            } else {
+                0.0
+            };
+            y.write(before + bias.map_or(0.0, |b| b[i % n]));
+        }
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    if let Some(dnnl) = super::onednn::onednn() {
+        // dst's rows split over rayon's threads, one single-threaded oneDNN call each: one
+        // thread pool (OpenMP's and rayon's idle threads spinning against each other cost a
+        // third of a step on 2 cores).
+        let tasks = threads.min(m.div_ceil(MIN_ROWS_PER_TASK)).max(1);
+        let rows = m.div_ceil(tasks);
+        use rayon::prelude::*;
+        return dst
+            .par_chunks_mut(rows * n)
+            .enumerate()
+            .try_for_each(|(i, dst)| {
+                let lhs = lhs.rows_from(i * rows);
+                // SAFETY: the views were checked to lie inside their slices (this task's rows
+                // of lhs are inside lhs), and dst, borrowed mutably, overlaps none of them.
+                unsafe {
+                    dnnl.matmul(
+                        (dst.len() / n, n, k),
+                        dst.as_mut_ptr().cast(),
+                        lhs.operand(),
+                        rhs.operand(),
+                        bias.map(|b| b.as_ptr()),
+                        accumulate,
+                        1,
+                    )
+                }
+            });
+    }
+    let (Matrix::F32(l, lrs, lcs), Matrix::F32(r, rrs, rcs)) = (lhs, rhs) else {
+        bail!("bf16 matmuls on CPU need oneDNN (libdnnl.so.2), which is not loaded");
+    };
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: as above; gemm reads dst only with `accumulate`, when the caller initialised it.
+    unsafe {
+        strided_matmul(
+            (m, n, k),
+            (dst.as_mut_ptr().cast(), n as isize, 1),
+            (l.as_ptr(), lrs, lcs),
+            (r.as_ptr(), rrs, rcs),
+            accumulate,
+            parallelism,
+        )
+    };
+    if let Some(bias) = bias {
+        for row in dst.chunks_exact_mut(n) {
+            for (y, b) in row.iter_mut().zip(bias) {
+                // SAFETY: gemm wrote every element.
+                y.write(unsafe { y.assume_init() } + b);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The element type a CPU matmul multiplies in; the products are accumulated in f32 either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    F32,
+    /// Operands rounded to bf16 (round to nearest even).
+    Bf16,
+}
+
+/// An f32 matrix in the precision its matmuls want: borrowed as f32, or rounded to bf16 once
+/// for all the matmuls that read it.
+pub(crate) enum Operand<'a> {
+    F32(&'a [f32]),
+    Bf16(Vec<u16>),
+}
+
+impl<'a> Operand<'a> {
+    pub(crate) fn new(values: &'a [f32], precision: MatmulPrecision) -> Self {
+        match precision {
+            MatmulPrecision::F32 => Operand::F32(values),
+            MatmulPrecision::Bf16 => Operand::Bf16(super::simd::to_bf16_parallel(values)),
+        }
+    }
+
+    /// The rounded copy, when there is one (an f32 operand only borrows).
+    pub(crate) fn into_owned(self) -> Option<Operand<'static>> {
+        match self {
+            Operand::F32(_) => None,
+            Operand::Bf16(v) => Some(Operand::Bf16(v)),
+        }
+    }
+
+    /// The matrix starting at element 0 with these strides.
+    pub(crate) fn view(&self, row_stride: usize, col_stride: usize) -> Matrix<'_> {
+        self.view_at(0, row_stride, col_stride)
+    }
+
+    /// The matrix starting at element `offset` with these strides.
+    pub(crate) fn view_at(
+        &self,
+        offset: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Matrix<'_> {
+        let (rs, cs) = (row_stride as isize, col_stride as isize);
+        match self {
+            Operand::F32(v) => Matrix::F32(&v[offset..], rs, cs),
+            Operand::Bf16(v) => Matrix::Bf16(&v[offset..], rs, cs),
+        }
+    }
 }

@@ -14,7 +14,7 @@
 //! with no recomputation. Evaluation asks for no gradients
 //! ([`LossGradients::None`]) and does only the first matmul.
 
-use super::cpu::{contiguous, strided_matmul};
+use super::cpu::{contiguous, matmul, strided_matmul, MatmulPrecision, Operand};
 use super::cross_entropy::{max_and_log_sum_exp, softmax_minus_one_hot};
 use super::simd::{multiversioned, FastExp};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -36,8 +36,34 @@ const GROUP_LOGITS: usize = 1 << 22;
 
 struct LinearCrossEntropy {
     gradients: LossGradients,
+    precision: MatmulPrecision,
     /// (dx, dw) of the mean loss for an upstream gradient of 1, from the forward pass.
     stash: Mutex<Option<(Tensor, Tensor)>>,
+}
+
+/// The element types of the fused loss: f32 goes through oneDNN when it is loaded, f64 (the
+/// tests' reference precision) through gemm.
+trait LossFloat: FastExp {
+    fn f32s(values: &[Self]) -> Option<&[f32]>;
+    fn f32s_mut(values: &mut [Self]) -> Option<&mut [f32]>;
+}
+
+impl LossFloat for f32 {
+    fn f32s(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
+    }
+    fn f32s_mut(values: &mut [f32]) -> Option<&mut [f32]> {
+        Some(values)
+    }
+}
+
+impl LossFloat for f64 {
+    fn f32s(_: &[f64]) -> Option<&[f32]> {
+        None
+    }
+    fn f32s_mut(_: &mut [f64]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 multiversioned! {
@@ -56,12 +82,13 @@ multiversioned! {
 
 /// Mean loss and, with `grad`, (dx, dw) of it.
 #[allow(clippy::type_complexity)]
-fn run<T: FastExp>(
+fn run<T: LossFloat>(
     x: &[T],
     w: &[T],
     targets: &[u32],
     (n, c, v): (usize, usize, usize),
     grad: bool,
+    precision: MatmulPrecision,
 ) -> Result<(f64, Option<(Vec<T>, Vec<T>)>)> {
     if n == 0 {
         bail!("fused cross-entropy: no rows");
@@ -86,29 +113,68 @@ fn run<T: FastExp>(
         (Vec::new(), Vec::new())
     };
     let (c_rs, v_rs) = (c as isize, v as isize);
+    // x and w in the matmuls' precision, converted once for every group, when oneDNN runs them.
+    let onednn = match (T::f32s(x), T::f32s(w), super::onednn::onednn()) {
+        (Some(x), Some(w), Some(_)) => {
+            Some((Operand::new(x, precision), Operand::new(w, precision)))
+        }
+        _ if precision == MatmulPrecision::Bf16 => {
+            bail!("fused lm_head cross-entropy: bf16 matmuls need f32 inputs and oneDNN (libdnnl.so.2)")
+        }
+        _ => None,
+    };
     for g0 in (0..n).step_by(group) {
         let m = group.min(n - g0);
         let z = &mut z[..m * v];
         let xg = x[g0 * c..].as_ptr();
-        // SAFETY: every view below lies inside its buffer: x rows g0..g0+m (C wide), w (V×C),
-        // z (m×V), dx rows g0..g0+m, dw (V×C); the destinations overlap no input.
-        unsafe {
+        if let Some((x, w)) = &onednn {
             // z = x·wᵀ
-            strided_matmul(
+            let z = T::f32s_mut(z).expect("f32 logits");
+            matmul(
                 (m, v, c),
-                (z.as_mut_ptr(), v_rs, 1),
-                (xg, c_rs, 1),
-                (w.as_ptr(), 1, c_rs),
+                z,
+                x.view_at(g0 * c, c, 1),
+                w.view(1, c),
+                None,
                 false,
-                parallelism,
-            );
+            )?;
+        } else {
+            // SAFETY: every view below lies inside its buffer: x rows g0..g0+m (C wide), w
+            // (V×C), z (m×V); the destination overlaps no input.
+            unsafe {
+                // z = x·wᵀ
+                strided_matmul(
+                    (m, v, c),
+                    (z.as_mut_ptr(), v_rs, 1),
+                    (xg, c_rs, 1),
+                    (w.as_ptr(), 1, c_rs),
+                    false,
+                    parallelism,
+                );
+            }
         }
         z.par_chunks_mut(rows_per_task * v)
             .zip(targets[g0..g0 + m].par_chunks(rows_per_task))
             .zip(losses[g0..g0 + m].par_chunks_mut(rows_per_task))
             .for_each(|((z, t), l)| loss_rows(z, t, v, scale, grad, l));
-        if grad {
-            // SAFETY: as above.
+        if let (true, Some((x, w))) = (grad, &onednn) {
+            let dz = Operand::new(T::f32s(z).expect("f32 logits"), precision);
+            // dx = dz·w
+            let dx = T::f32s_mut(&mut dx[g0 * c..]).expect("f32 dx");
+            matmul((m, c, v), dx, dz.view(v, 1), w.view(c, 1), None, false)?;
+            // dw += dzᵀ·x, group by group in row order (the first group writes).
+            let dw = T::f32s_mut(&mut dw).expect("f32 dw");
+            matmul(
+                (v, c, m),
+                dw,
+                dz.view(1, v),
+                x.view_at(g0 * c, c, 1),
+                None,
+                g0 > 0,
+            )?;
+        } else if grad {
+            // SAFETY: every view below lies inside its buffer: z (m×V), w (V×C), x and dx rows
+            // g0..g0+m (C wide), dw (V×C); the destinations overlap no input.
             unsafe {
                 // dx = dz·w
                 strided_matmul(
@@ -137,7 +203,7 @@ fn run<T: FastExp>(
 }
 
 impl LinearCrossEntropy {
-    fn forward<T: FastExp + candle_core::WithDType>(
+    fn forward<T: LossFloat + candle_core::WithDType>(
         &self,
         x: &[T],
         w: &[T],
@@ -145,7 +211,14 @@ impl LinearCrossEntropy {
         dims: (usize, usize, usize),
     ) -> Result<T> {
         let (n, c, v) = dims;
-        let (mean, grads) = run(x, w, targets, dims, self.gradients == LossGradients::Eager)?;
+        let (mean, grads) = run(
+            x,
+            w,
+            targets,
+            dims,
+            self.gradients == LossGradients::Eager,
+            self.precision,
+        )?;
         if let Some((dx, dw)) = grads {
             let dx = Tensor::from_vec(dx, (n, c), &Device::Cpu)?;
             let dw = Tensor::from_vec(dw, (v, c), &Device::Cpu)?;
@@ -220,15 +293,19 @@ impl CustomOp3 for LinearCrossEntropy {
 }
 
 /// Mean cross-entropy of `targets` (N,) under the logits x·wᵀ, for x (N, C) and w (V, C),
-/// fused (see the module docs). CPU, f32 or f64; the loss has x's dtype.
+/// fused (see the module docs). CPU, f32 or f64; the loss has x's dtype. f32 matmuls go through
+/// oneDNN when it is loaded, in `precision` (bf16 needs oneDNN and f32 inputs); the softmax,
+/// the loss and the gradients' accumulation stay in x's dtype.
 pub fn fused_linear_cross_entropy(
     x: &Tensor,
     w: &Tensor,
     targets: &Tensor,
     gradients: LossGradients,
+    precision: MatmulPrecision,
 ) -> Result<Tensor> {
     let op = LinearCrossEntropy {
         gradients,
+        precision,
         stash: Mutex::new(None),
     };
     x.contiguous()?

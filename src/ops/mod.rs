@@ -8,6 +8,7 @@
 //! - [`layer_norm`], [`gelu`]: LayerNorm and GPT-2's tanh-GELU.
 //! - [`cross_entropy`]: softmax cross-entropy of logits; [`lm_head_loss`]: the lm_head matmul and
 //!   the cross-entropy in one pass on CPU, the logits never materialized.
+//! - [`linear`]: the linear layer on CPU through oneDNN ([`onednn`]), in f32 or with bf16 matmuls.
 //! - [`grad_norm`]: sums of squares for the global gradient norm.
 //! - [`simd`] and [`cpu`]: what the CPU loops share (a vectorizable exp, lane-wise reductions,
 //!   AVX-512/AVX2 dispatch, strided gemm); `cuda`: what the CUDA launchers share.
@@ -20,6 +21,8 @@ mod cuda;
 pub mod gelu;
 pub mod grad_norm;
 pub mod layer_norm;
+pub mod linear;
 pub mod lm_head_loss;
+pub mod onednn;
 pub mod simd;
 pub mod softmax;

@@ -139,3 +139,105 @@ pub(crate) fn max_lanes<T: Float>(xs: &[T]) -> T {
     let m = acc.iter().fold(T::neg_infinity(), |m, &a| m.max(a));
     rest.iter().fold(m, |m, &r| m.max(r))
 }
+
+/// f32 values that round to bf16.
+pub(crate) trait ToBf16: Copy + Send + Sync {
+    fn f32_bits(self) -> u32;
+}
+
+impl ToBf16 for f32 {
+    #[inline(always)]
+    fn f32_bits(self) -> u32 {
+        self.to_bits()
+    }
+}
+
+/// `x` rounded to bf16, as the 16 bits of each value: round to nearest, ties to even (as
+/// `half::bf16::from_f32`, PyTorch and the AMX/AVX512-BF16 conversions do), NaN kept NaN.
+#[inline(always)]
+pub(crate) fn bf16_bits(bits: u32) -> u16 {
+    let is_nan = (bits & 0x7fff_ffff) > 0x7f80_0000;
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    // A quiet NaN with the sign kept: rounding could carry a NaN's low payload into infinity.
+    if is_nan {
+        ((bits >> 16) as u16) | 0x0040
+    } else {
+        rounded
+    }
+}
+
+multiversioned! {
+    /// out[i] = x[i] rounded to bf16 ([`bf16_bits`]), vectorized; `out` may be uninitialised.
+    pub(crate) fn round_to_bf16<T: ToBf16>(x: &[T], out: &mut [std::mem::MaybeUninit<u16>]) {
+        let n = x.len().min(out.len());
+        let (x, out) = (&x[..n], &mut out[..n]);
+        for i in 0..n {
+            out[i].write(bf16_bits(x[i].f32_bits()));
+        }
+    }
+}
+
+/// `x` rounded to bf16 ([`round_to_bf16`]), split over rayon's threads.
+pub(crate) fn to_bf16_parallel(x: &[f32]) -> Vec<u16> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut out = Vec::with_capacity(x.len());
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| round_to_bf16(x, o));
+    // SAFETY: the loop above wrote every one of the first x.len() elements.
+    unsafe { out.set_len(x.len()) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_matches_half_on_every_kind_of_value() {
+        // Ties to even both ways, carries into the exponent, the largest finite values (which
+        // round to infinity), subnormals, zeros, infinities and NaNs with low payloads only.
+        let mut bits: Vec<u32> = vec![
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_7fff,
+            0x3f80_8001,
+            0x3fff_ffff,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x0000_0001,
+            0x8000_8000,
+            0x0000_0000,
+            0x8000_0000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7f80_0001,
+            0xff80_0001,
+            0x7fc0_0000,
+        ];
+        let mut state = 0x9e37_79b9u32;
+        bits.extend((0..100_000).map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        }));
+        let values: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut ours = vec![std::mem::MaybeUninit::new(0u16); values.len()];
+        round_to_bf16(&values, &mut ours);
+        for (x, ours) in values.iter().zip(&ours) {
+            // SAFETY: round_to_bf16 wrote it (and it was initialised before).
+            let ours = unsafe { ours.assume_init() };
+            let reference = half::bf16::from_f32(*x);
+            if x.is_nan() {
+                assert!(half::bf16::from_bits(ours).is_nan(), "{x:?} → {ours:#06x}");
+                assert_eq!(ours >> 15, reference.to_bits() >> 15, "NaN sign of {x:?}");
+            } else {
+                assert_eq!(ours, reference.to_bits(), "{x:e} ({:#010x})", x.to_bits());
+            }
+        }
+        assert_eq!(to_bf16_parallel(&values[..1000]).len(), 1000);
+    }
+}

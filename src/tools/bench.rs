@@ -5,6 +5,7 @@
 
 use crate::config::Precision;
 use crate::model::{Gpt, GptConfig, Params};
+use crate::ops::linear::MatmulPrecision;
 use crate::optim::{param_groups, Adam, AdamConfig, Optimizer, OptimizerKind};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -131,6 +132,68 @@ pub struct BenchReport {
     pub nominal_peak_gflops: Option<f64>,
     pub mfu_nominal: Option<f64>,
     pub peak_rss_mb: f64,
+    /// On CPU: the matmul peaks of each backend on the MLP shape, and which backend trains.
+    pub cpu_peaks: Option<CpuPeaks>,
+}
+
+/// Matmul throughput on CPU (GFLOP/s, best of 5) on the model's MLP shape, per backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuPeaks {
+    /// What the CPU matmuls run on ([`crate::ops::onednn::backend_description`]).
+    pub backend: String,
+    pub gemm_f32: f64,
+    pub onednn_f32: Option<f64>,
+    /// bf16 × bf16 → f32.
+    pub onednn_bf16: Option<f64>,
+}
+
+impl CpuPeaks {
+    fn measure(setup: &BenchSetup) -> Result<Self> {
+        let loaded = crate::ops::onednn::onednn().is_some();
+        let onednn = |precision| -> Result<Option<f64>> {
+            if loaded {
+                Ok(Some(onednn_peak(setup, precision)?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Self {
+            backend: crate::ops::onednn::backend_description(),
+            gemm_f32: matmul_peak(setup, &Device::Cpu, DType::F32)?,
+            onednn_f32: onednn(MatmulPrecision::F32)?,
+            onednn_bf16: onednn(MatmulPrecision::Bf16)?,
+        })
+    }
+
+    /// The best peak in the precision a run computes in.
+    fn best(&self, dtype: Precision) -> f64 {
+        match dtype {
+            Precision::F32 => self.onednn_f32.unwrap_or(0.0).max(self.gemm_f32),
+            Precision::Bf16 => self.onednn_bf16.unwrap_or(f64::NAN),
+        }
+    }
+}
+
+/// oneDNN's throughput on the MLP shape, operands already in `precision`, best of 5.
+fn onednn_peak(setup: &BenchSetup, precision: MatmulPrecision) -> Result<f64> {
+    use crate::ops::cpu::{matmul, Operand};
+    let (m, k, n) = (
+        setup.batch_size * setup.block_size,
+        setup.n_embd,
+        4 * setup.n_embd,
+    );
+    let values = |len: usize| (0..len).map(|i| ((i % 97) as f32 - 48.0) / 64.0).collect();
+    let (a, b): (Vec<f32>, Vec<f32>) = (values(m * k), values(k * n));
+    let (a, b) = (Operand::new(&a, precision), Operand::new(&b, precision));
+    let mut c = vec![0f32; m * n];
+    matmul((m, n, k), &mut c, a.view(k, 1), b.view(n, 1), None, false)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        matmul((m, n, k), &mut c, a.view(k, 1), b.view(n, 1), None, false)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (m * k * n) as f64 / best / 1e9)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -217,9 +280,6 @@ pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchRep
         bail!("--steps must be at least 1");
     }
     let cfg = setup.model_config();
-    if setup.dtype == Precision::Bf16 && device.is_cpu() {
-        bail!("--dtype bf16 needs a CUDA device (f32 is the only CPU dtype)");
-    }
     let compute = setup.dtype.compute_dtype();
     let params = Params::init(&cfg, 0, DType::F32, device)?;
     let model = Gpt::with_compute_dtype(&cfg, &params, compute)?;
@@ -262,7 +322,15 @@ pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchRep
     let step = median(totals);
     let tokens_per_s = (b * t) as f64 / step;
     let gflops = setup.flops_per_token() * tokens_per_s / 1e9;
-    let peak = matmul_peak(setup, device, compute)?;
+    let cpu_peaks = if device.is_cpu() {
+        Some(CpuPeaks::measure(setup)?)
+    } else {
+        None
+    };
+    let peak = match &cpu_peaks {
+        Some(peaks) => peaks.best(setup.dtype),
+        None => matmul_peak(setup, device, compute)?,
+    };
     let name = device_name(device);
     let nominal = name
         .as_deref()
@@ -283,5 +351,6 @@ pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchRep
         nominal_peak_gflops: nominal,
         mfu_nominal: nominal.map(|p| gflops / p),
         peak_rss_mb: peak_rss_mb(),
+        cpu_peaks,
     })
 }

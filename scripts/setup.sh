@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# A fresh machine's setup: oneDNN's runtime for the CPU matmuls, then the data (scripts/get_data.sh).
+#
+# gpt-pretrain loads oneDNN 2.x (libdnnl.so.2) at run time for its CPU matmuls: AMX and
+# AVX512-BF16 kernels for `dtype = "bf16"`, AVX-512 for f32. Without it training still runs, in
+# f32 on gemm, and `dtype = "bf16"` on CPU is refused; the tests need it. On Debian and Ubuntu it
+# is the package libdnnl2 (Debian 12: oneDNN 2.6; installed with apt-get when we are root or have
+# password-less sudo). Elsewhere, put any oneDNN 2.x libdnnl.so.2 on the library path.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_onednn() { ldconfig -p 2>/dev/null | grep -q 'libdnnl\.so\.2 '; }
+
+if ! have_onednn; then
+    sudo=()
+    if [[ $(id -u) != 0 ]] && sudo -n true 2>/dev/null; then
+        sudo=(sudo -n)
+    fi
+    if command -v apt-get > /dev/null && { [[ $(id -u) == 0 ]] || ((${#sudo[@]})); }; then
+        echo "setup: installing oneDNN (libdnnl2) with apt-get" >&2
+        "${sudo[@]}" apt-get install -y -q libdnnl2 > /dev/null 2>&1 ||
+            { "${sudo[@]}" apt-get update -q > /dev/null && "${sudo[@]}" apt-get install -y -q libdnnl2 > /dev/null; }
+    fi
+fi
+if have_onednn; then
+    echo "setup: oneDNN found ($(ldconfig -p | grep -m1 'libdnnl\.so\.2 ' | sed 's/.*=> //'))" >&2
+else
+    echo "setup: oneDNN (libdnnl.so.2) not found and not installable here: CPU matmuls will use gemm, in f32 only; install libdnnl2 for bf16 and for the tests" >&2
+fi
+bash scripts/get_data.sh

@@ -1,0 +1,213 @@
+//! The linear layer `y = x·Wᵀ + b` on CPU through oneDNN, with its backward: `dx = dy·W`,
+//! `dW = dyᵀ·x`, `db = Σ_rows dy`, each matmul in the layer's [`MatmulPrecision`].
+//!
+//! In bf16 the operands are rounded to bf16 and the products accumulated in f32 (AMX on Intel
+//! Xeons, AVX512-BF16 on AMD Zen 4/5), as under PyTorch's CPU autocast; unlike autocast, the
+//! output stays f32, so the residual stream, LayerNorm, attention and loss see f32 values, and the
+//! gradients reach the f32 master weights in f32.
+
+use super::cpu::{contiguous, matmul_new, Operand};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use std::sync::Mutex;
+
+pub use super::cpu::MatmulPrecision;
+
+fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => contiguous(v, l, what),
+        _ => bail!("fused linear: {what} must be f32"),
+    }
+}
+
+/// Forward: x (M, K), W (N, K) [, b (N)] → y (M, N). In bf16 it keeps the rounded x and W for
+/// its backward pass, which then rounds only the output gradient.
+struct LinearForward {
+    precision: MatmulPrecision,
+    rounded: Mutex<Option<(Operand<'static>, Operand<'static>)>>,
+}
+
+impl LinearForward {
+    fn run(
+        &self,
+        (x, lx): (&CpuStorage, &Layout),
+        (w, lw): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (n, k_w) = lw.shape().dims2()?;
+        if k != k_w {
+            bail!("fused linear: x is {k} wide, the weight {k_w}");
+        }
+        let (x, w) = (f32_input(x, lx, "x")?, f32_input(w, lw, "weight")?);
+        let bias = match bias {
+            Some((b, lb)) => {
+                let b = f32_input(b, lb, "bias")?;
+                if b.len() != n {
+                    bail!("fused linear: {n} outputs but {} biases", b.len());
+                }
+                Some(b)
+            }
+            None => None,
+        };
+        let (x, w) = (
+            Operand::new(x, self.precision),
+            Operand::new(w, self.precision),
+        );
+        // y = x · Wᵀ: Wᵀ (K×N) is W read with row stride 1 and column stride K.
+        let y = matmul_new((m, n, k), x.view(k, 1), w.view(1, k), bias)?;
+        if let (Some(x), Some(w)) = (x.into_owned(), w.into_owned()) {
+            *self.rounded.lock().expect("linear stash") = Some((x, w));
+        }
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let grad = LinearGrad {
+            precision: self.precision,
+            rounded: self.rounded.lock().expect("linear stash").take(),
+            dw: Mutex::new(None),
+        };
+        let dx = dy.contiguous()?.apply_op3_no_bwd(w, x, &grad)?;
+        let dw = grad.dw.lock().expect("linear dw").take();
+        Ok((dx, dw.expect("the gradient op computed dw")))
+    }
+}
+
+impl CustomOp2 for LinearForward {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.backward(x, w, dy)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for LinearForward {
+    fn name(&self) -> &'static str {
+        "fused-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.backward(x, w, dy)?;
+        // Rows summed in order, in f32, as candle sums a broadcast add's gradient.
+        let db = dy.sum(0)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// The backward of [`LinearForward`] on (dy (M, N), W (N, K), x (M, K)): returns dx = dy·W
+/// (M, K) and leaves dW = dyᵀ·x (N, K) in `dw`, so that dy is rounded once for both.
+struct LinearGrad {
+    precision: MatmulPrecision,
+    /// x and W as the forward pass rounded them (bf16), when it kept them.
+    rounded: Option<(Operand<'static>, Operand<'static>)>,
+    dw: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for LinearGrad {
+    fn name(&self) -> &'static str {
+        "fused-linear-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, n) = l1.shape().dims2()?;
+        let (n_w, k) = l2.shape().dims2()?;
+        let (m_x, k_x) = l3.shape().dims2()?;
+        if n != n_w || m != m_x || k != k_x {
+            bail!("fused linear backward: gradient {m}×{n}, weight {n_w}×{k}, x {m_x}×{k_x}");
+        }
+        let dy = Operand::new(f32_input(s1, l1, "output gradient")?, self.precision);
+        let computed;
+        let (x, w) = match &self.rounded {
+            Some((x, w)) => (x, w),
+            None => {
+                computed = (
+                    Operand::new(f32_input(s3, l3, "x")?, self.precision),
+                    Operand::new(f32_input(s2, l2, "weight")?, self.precision),
+                );
+                (&computed.0, &computed.1)
+            }
+        };
+        // dx = dy · W
+        let dx = matmul_new((m, k, n), dy.view(n, 1), w.view(k, 1), None)?;
+        // dW = dyᵀ · x, dyᵀ (N×M) being dy read with row stride 1 and column stride N.
+        let dw = matmul_new((n, k, m), dy.view(1, n), x.view(k, 1), None)?;
+        *self.dw.lock().expect("linear dw") =
+            Some(Tensor::from_vec(dw, (n, k), &candle_core::Device::Cpu)?);
+        Ok((CpuStorage::F32(dx), Shape::from((m, k))))
+    }
+}
+
+/// `x·Wᵀ + b` for x (M, K), W (N, K) stored `[out, in]`, b (N), all f32 on CPU, through oneDNN
+/// (see the module docs); the result (M, N) is f32. Backward works through it.
+pub fn fused_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    precision: MatmulPrecision,
+) -> Result<Tensor> {
+    let op = LinearForward {
+        precision,
+        rounded: Mutex::new(None),
+    };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+        None => x.apply_op2(&w, op),
+    }
+}
+
+/// Whether [`fused_linear`] serves these tensors: f32 on CPU, with oneDNN loaded (without it,
+/// candle's own matmul, the same gemm, serves f32).
+pub fn fused_linear_applies(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu()
+        && w.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && super::onednn::onednn().is_some()
+}
