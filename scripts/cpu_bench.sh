@@ -4,8 +4,9 @@
 # same machine noise. Optional extra binaries (an older build, say) run in the same rounds.
 #
 #   bash scripts/cpu_bench.sh [--rounds N] [--presets "tiny baby"] [--threads "1 2"]
-#                             [--torch "eager compile bf16"] [BINARY ...]
+#                             [--torch "eager compile bf16"] [--dtypes "f32 bf16"] [BINARY ...]
 #
+# --dtypes: our precisions to run in every round (default f32); bf16 rows are named BINARY@bf16.
 # --torch: the PyTorch variants to run in every round: `eager`, `compile` (torch.compile) and
 # `bf16` (torch.autocast("cpu", bfloat16) around the forward, PyTorch's CPU mixed precision).
 #
@@ -21,6 +22,7 @@ rounds=3
 presets="tiny baby"
 threads_list="1 2"
 torch_variants="eager compile bf16"
+dtypes="f32"
 binaries=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
         --presets) presets="$2"; shift 2 ;;
         --threads) threads_list="$2"; shift 2 ;;
         --torch) torch_variants="$2"; shift 2 ;;
+        --dtypes) dtypes="$2"; shift 2 ;;
         -*) echo "cpu_bench.sh: unknown option $1" >&2; exit 2 ;;
         *) binaries+=("$1"); shift ;;
     esac
@@ -61,12 +64,16 @@ for round in $(seq 1 "$rounds"); do
     for preset in $presets; do
         for threads in $threads_list; do
             for b in "${binaries[@]}"; do
-                if ! line=$("$b" bench --preset "$preset" --threads "$threads" --json 2>/dev/null | tail -n 1); then
-                    echo "round $round $preset ${threads}t $b: bench failed (an older binary without this preset?)"
-                    continue
-                fi
-                echo "$round $preset $threads $b $line" >> "$results"
-                echo "round $round $preset ${threads}t $b: $(describe "$line")"
+                for dtype in $dtypes; do
+                    who=$b
+                    [ "$dtype" = f32 ] || who="$b@$dtype"
+                    if ! line=$("$b" bench --preset "$preset" --threads "$threads" --dtype "$dtype" --json 2>/dev/null | tail -n 1); then
+                        echo "round $round $preset ${threads}t $who: bench failed (an older binary without this preset or dtype?)"
+                        continue
+                    fi
+                    echo "$round $preset $threads $who $line" >> "$results"
+                    echo "round $round $preset ${threads}t $who: $(describe "$line")"
+                done
             done
             if [ "$have_torch" = 1 ]; then
                 case "$preset" in baby) steps=12 ;; tiny) steps=30 ;; *) steps=10 ;; esac

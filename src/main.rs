@@ -141,7 +141,7 @@ enum Command {
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// f32, or bf16 mixed precision (CUDA only).
+        /// f32, or bf16 mixed precision (CUDA; or CPU with oneDNN).
         #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
         dtype: String,
         /// Sequences per step instead of the preset's.
@@ -363,6 +363,9 @@ fn run(cli: Cli) -> Result<()> {
                     show(p.onednn_f32),
                     show(p.onednn_bf16)
                 );
+                if let Some((f32_kernel, bf16_kernel)) = &p.onednn_kernels {
+                    println!("  oneDNN kernels: f32 {f32_kernel}, bf16 {bf16_kernel}");
+                }
             }
             if let (Some(peak), Some(mfu)) = (r.nominal_peak_gflops, r.mfu_nominal) {
                 println!(

@@ -119,7 +119,7 @@ pub(crate) fn matmul_new(
     rhs: Matrix,
     bias: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
-    if super::onednn::onednn().is_none() {
+    if super::onednn::onednn().is_none() || matches!(lhs, Matrix::F32(_, _, cs) if cs != 1) {
         let mut dst = vec![0f32; m * n];
         matmul((m, n, k), &mut dst, lhs, rhs, bias, false)?;
         return Ok(dst);
@@ -139,7 +139,8 @@ pub(crate) fn matmul_new(
 }
 
 /// [`matmul`] into a destination that need not be initialised unless `accumulate` (oneDNN and
-/// the k = 0 fill write every element; gemm is given initialised memory by `matmul_new`).
+/// the k = 0 fill write every element; gemm is given initialised memory by `matmul_new`, which
+/// must send here exactly the calls that go to gemm).
 fn matmul_uninit(
     (m, n, k): (usize, usize, usize),
     dst: &mut [MaybeUninit<f32>],
@@ -172,7 +173,11 @@ fn matmul_uninit(
         return Ok(());
     }
     let threads = rayon::current_num_threads();
-    if let Some(dnnl) = super::onednn::onednn() {
+    // oneDNN 2.x has no brgemm kernel for a transposed f32 left operand (dyᵀ in dW = dyᵀ·x): it
+    // falls back to its reference "gemm:jit" at 79 GFLOP/s a thread against 106-130 for its own
+    // row-major kernel (Intel Xeon, 2026-12-02); gemm takes any strides at full speed.
+    let transposed_f32 = matches!(lhs, Matrix::F32(_, _, cs) if cs != 1);
+    if let (Some(dnnl), false) = (super::onednn::onednn(), transposed_f32) {
         // dst's rows split over rayon's threads, one single-threaded oneDNN call each: one
         // thread pool (OpenMP's and rayon's idle threads spinning against each other cost a
         // third of a step on 2 cores).

@@ -257,6 +257,7 @@ impl OneDnn {
             bias: false,
             accumulate: false,
         };
+        // SAFETY: compiling a primitive reads only the descriptors built here.
         Ok(unsafe { self.primitive(key)? }.implementation.clone())
     }
 

@@ -145,6 +145,9 @@ pub struct CpuPeaks {
     pub onednn_f32: Option<f64>,
     /// bf16 × bf16 → f32.
     pub onednn_bf16: Option<f64>,
+    /// The kernels oneDNN chose for the MLP shape, f32 and bf16 (`brg:avx512_core_amx_bf16` is
+    /// AMX).
+    pub onednn_kernels: Option<(String, String)>,
 }
 
 impl CpuPeaks {
@@ -157,7 +160,23 @@ impl CpuPeaks {
                 Ok(None)
             }
         };
+        let mlp = (
+            setup.batch_size * setup.block_size,
+            4 * setup.n_embd,
+            setup.n_embd,
+        );
+        let onednn_kernels = match crate::ops::onednn::onednn() {
+            Some(dnnl) => {
+                use crate::ops::onednn::Elem;
+                Some((
+                    dnnl.implementation(mlp, Elem::F32)?,
+                    dnnl.implementation(mlp, Elem::Bf16)?,
+                ))
+            }
+            None => None,
+        };
         Ok(Self {
+            onednn_kernels,
             backend: crate::ops::onednn::backend_description(),
             gemm_f32: matmul_peak(setup, &Device::Cpu, DType::F32)?,
             onednn_f32: onednn(MatmulPrecision::F32)?,
