@@ -43,6 +43,7 @@ pub const KEYS: &[&str] = &[
     "nan_policy",
     "batch_size",
     "grad_accum",
+    "sampling",
     "eval_interval",
     "eval_iters",
     "eval_batch_size",
@@ -190,6 +191,9 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-steps per optimizer step.
     pub grad_accum: usize,
+    /// How training windows are drawn: `random` (nanoGPT's) or `shuffled` (without replacement).
+    #[serde(skip_serializing_if = "crate::data::Sampling::is_random")]
+    pub sampling: crate::data::Sampling,
     pub eval_interval: usize,
     /// Batches per evaluation (of `eval_batch_size` fixed windows each).
     pub eval_iters: usize,
@@ -245,6 +249,7 @@ impl Default for TrainConfig {
             nan_policy: NanPolicy::Stop,
             batch_size: 16,
             grad_accum: 1,
+            sampling: crate::data::Sampling::Random,
             eval_interval: 250,
             eval_iters: 20,
             eval_batch_size: None,

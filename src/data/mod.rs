@@ -258,43 +258,107 @@ fn tokenize_corpus(text: &str, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
     }
 }
 
-/// Draws training windows from a seeded ChaCha stream. Its position is saved in checkpoints,
-/// so a resumed run draws exactly the batches an uninterrupted one would.
+/// How training windows are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampling {
+    /// Window starts uniform over the split, independently (nanoGPT's `get_batch`): a run
+    /// reading a fraction f of the split reads about f/2 of its tokens twice by chance.
+    #[default]
+    Random,
+    /// Without replacement: the split cut into consecutive block-size windows (each with its
+    /// next-token target, as llm.c's loader reads them), visited in a seeded random order, a new
+    /// order each epoch. No token is read twice within an epoch.
+    Shuffled,
+}
+
+impl Sampling {
+    /// Whether this is the default (left out of saved configs, which keeps their hashes).
+    pub fn is_random(&self) -> bool {
+        *self == Sampling::Random
+    }
+}
+
+/// Draws training windows from a seeded stream. Its position is saved in checkpoints, so a
+/// resumed run draws exactly the batches an uninterrupted one would.
 pub struct BatchSampler {
     rng: ChaCha8Rng,
+    seed: u64,
+    sampling: Sampling,
+    /// Windows drawn so far ([`Sampling::Shuffled`]).
+    drawn: u128,
+    /// The window order of one epoch, once computed: (epoch, window indices).
+    order: Option<(u128, Vec<u32>)>,
 }
 
 impl BatchSampler {
     /// A sampler at the start of `seed`'s stream.
-    pub fn new(seed: u64) -> Self {
+    pub fn new(seed: u64, sampling: Sampling) -> Self {
         Self {
             rng: ChaCha8Rng::seed_from_u64(seed),
+            seed,
+            sampling,
+            drawn: 0,
+            order: None,
         }
     }
 
-    /// A sampler at a saved position of `seed`'s stream.
-    pub fn at(seed: u64, word_pos: u128) -> Self {
-        let mut s = Self::new(seed);
-        s.rng.set_word_pos(word_pos);
+    /// A sampler at a saved position ([`BatchSampler::position`]) of `seed`'s stream.
+    pub fn at(seed: u64, sampling: Sampling, position: u128) -> Self {
+        let mut s = Self::new(seed, sampling);
+        match sampling {
+            Sampling::Random => s.rng.set_word_pos(position),
+            Sampling::Shuffled => s.drawn = position,
+        }
         s
     }
 
-    /// The stream position, for checkpoints.
-    pub fn word_pos(&self) -> u128 {
-        self.rng.get_word_pos()
+    /// The stream position, for checkpoints: the random stream's word position, or the number
+    /// of windows drawn when shuffled.
+    pub fn position(&self) -> u128 {
+        match self.sampling {
+            Sampling::Random => self.rng.get_word_pos(),
+            Sampling::Shuffled => self.drawn,
+        }
     }
 
-    /// `batch_size` window starts, uniform over a split of `split_len` tokens.
+    /// `batch_size` window starts over a split of `split_len` tokens.
     pub fn next_starts(
         &mut self,
         split_len: usize,
         block_size: usize,
         batch_size: usize,
     ) -> Vec<usize> {
-        let last_start = split_len - block_size - 1;
-        (0..batch_size)
-            .map(|_| self.rng.random_range(0..=last_start))
-            .collect()
+        match self.sampling {
+            Sampling::Random => {
+                let last_start = split_len - block_size - 1;
+                (0..batch_size)
+                    .map(|_| self.rng.random_range(0..=last_start))
+                    .collect()
+            }
+            Sampling::Shuffled => (0..batch_size)
+                .map(|_| self.next_shuffled(split_len, block_size))
+                .collect(),
+        }
+    }
+
+    fn next_shuffled(&mut self, split_len: usize, block_size: usize) -> usize {
+        // Window j reads tokens j·T ..= (j+1)·T: inputs never overlap, the last target is the
+        // next window's first input.
+        let windows = ((split_len - 1) / block_size) as u128;
+        let (epoch, index) = (self.drawn / windows, self.drawn % windows);
+        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            use rand::seq::SliceRandom;
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+            // Stream 0 is the random mode's; epochs get streams 1, 2, …
+            rng.set_stream(1 + epoch as u64);
+            let mut order: Vec<u32> = (0..windows as u32).collect();
+            order.shuffle(&mut rng);
+            self.order = Some((epoch, order));
+        }
+        self.drawn += 1;
+        let order = &self.order.as_ref().expect("order computed above").1;
+        order[index as usize] as usize * block_size
     }
 }
 
@@ -328,6 +392,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shuffled_sampling_reads_every_window_once_per_epoch_and_resumes() {
+        // 1,001 tokens, windows of 10 (+1 target): 100 windows at 0, 10, …, 990.
+        let (len, block) = (1001, 10);
+        let mut sampler = BatchSampler::new(7, Sampling::Shuffled);
+        let mut first: Vec<usize> = Vec::new();
+        for _ in 0..25 {
+            first.extend(sampler.next_starts(len, block, 4));
+        }
+        let mut sorted = first.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).map(|j| j * 10).collect::<Vec<_>>());
+        assert_ne!(first, sorted, "not shuffled");
+        // The next epoch: all windows again, in another order.
+        let second: Vec<usize> = (0..25)
+            .flat_map(|_| sampler.next_starts(len, block, 4))
+            .collect();
+        let mut sorted2 = second.clone();
+        sorted2.sort();
+        assert_eq!(sorted, sorted2);
+        assert_ne!(first, second);
+        // Resuming mid-epoch continues the same sequence; another seed gives another order.
+        let mut a = BatchSampler::new(7, Sampling::Shuffled);
+        a.next_starts(len, block, 37);
+        let mut b = BatchSampler::at(7, Sampling::Shuffled, a.position());
+        assert_eq!(a.next_starts(len, block, 80), b.next_starts(len, block, 80));
+        let other: Vec<usize> =
+            BatchSampler::new(8, Sampling::Shuffled).next_starts(len, block, 100);
+        assert_ne!(other, first);
+    }
+
+    #[test]
     fn chunks_cover_the_text_and_cut_only_before_a_line_start() {
         let text = "ab\n\ncd ef\n  gh\nij\n\n\nk";
         let chunks = independent_chunks(text, 3);
@@ -343,11 +438,11 @@ mod tests {
 
     #[test]
     fn sampler_resumes_at_saved_position() {
-        let mut a = BatchSampler::new(7);
+        let mut a = BatchSampler::new(7, Sampling::Random);
         a.next_starts(1000, 10, 5);
-        let pos = a.word_pos();
+        let pos = a.position();
         let next = a.next_starts(1000, 10, 5);
-        let mut b = BatchSampler::at(7, pos);
+        let mut b = BatchSampler::at(7, Sampling::Random, pos);
         assert_eq!(b.next_starts(1000, 10, 5), next);
         assert!(next.iter().all(|&s| s <= 1000 - 11));
     }

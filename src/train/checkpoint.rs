@@ -28,7 +28,8 @@ pub struct TrainState {
     pub tokens: u64,
     /// Seed of the training-batch stream.
     pub data_seed: u64,
-    /// Position in that stream (a u128, as a decimal string: JSON numbers are f64).
+    /// Position in that stream ([`crate::data::BatchSampler::position`]: a u128, as a decimal
+    /// string, since JSON numbers are f64).
     pub data_word_pos: String,
     /// Best validation loss so far.
     pub best_val_loss: Option<f64>,

@@ -220,13 +220,13 @@ struct Position {
 
 impl Position {
     /// Step 0 of a run seeded with `seed`.
-    fn start(seed: u64) -> Self {
+    fn start(seed: u64, sampling: crate::data::Sampling) -> Self {
         Position {
             step: 0,
             tokens: 0,
             best_val_loss: None,
             skipped_steps: 0,
-            sampler: BatchSampler::new(seed),
+            sampler: BatchSampler::new(seed, sampling),
         }
     }
 }
@@ -274,7 +274,7 @@ impl Trainer {
             step: self.position.step,
             tokens: self.position.tokens,
             data_seed: self.cfg.seed,
-            data_word_pos: self.position.sampler.word_pos().to_string(),
+            data_word_pos: self.position.sampler.position().to_string(),
             best_val_loss: self.position.best_val_loss,
             config_hash: self.config_hash.clone(),
             skipped_steps: self.position.skipped_steps,

@@ -105,7 +105,7 @@ impl Trainer {
             model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
             metrics: Metrics::open(run_dir)?,
             config_hash: identity_hash(&cfg)?,
-            position: Position::start(cfg.seed),
+            position: Position::start(cfg.seed, cfg.sampling),
             cfg,
             run_dir: run_dir.to_path_buf(),
             device,
@@ -264,7 +264,7 @@ impl Trainer {
             metrics: Metrics::open(run_dir)?,
             config_hash: identity_hash(&cfg)?,
             position: Position {
-                sampler: BatchSampler::at(ckpt.state.data_seed, word_pos),
+                sampler: BatchSampler::at(ckpt.state.data_seed, cfg.sampling, word_pos),
                 step: ckpt.state.step,
                 tokens: ckpt.state.tokens,
                 best_val_loss: ckpt.state.best_val_loss,
