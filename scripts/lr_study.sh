@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The ADOPT-vs-Adam lr study (design, fixed before its first run: reports/adopt-vs-adam/DESIGN.md).
+#
+# Three arms (configs/lr-study/*.toml) × two batch sizes with the same tokens per run:
+#   1. grid:  each arm at each batch size over the lr grid, seed 0; where an arm's best lr (lowest
+#             final validation loss) is at an edge of its grid, the grid grows past that edge by
+#             factors of 2 (at most MAX_EXTEND times) until the best is inside;
+#   2. seeds: seeds 1 and 2 at each arm's best lr at each batch size (seed 0 is the grid's run).
+# Every run is a resumable `sweep` run under runs/lr-study/; re-running the script skips finished
+# runs and resumes unfinished ones, so it can be stopped (SIGTERM) and continued at any point. A run
+# that fails (diverges) is recorded in its directory's FAILED file and counted, not retried.
+#
+#   scripts/lr_study.sh            the study (needs data/gutenberg_en.txt: bash scripts/get_data.sh --gutenberg)
+#   scripts/lr_study.sh --quick    a minutes-long version (tiny model, Tiny Shakespeare, bytes) into
+#                                  runs/lr-study-quick/; CI runs it
+#   scripts/lr_study.sh --plan     print the runs of phase 1 and stop
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${GPT_PRETRAIN_BIN:-target/release/gpt-pretrain}
+if [[ ! -x $BIN ]]; then
+    cargo build --release
+fi
+ARMS=(adam-b095 adam-b09999 adopt)
+MAX_EXTEND=2
+mode=${1:-}
+
+if [[ $mode == "--quick" ]]; then
+    OUT=runs/lr-study-quick
+    GRID=(5e-4 1e-3 2e-3)
+    # batch:steps:warmup:eval_interval, the same tokens per run at both batch sizes.
+    BATCHES=(8:20:2:10 2:80:8:40)
+    EXTRA=(--set data=\"data/tinyshakespeare.txt\" --set tokenizer=\"byte\" --set n_layer=2
+           --set n_embd=64 --set n_head=2 --set block_size=32 --set eval_iters=2
+           --set eval_batch_size=4 --set dtype=\"f32\")
+else
+    OUT=runs/lr-study
+    GRID=(3e-4 6e-4 1.2e-3 2.4e-3)
+    # 3,840,000 tokens per run: 750 steps of 20 × 256 and 3,750 steps of 4 × 256; warm-up 10% of
+    # the run; 10 evaluations.
+    BATCHES=(20:750:75:75 4:3750:375:375)
+    EXTRA=()
+    if [[ ! -s data/gutenberg_en.txt ]]; then
+        echo "error: data/gutenberg_en.txt is missing; run DATA_MIRROR=../shared/data bash scripts/get_data.sh --gutenberg" >&2
+        exit 1
+    fi
+fi
+
+# One run (resumable): arm, batch spec, lr, seed.
+run() {
+    local arm=$1 spec=$2 lr=$3 seed=$4
+    local batch steps warmup every
+    IFS=: read -r batch steps warmup every <<< "$spec"
+    local out=$OUT/batch-$batch/$arm
+    local dir=$out/lr-${lr}_seed-$seed
+    if [[ -e $dir/FAILED ]]; then
+        return
+    fi
+    if [[ $mode == "--plan" ]]; then
+        echo "$dir"
+        return
+    fi
+    local status=0
+    "$BIN" sweep --quiet --config "configs/lr-study/$arm.toml" "${EXTRA[@]}" \
+        --set batch_size="$batch" --set max_steps="$steps" --set warmup_steps="$warmup" \
+        --set eval_interval="$every" --grid lr="$lr" --seeds "$seed" --out "$out" || status=$?
+    if ((status != 0)); then
+        # SIGTERM (143) or SIGINT (130) stop the study; anything else is this run's failure.
+        if ((status == 143 || status == 130)); then
+            exit "$status"
+        fi
+        mkdir -p "$dir"
+        echo "exit status $status at $(date -u +%FT%TZ)" > "$dir/FAILED"
+        echo "lr_study: $dir failed (exit $status); recorded in $dir/FAILED" >&2
+    fi
+}
+
+# The final validation loss of a run (inf when it failed or has none).
+final_val() {
+    python3 - "$1" <<'EOF'
+import json, math, os, sys
+d = sys.argv[1]
+loss = math.inf
+if not os.path.exists(os.path.join(d, "FAILED")) and os.path.exists(os.path.join(d, "metrics.jsonl")):
+    for line in open(os.path.join(d, "metrics.jsonl")):
+        r = json.loads(line)
+        if r.get("split") == "val" and r.get("loss") is not None:
+            loss = r["loss"] if math.isfinite(r["loss"]) else math.inf
+print(loss)
+EOF
+}
+
+# The grid of one arm at one batch size, grown past an edge that holds the best lr. Prints the
+# best lr.
+grid_and_best() {
+    local arm=$1 spec=$2 batch=${2%%:*}
+    local lrs=("${GRID[@]}") extended=0
+    while :; do
+        for lr in "${lrs[@]}"; do
+            run "$arm" "$spec" "$lr" 0 >&2
+        done
+        [[ $mode == "--plan" ]] && return
+        local best="" best_loss=inf
+        for lr in "${lrs[@]}"; do
+            local loss
+            loss=$(final_val "$OUT/batch-$batch/$arm/lr-${lr}_seed-0")
+            if python3 -c "import sys; sys.exit(0 if float('$loss') < float('$best_loss') else 1)"; then
+                best=$lr best_loss=$loss
+            fi
+        done
+        local sorted
+        sorted=($(printf '%s\n' "${lrs[@]}" | sort -g))
+        local edge=""
+        if [[ $best == "${sorted[-1]}" ]]; then
+            edge=$(python3 -c "print('%g' % (2 * float('$best')))")
+        elif [[ $best == "${sorted[0]}" ]]; then
+            edge=$(python3 -c "print('%g' % (float('$best') / 2))")
+        fi
+        if [[ -z $edge || $extended -ge $MAX_EXTEND || -z $best ]]; then
+            echo "$best"
+            return
+        fi
+        echo "lr_study: batch $batch $arm: best lr $best is at the grid's edge; adding $edge" >&2
+        lrs+=("$edge")
+        extended=$((extended + 1))
+    done
+}
+
+# Phase 1 for every arm and batch size, then phase 2; arms interleaved so that a study cut short
+# has every arm at the same stage.
+declare -A BEST
+for spec in "${BATCHES[@]}"; do
+    for arm in "${ARMS[@]}"; do
+        BEST[$spec/$arm]=$(grid_and_best "$arm" "$spec")
+    done
+done
+[[ $mode == "--plan" ]] && exit 0
+for seed in 1 2; do
+    for spec in "${BATCHES[@]}"; do
+        for arm in "${ARMS[@]}"; do
+            best=${BEST[$spec/$arm]}
+            if [[ -n $best ]]; then
+                run "$arm" "$spec" "$best" "$seed"
+            fi
+        done
+    done
+done
+echo "lr_study: every run of $OUT is finished; best lr per batch size and arm:"
+for spec in "${BATCHES[@]}"; do
+    for arm in "${ARMS[@]}"; do
+        echo "  batch ${spec%%:*} $arm: ${BEST[$spec/$arm]}"
+    done
+done
