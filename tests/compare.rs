@@ -144,6 +144,22 @@ fn compare_writes_a_report_and_readable_plots() {
     assert!(report.contains("| 3 |"), "three seeds per group: {report}");
     assert!(report.contains("significant") || report.contains("not significant"));
     assert!(report.contains("tokens to val ≤ 5"));
+    // One pair (adamw, adopt): Holm over a family of one leaves p as it is, and the difference
+    // comes with its 95% interval, which contains it.
+    let row = report
+        .lines()
+        .find(|l| l.starts_with("| adamw, batch 4") && l.contains("| adopt (release), batch 4"))
+        .unwrap_or_else(|| panic!("no pairwise row: {report}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert_eq!(
+        cells[6], cells[7],
+        "Holm p of a single test is its p: {row}"
+    );
+    let (diff, interval) = cells[3].split_once(" [").expect("an interval");
+    let diff: f64 = diff.parse().unwrap();
+    let (lo, hi) = interval.trim_end_matches(']').split_once(", ").unwrap();
+    let (lo, hi): (f64, f64) = (lo.parse().unwrap(), hi.parse().unwrap());
+    assert!(lo <= diff && diff <= hi, "{row}");
     for plot in ["val_loss", "train_loss", "lr_grad_norm"] {
         for ext in ["png", "svg"] {
             let size = std::fs::metadata(ws.path(&format!("report/{plot}.{ext}")))

@@ -6,12 +6,14 @@
 //! - tokens to target: training tokens at the first evaluation whose loss ≤ `--target-loss`;
 //! - loss spike: a train loss above 1.1× the median of the previous 50 train losses (once 10
 //!   exist); skipped (non-finite) steps count as spikes too;
-//! - significance: Welch's two-sided t-test on final validation loss across seeds, p < 0.05;
-//!   "not significant" otherwise, "not testable" with fewer than two seeds on a side.
+//! - significance: Welch's two-sided t-test on final validation loss across seeds, Holm–Bonferroni
+//!   adjusted over every pair the report tests, p < 0.05; "not significant" otherwise, "not
+//!   testable" with fewer than two seeds on a side; 95% t intervals for every difference.
 
 use super::runs::{differ_only_in_optimizer, expand_run_dirs, group_runs, read_run, Group};
 use super::stats::{
-    count_spikes, mean_sd, median, paired_t, welch, SPIKE_FACTOR, SPIKE_MIN_HISTORY, SPIKE_WINDOW,
+    count_spikes, holm, mean_sd, median, paired_ci, paired_t, welch, welch_ci, SPIKE_FACTOR,
+    SPIKE_MIN_HISTORY, SPIKE_WINDOW,
 };
 use anyhow::{Context, Result};
 use std::fmt::Write as _;
@@ -179,24 +181,70 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
     };
     let _ = writeln!(
         md,
-        "| A | B | mean A − B | Welch t | df | p | verdict | paired by seed: mean A − B, t, p |"
+        "| A | B | mean A − B (95% CI) | Welch t | df | p | Holm p | verdict | paired by seed: mean A − B (95% CI), t, p, Holm p |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---|---|");
-    for (i, j) in pairs {
-        let (pa, pb) = shared_seed_finals(&groups[i], &all[i], &groups[j], &all[j]);
-        let paired = match paired_t(&pa, &pb) {
-            Some((d, t, _, p)) => format!("{d:+.4}, {t:.2}, {p:.3} ({} seeds)", pa.len()),
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---|---|");
+    struct Row {
+        diff: f64,
+        ci: Option<(f64, f64)>,
+        welch: Option<(f64, f64, f64)>,
+        paired: Option<(f64, f64, f64, f64)>,
+        paired_ci: Option<(f64, f64)>,
+        seeds: usize,
+    }
+    let rows: Vec<Row> = pairs
+        .iter()
+        .map(|&(i, j)| {
+            let (pa, pb) = shared_seed_finals(&groups[i], &all[i], &groups[j], &all[j]);
+            let (a, b) = (&all[i].final_val, &all[j].final_val);
+            Row {
+                diff: mean_sd(a).0 - mean_sd(b).0,
+                ci: welch_ci(a, b, 0.95),
+                welch: welch(a, b),
+                paired: paired_t(&pa, &pb),
+                paired_ci: paired_ci(&pa, &pb, 0.95),
+                seeds: pa.len(),
+            }
+        })
+        .collect();
+    // Holm–Bonferroni over every row of this table, for each test separately.
+    let holm_welch = holm(
+        &rows
+            .iter()
+            .map(|r| r.welch.map_or(f64::NAN, |w| w.2))
+            .collect::<Vec<_>>(),
+    );
+    let holm_paired = holm(
+        &rows
+            .iter()
+            .map(|r| r.paired.map_or(f64::NAN, |p| p.3))
+            .collect::<Vec<_>>(),
+    );
+    let fmt_ci = |ci: Option<(f64, f64)>| match ci {
+        Some((lo, hi)) => format!(" [{lo:+.4}, {hi:+.4}]"),
+        None => String::new(),
+    };
+    for (k, (&(i, j), r)) in pairs.iter().zip(&rows).enumerate() {
+        let paired = match r.paired {
+            Some((d, t, _, p)) => format!(
+                "{d:+.4}{}, {t:.2}, {p:.3}, {:.3} ({} seeds)",
+                fmt_ci(r.paired_ci),
+                holm_paired[k],
+                r.seeds
+            ),
             None => "—".into(),
         };
-        let (a, b) = (&all[i].final_val, &all[j].final_val);
-        let diff = mean_sd(a).0 - mean_sd(b).0;
-        let (t, df, p, verdict) = match welch(a, b) {
+        let (t, df, p, holm_p, verdict) = match r.welch {
             Some((t, df, p)) => (
                 format!("{t:.2}"),
                 format!("{df:.1}"),
                 format!("{p:.3}"),
-                if p < 0.05 {
-                    format!("significant: {} lower", if diff < 0.0 { "A" } else { "B" })
+                format!("{:.3}", holm_welch[k]),
+                if holm_welch[k] < 0.05 {
+                    format!(
+                        "significant: {} lower",
+                        if r.diff < 0.0 { "A" } else { "B" }
+                    )
                 } else {
                     "not significant".to_string()
                 },
@@ -205,13 +253,17 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
                 "—".into(),
                 "—".into(),
                 "—".into(),
+                "—".into(),
                 "not testable (fewer than 2 seeds)".into(),
             ),
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {diff:+.4} | {t} | {df} | {p} | {verdict} | {paired} |",
-            groups[i].label, groups[j].label
+            "| {} | {} | {:+.4}{} | {t} | {df} | {p} | {holm_p} | {verdict} | {paired} |",
+            groups[i].label,
+            groups[j].label,
+            r.diff,
+            fmt_ci(r.ci)
         );
     }
     let _ = writeln!(
@@ -219,9 +271,11 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
         "\nDefinitions: final/best = last/lowest validation evaluation (fixed windows, same for every run). \
          A loss spike is a train loss above {SPIKE_FACTOR}× the median of the previous {SPIKE_WINDOW} train losses \
          (once {SPIKE_MIN_HISTORY} exist), or a skipped non-finite step. Diverged = a non-finite train loss. \
-         Significance (the verdict): Welch's two-sided t-test across seeds, p < 0.05; no correction for multiple comparisons. \
-         The paired column tests the per-seed differences instead (runs with the same seed start from the same \
-         weights and see the same batches), two-sided, n − 1 degrees of freedom. \
+         Significance (the verdict): Welch's two-sided t-test across seeds, Holm–Bonferroni-adjusted p < 0.05, the \
+         family being every row of this table; the raw p is shown beside it. The paired column tests the per-seed \
+         differences instead (runs with the same seed start from the same weights and see the same batches), \
+         two-sided, n − 1 degrees of freedom, Holm-adjusted over the same rows. Intervals are 95% t intervals \
+         (Welch's standard error and degrees of freedom; the paired differences' for the paired column). \
          Runs still going or stopped early are included as they are (see \"finished\")."
     );
     md

@@ -91,3 +91,74 @@ pub fn paired_t(a: &[f64], b: &[f64]) -> Option<(f64, f64, f64, f64)> {
     let dist = StudentsT::new(0.0, 1.0, df).ok()?;
     Some((mean, t, df, 2.0 * (1.0 - dist.cdf(t.abs()))))
 }
+
+/// The two-sided `level` (e.g. 0.95) confidence interval of a t statistic's mean difference.
+fn t_interval(diff: f64, se: f64, df: f64, level: f64) -> Option<(f64, f64)> {
+    let dist = StudentsT::new(0.0, 1.0, df).ok()?;
+    let half = dist.inverse_cdf(0.5 + level / 2.0) * se;
+    Some((diff - half, diff + half))
+}
+
+/// The `level` confidence interval of mean(a) − mean(b) with Welch's standard error and
+/// degrees of freedom (`None` where [`welch`] is).
+pub fn welch_ci(a: &[f64], b: &[f64], level: f64) -> Option<(f64, f64)> {
+    let (t, df, _) = welch(a, b)?;
+    let diff = mean_sd(a).0 - mean_sd(b).0;
+    t_interval(diff, diff / t, df, level)
+}
+
+/// The `level` confidence interval of the mean paired difference a − b (`None` where
+/// [`paired_t`] is).
+pub fn paired_ci(a: &[f64], b: &[f64], level: f64) -> Option<(f64, f64)> {
+    let (mean, t, df, _) = paired_t(a, b)?;
+    t_interval(mean, mean / t, df, level)
+}
+
+/// Holm–Bonferroni adjusted p values, in the order given: the k-th smallest of m p values is
+/// multiplied by m − k + 1, capped at 1, and never less than the adjusted value before it.
+/// NaN entries (tests that could not run) stay NaN and do not count towards m.
+pub fn holm(p: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..p.len()).filter(|&i| p[i].is_finite()).collect();
+    order.sort_by(|&i, &j| p[i].total_cmp(&p[j]));
+    let m = order.len();
+    let mut adjusted = vec![f64::NAN; p.len()];
+    let mut running = 0.0f64;
+    for (k, &i) in order.iter().enumerate() {
+        running = running.max(((m - k) as f64 * p[i]).min(1.0));
+        adjusted[i] = running;
+    }
+    adjusted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holm_matches_the_hand_derived_adjustment() {
+        // Sorted 0.005, 0.01, 0.03, 0.04 → ×4, ×3, ×2, ×1 = 0.02, 0.03, 0.06, 0.04 → monotone:
+        // 0.02, 0.03, 0.06, 0.06 (R's p.adjust(..., "holm") gives the same).
+        let adjusted = holm(&[0.01, 0.04, 0.03, 0.005]);
+        let expected = [0.03, 0.06, 0.06, 0.02];
+        for (a, e) in adjusted.iter().zip(expected) {
+            assert!((a - e).abs() < 1e-15, "{adjusted:?}");
+        }
+        // Capped at 1; NaN stays out of the family.
+        let capped = holm(&[0.6, f64::NAN, 0.3]);
+        assert_eq!(capped[0], 0.6);
+        assert!(capped[1].is_nan());
+        assert_eq!(capped[2], 0.6);
+    }
+
+    #[test]
+    fn confidence_intervals_match_t_tables() {
+        // Paired differences 1, 2, 3: mean 2, sd 1, se 1/√3, t(0.975, 2) = 4.302653.
+        let (lo, hi) = paired_ci(&[2.0, 4.0, 6.0], &[1.0, 2.0, 3.0], 0.95).unwrap();
+        let half = 4.302_653 / 3f64.sqrt();
+        assert!((lo - (2.0 - half)).abs() < 1e-5 && (hi - (2.0 + half)).abs() < 1e-5);
+        // Welch with equal variances and sizes: df = 4, se = √(2/3), t(0.975, 4) = 2.776445.
+        let (lo, hi) = welch_ci(&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0], 0.95).unwrap();
+        let half = 2.776_445 * (2.0f64 / 3.0).sqrt();
+        assert!((lo - (-3.0 - half)).abs() < 1e-5 && (hi - (-3.0 + half)).abs() < 1e-5);
+    }
+}
