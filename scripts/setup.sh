@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A fresh machine's setup: oneDNN's runtime for the CPU matmuls, then the data (scripts/get_data.sh).
+# A fresh machine's setup: oneDNN's runtime for the CPU matmuls, TensorBoard (for the tests and
+# for watching runs), then the data (scripts/get_data.sh).
 #
 # gpt-pretrain loads oneDNN 2.x (libdnnl.so.2) at run time for its CPU matmuls: AMX and
 # AVX512-BF16 kernels for `dtype = "bf16"`, AVX-512 for f32. Without it training still runs, in
@@ -26,5 +27,16 @@ if have_onednn; then
     echo "setup: oneDNN found ($(ldconfig -p | grep -m1 'libdnnl\.so\.2 ' | sed 's/.*=> //'))" >&2
 else
     echo "setup: oneDNN (libdnnl.so.2) not found and not installable here: CPU matmuls will use gemm, in f32 only; install libdnnl2 for bf16 and for the tests" >&2
+fi
+# The tests read the TensorBoard files runs write with TensorBoard's own reader: a virtual
+# environment with the tensorboard package (from PyPI), which `tensorboard --logdir runs/` can
+# also serve from.
+if [[ ! -x .venv-tensorboard/bin/python ]] || ! .venv-tensorboard/bin/python -c "import tensorboard" 2> /dev/null; then
+    echo "setup: installing tensorboard into .venv-tensorboard (pip)" >&2
+    if python3 -m venv .venv-tensorboard && .venv-tensorboard/bin/pip install -q tensorboard; then
+        echo "setup: tensorboard ready (.venv-tensorboard/bin/tensorboard --logdir runs/)" >&2
+    else
+        echo "setup: could not install tensorboard (needs python3-venv and PyPI): the TensorBoard test will fail until TENSORBOARD_PYTHON names a python that has it" >&2
+    fi
 fi
 bash scripts/get_data.sh

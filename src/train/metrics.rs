@@ -6,6 +6,7 @@
 //! the rest is rewritten atomically.
 
 use super::faults;
+use super::tensorboard::EventWriter;
 use crate::fsutil::write_atomic;
 use anyhow::{Context, Result};
 use std::fs::{File, OpenOptions};
@@ -15,25 +16,29 @@ use std::path::Path;
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const SUPERSEDED_FILE: &str = "metrics.superseded.jsonl";
 
-/// An open metrics file.
+/// An open metrics file, and the run's TensorBoard event file beside it.
 pub struct Metrics {
     file: File,
+    tensorboard: EventWriter,
 }
 
 impl Metrics {
-    /// Opens (creating) `RUN_DIR/metrics.jsonl` for appending.
-    pub fn open(run_dir: &Path) -> Result<Self> {
+    /// Opens (creating) `RUN_DIR/metrics.jsonl` for appending, and a new TensorBoard event file;
+    /// `resumed_at` is the step a resumed run continues from.
+    pub fn open(run_dir: &Path, resumed_at: Option<u64>) -> Result<Self> {
         let path = run_dir.join(METRICS_FILE);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(Self { file })
+        let tensorboard = EventWriter::create(run_dir, resumed_at)?;
+        Ok(Self { file, tensorboard })
     }
 
-    /// Appends one event.
+    /// Appends one event (and its scalars to the TensorBoard file).
     pub fn write(&mut self, value: serde_json::Value) -> Result<()> {
+        self.tensorboard.write_metrics(&value)?;
         let mut line = serde_json::to_string(&value)?;
         line.push('\n');
         let bytes = line.as_bytes();
@@ -49,7 +54,8 @@ impl Metrics {
 
     /// Flushes to disk (at checkpoints, so saved steps have their metrics on disk too).
     pub fn sync(&mut self) -> Result<()> {
-        self.file.sync_data().context("cannot sync metrics.jsonl")
+        self.file.sync_data().context("cannot sync metrics.jsonl")?;
+        self.tensorboard.sync()
     }
 }
 

@@ -15,6 +15,7 @@ pub mod runlock;
 pub mod schedule;
 pub mod signals;
 mod start;
+pub mod tensorboard;
 
 pub use run_dir::{
     load_run_config, load_run_header, load_run_model, load_run_tokenizer, RunHeader, RunModel,

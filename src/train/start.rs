@@ -103,7 +103,7 @@ impl Trainer {
         }
         Ok(Trainer {
             model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
-            metrics: Metrics::open(run_dir)?,
+            metrics: Metrics::open(run_dir, None)?,
             config_hash: identity_hash(&cfg)?,
             position: Position::start(cfg.seed, cfg.sampling),
             cfg,
@@ -261,7 +261,8 @@ impl Trainer {
         }
         Ok(Trainer {
             model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
-            metrics: Metrics::open(run_dir)?,
+            // The first step after the checkpoint opens the new session.
+            metrics: Metrics::open(run_dir, Some(ckpt.state.step + 1))?,
             config_hash: identity_hash(&cfg)?,
             position: Position {
                 sampler: BatchSampler::at(ckpt.state.data_seed, cfg.sampling, word_pos),
