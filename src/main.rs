@@ -307,7 +307,7 @@ fn run(cli: Cli) -> Result<()> {
             let report = gpt_pretrain::study::compare::compare(&runs, &out, target_loss)?;
             println!("{report}");
             println!(
-                "wrote {}/report.md and plots (val_loss, train_loss, lr_grad_norm .png/.svg)",
+                "wrote {}/report.md and plots (val_loss, train_loss, lr_grad_norm, lr_sensitivity .png/.svg)",
                 out.display()
             );
         }

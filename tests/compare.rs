@@ -138,7 +138,7 @@ fn compare_writes_a_report_and_readable_plots() {
     let report = std::fs::read_to_string(ws.path("report/report.md")).unwrap();
     assert!(out.contains("# Optimizer comparison"));
     assert!(
-        report.contains("| adamw, batch 4") && report.contains("| adopt (release), batch 4"),
+        report.contains("| Adam β2=0.999, batch 4") && report.contains("| ADOPT, batch 4"),
         "{report}"
     );
     assert!(report.contains("| 3 |"), "three seeds per group: {report}");
@@ -148,7 +148,7 @@ fn compare_writes_a_report_and_readable_plots() {
     // comes with its 95% interval, which contains it.
     let row = report
         .lines()
-        .find(|l| l.starts_with("| adamw, batch 4") && l.contains("| adopt (release), batch 4"))
+        .find(|l| l.starts_with("| Adam β2=0.999, batch 4") && l.contains("| ADOPT, batch 4"))
         .unwrap_or_else(|| panic!("no pairwise row: {report}"));
     let cells: Vec<&str> = row.split('|').map(str::trim).collect();
     assert_eq!(
@@ -172,7 +172,7 @@ fn compare_writes_a_report_and_readable_plots() {
             svg.contains("step") || svg.contains("tokens"),
             "{plot}: no axis label"
         );
-        assert!(svg.contains("adopt"), "{plot}: no legend");
+        assert!(svg.contains("ADOPT"), "{plot}: no legend");
     }
 }
 
@@ -204,7 +204,7 @@ fn pairwise_tests_pair_groups_that_differ_only_in_the_optimizer() {
         let section = md.split("## Pairwise").nth(1).unwrap();
         section
             .lines()
-            .filter(|l| l.starts_with("| adam") || l.starts_with("| adopt"))
+            .filter(|l| l.starts_with("| Adam") || l.starts_with("| ADOPT"))
             .map(String::from)
             .collect()
     };
@@ -255,4 +255,77 @@ fn compare_refuses_runs_on_different_data() {
         .output()
         .unwrap();
     fails_with(&out, "differ in data");
+}
+
+#[test]
+fn an_lr_sweep_reports_each_arms_best_lr_and_tests_only_those() {
+    let ws = Workspace::new();
+    sweep(
+        &ws,
+        &[
+            "--grid",
+            "optimizer=adamw,adopt",
+            "--grid",
+            "lr=1e-3,3e-3,1e-2",
+        ],
+        "0,1",
+    );
+    ok(&bin()
+        .current_dir(ws.dir.path())
+        .args(["compare", "sweep", "--out", "report"])
+        .output()
+        .unwrap());
+    let md = std::fs::read_to_string(ws.path("report/report.md")).unwrap();
+    // The best lr per arm, from the runs' own metrics: the lowest mean final validation loss.
+    for (optimizer, arm) in [("adamw", "Adam β2=0.999"), ("adopt", "ADOPT")] {
+        let mean_final = |lr: &str| -> f64 {
+            let finals: Vec<f64> = (0..2)
+                .map(|seed| {
+                    let run = ws.path(&format!("sweep/optimizer-{optimizer}_lr-{lr}_seed-{seed}"));
+                    read_json_lines(&run.join("metrics.jsonl"))
+                        .iter()
+                        .filter(|v| v["split"] == "val")
+                        .last()
+                        .unwrap()["loss"]
+                        .as_f64()
+                        .unwrap()
+                })
+                .collect();
+            finals.iter().sum::<f64>() / 2.0
+        };
+        let best = ["1e-3", "3e-3", "1e-2"]
+            .into_iter()
+            .min_by(|a, b| mean_final(a).total_cmp(&mean_final(b)))
+            .unwrap();
+        let row = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| 4 | {arm} |")))
+            .unwrap_or_else(|| panic!("no best-lr row for {arm}: {md}"));
+        let cells: Vec<&str> = row.split(" | ").collect();
+        assert_eq!(cells[2], "1e-3, 3e-3, 1e-2", "{row}");
+        assert_eq!(
+            cells[3].parse::<f64>().unwrap(),
+            best.parse::<f64>().unwrap(),
+            "{row}"
+        );
+    }
+    // One batch size, two arms: one pair, between the two best-lr groups.
+    let section = md.split("## Pairwise").nth(1).unwrap();
+    let pairs: Vec<&str> = section
+        .lines()
+        .filter(|l| l.starts_with("| Adam") || l.starts_with("| ADOPT"))
+        .collect();
+    assert_eq!(pairs.len(), 1, "{pairs:?}");
+    for ext in ["png", "svg"] {
+        let size = std::fs::metadata(ws.path(&format!("report/lr_sensitivity.{ext}")))
+            .unwrap()
+            .len();
+        assert!(size > 10_000, "lr_sensitivity.{ext} is only {size} bytes");
+    }
+    let svg = std::fs::read_to_string(ws.path("report/lr_sensitivity.svg")).unwrap();
+    assert!(
+        svg.contains("peak learning rate")
+            && svg.contains("ADOPT")
+            && svg.contains("Adam β2=0.999")
+    );
 }

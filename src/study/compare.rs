@@ -92,6 +92,57 @@ fn fmt_mean_sd(xs: &[f64], decimals: usize) -> String {
     }
 }
 
+/// One arm at one batch size: its groups (one per lr, in increasing lr) and the best of them.
+pub struct LrCell {
+    pub batch: usize,
+    pub arm: String,
+    pub groups: Vec<usize>,
+    /// The group with the lowest mean final validation loss (non-finite counts as worst).
+    pub best: usize,
+}
+
+/// Groups by (batch, arm), in the order the arms first appear.
+pub fn best_lr_cells(groups: &[Group], all: &[GroupStats]) -> Vec<LrCell> {
+    let mut cells: Vec<LrCell> = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        match cells
+            .iter_mut()
+            .find(|c| c.batch == g.batch && c.arm == g.arm)
+        {
+            Some(c) => c.groups.push(i),
+            None => cells.push(LrCell {
+                batch: g.batch,
+                arm: g.arm.clone(),
+                groups: vec![i],
+                best: i,
+            }),
+        }
+    }
+    let score = |i: usize| {
+        let finite: Vec<f64> = all[i]
+            .final_val
+            .iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .collect();
+        if finite.len() < all[i].final_val.len() || finite.is_empty() {
+            f64::INFINITY
+        } else {
+            mean_sd(&finite).0
+        }
+    };
+    for c in &mut cells {
+        c.groups
+            .sort_by(|&a, &b| groups[a].lr.total_cmp(&groups[b].lr));
+        c.best = *c
+            .groups
+            .iter()
+            .min_by(|&&a, &&b| score(a).total_cmp(&score(b)))
+            .expect("a cell has a group");
+    }
+    cells
+}
+
 /// The markdown report.
 pub fn report(groups: &[Group], target: Option<f64>) -> String {
     let all: Vec<GroupStats> = groups.iter().map(|g| stats(g, target)).collect();
@@ -158,9 +209,56 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
             s.tok_per_s
         );
     }
+    // lr as a swept variable: the lrs each arm ran at each batch size, and its best.
+    let cells = best_lr_cells(groups, &all);
+    let swept = cells.iter().any(|c| c.groups.len() > 1);
+    if swept {
+        let _ = writeln!(md, "\n## Learning rate\n");
+        let _ = writeln!(
+            md,
+            "Each arm's best lr at each batch size: the lowest mean final validation loss over its lrs. \
+             Only these enter the pairwise tests below.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| batch | arm | lrs run | best lr | final val loss at the best lr | best lr at the grid's edge |"
+        );
+        let _ = writeln!(md, "|---:|---|---|---:|---:|---|");
+        for c in &cells {
+            let lrs: Vec<String> = c
+                .groups
+                .iter()
+                .map(|&i| format!("{:e}", groups[i].lr))
+                .collect();
+            let edge = if c.groups.len() < 2 {
+                "—"
+            } else if c.best == c.groups[0] || Some(&c.best) == c.groups.last() {
+                "yes"
+            } else {
+                "no"
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:e} | {} ({} seeds) | {edge} |",
+                c.batch,
+                c.arm,
+                lrs.join(", "),
+                groups[c.best].lr,
+                fmt_mean_sd(&all[c.best].final_val, 4),
+                groups[c.best].runs.len()
+            );
+        }
+    }
+    let tested: Vec<usize> = if swept {
+        cells.iter().map(|c| c.best).collect()
+    } else {
+        (0..groups.len()).collect()
+    };
     let _ = writeln!(md, "\n## Pairwise differences in final validation loss\n");
-    let all_pairs: Vec<(usize, usize)> = (0..groups.len())
-        .flat_map(|i| (i + 1..groups.len()).map(move |j| (i, j)))
+    let all_pairs: Vec<(usize, usize)> = tested
+        .iter()
+        .enumerate()
+        .flat_map(|(a, &i)| tested[a + 1..].iter().map(move |&j| (i, j)))
         .collect();
     let optimizer_pairs: Vec<(usize, usize)> = all_pairs
         .iter()
@@ -293,5 +391,6 @@ pub fn compare(paths: &[PathBuf], out: &Path, target: Option<f64>) -> Result<Str
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     crate::fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
     crate::study::plots::draw_all(&groups, out)?;
+    crate::study::plots::draw_lr_sensitivity(&groups, out)?;
     Ok(md)
 }

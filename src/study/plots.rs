@@ -358,3 +358,152 @@ pub fn draw_all(groups: &[Group], out: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// One arm's final validation losses at each lr of one batch size: (lr, each seed's loss).
+type ArmLosses = (String, Vec<(f64, Vec<f64>)>);
+
+/// Final validation loss against lr (log axis), one line per arm through the seed means, each
+/// seed a point; one panel per batch size.
+fn draw_lr_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    batch: usize,
+    arms: &[ArmLosses],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let points: Vec<(f64, f64)> = arms
+        .iter()
+        .flat_map(|(_, at)| {
+            at.iter()
+                .flat_map(|(lr, ls)| ls.iter().map(move |&l| (*lr, l)))
+        })
+        .filter(|p| p.0 > 0.0 && p.1.is_finite())
+        .collect();
+    if points.is_empty() {
+        return Ok(());
+    }
+    let (_, _, y0, y1) = bounds(&points);
+    // Margins in log space: a factor of 1.4 past the smallest and largest lr.
+    let x0 = points.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) / 1.4;
+    let x1 = points.iter().map(|p| p.0).fold(0.0, f64::max) * 1.4;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            format!("Final validation loss against lr, batch {batch}"),
+            (FONT, 20),
+        )
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d((x0..x1).log_scale(), y0..y1)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("peak learning rate (log scale)")
+        .y_desc("final validation loss")
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        // Labels at 1, 2 and 5 × 10^k only: the log mesh's other ticks crowd each other.
+        .x_label_formatter(&|x| {
+            let mantissa = x / 10f64.powf(x.log10().floor());
+            if [1.0, 2.0, 5.0].iter().any(|m| (mantissa - m).abs() < 0.05) {
+                format!("{x:.0e}")
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|y| format!("{y:.3}"))
+        .draw()
+        .map_err(err)?;
+    for (i, (arm, at)) in arms.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let means: Vec<(f64, f64)> = at
+            .iter()
+            .filter_map(|(lr, ls)| {
+                let finite: Vec<f64> = ls.iter().copied().filter(|l| l.is_finite()).collect();
+                (!finite.is_empty() && finite.len() == ls.len())
+                    .then(|| (*lr, finite.iter().sum::<f64>() / finite.len() as f64))
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(means, color.stroke_width(2)))
+            .map_err(err)?
+            .label(arm.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+        chart
+            .draw_series(at.iter().flat_map(|(lr, ls)| {
+                ls.iter()
+                    .filter(|l| l.is_finite())
+                    .map(move |&l| Circle::new((*lr, l), 4, color.filled()))
+            }))
+            .map_err(err)?;
+    }
+    chart
+        .configure_series_labels()
+        .label_font((FONT, 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+/// `lr_sensitivity.png` and `.svg`: [`draw_lr_panel`] for every batch size, largest first.
+pub fn draw_lr_sensitivity(groups: &[Group], out: &Path) -> Result<()> {
+    register_fonts();
+    let mut batches: Vec<usize> = groups.iter().map(|g| g.batch).collect();
+    batches.sort_unstable_by(|a, b| b.cmp(a));
+    batches.dedup();
+    let panels: Vec<(usize, Vec<ArmLosses>)> = batches
+        .iter()
+        .map(|&batch| {
+            let mut arms: Vec<ArmLosses> = Vec::new();
+            for g in groups.iter().filter(|g| g.batch == batch) {
+                let finals: Vec<f64> = g
+                    .runs
+                    .iter()
+                    .map(|r| r.val.last().map_or(f64::NAN, |v| v.2))
+                    .collect();
+                match arms.iter_mut().find(|(a, _)| *a == g.arm) {
+                    Some((_, at)) => at.push((g.lr, finals)),
+                    None => arms.push((g.arm.clone(), vec![(g.lr, finals)])),
+                }
+            }
+            for (_, at) in &mut arms {
+                at.sort_by(|a, b| a.0.total_cmp(&b.0));
+            }
+            (batch, arms)
+        })
+        .collect();
+    let width = 700 * panels.len().max(1) as u32;
+    let png = out.join("lr_sensitivity.png");
+    let svg = out.join("lr_sensitivity.svg");
+    {
+        let root = BitMapBackend::new(&png, (width, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        for (area, (batch, arms)) in root
+            .split_evenly((1, panels.len().max(1)))
+            .iter()
+            .zip(&panels)
+        {
+            draw_lr_panel(area, *batch, arms)?;
+        }
+        root.present().map_err(err)?;
+    }
+    {
+        let root = SVGBackend::new(&svg, (width, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        for (area, (batch, arms)) in root
+            .split_evenly((1, panels.len().max(1)))
+            .iter()
+            .zip(&panels)
+        {
+            draw_lr_panel(area, *batch, arms)?;
+        }
+        root.present().map_err(err)?;
+    }
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! runs that differ only in seed.
 
 use crate::config::TrainConfig;
+use crate::optim::OptimizerKind;
 use crate::train::RunHeader;
 use anyhow::{bail, Result};
 use serde_json::Value;
@@ -90,7 +91,15 @@ pub fn expand_run_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// Runs that differ only in `seed` (and in how they log and checkpoint).
 #[derive(Debug, Clone)]
 pub struct Group {
+    /// `arm, batch B, lr X`.
     pub label: String,
+    /// The optimizer setting without its lr, in a few words ([`arm_names`]): `Adam β2=0.95`,
+    /// `ADOPT`, …
+    pub arm: String,
+    /// Sequences per optimizer step (batch_size × grad_accum).
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
     pub runs: Vec<RunData>,
 }
 
@@ -112,6 +121,9 @@ const OPTIMIZER_KEYS: &[&str] = &[
     "min_lr",
 ];
 
+/// Keys that set the learning rate: an arm is one optimizer setting at any of them.
+const LR_KEYS: &[&str] = &["lr", "min_lr"];
+
 /// The config with `seed` and the bookkeeping keys removed, and `also` removed too.
 fn config_key(cfg: &TrainConfig, also: &[&str]) -> Result<String> {
     let mut t = cfg.to_table()?;
@@ -131,24 +143,80 @@ pub(crate) fn differ_only_in_optimizer(a: &Group, b: &Group) -> bool {
     matches!((key(a), key(b)), (Some(x), Some(y)) if x == y)
 }
 
-/// What identifies an optimizer setting in a label.
-fn describe(cfg: &TrainConfig) -> String {
-    let [b1, b2] = cfg.betas.unwrap_or([f64::NAN; 2]);
-    let mut s = format!("{:?}", cfg.optimizer).to_lowercase();
-    if let Some(v) = cfg.variant {
-        s.push_str(&format!(" ({v:?})").to_lowercase());
+/// The optimizer setting of a config apart from its lr (what makes an arm).
+fn arm_key(cfg: &TrainConfig) -> Result<String> {
+    let mut t = cfg.to_table()?;
+    t.retain(|k, _| {
+        let k: &str = k;
+        OPTIMIZER_KEYS.contains(&k) && !LR_KEYS.contains(&k)
+    });
+    Ok(toml::to_string(&t)?)
+}
+
+/// Short names for the arms of `configs` (one per distinct [`arm_key`]), as legends want them:
+/// `Adam β2=0.95` (AdamW, the paper's "Adam"), `Adam (L2) β2=…` (coupled decay), `ADOPT`,
+/// `ADOPT (original)`; where two arms would share a name, eps, then weight decay, then a number
+/// tell them apart.
+pub fn arm_names(configs: &[&TrainConfig]) -> Result<Vec<String>> {
+    let short = |cfg: &TrainConfig, detail: usize| -> String {
+        let [_, b2] = cfg.betas.unwrap_or([f64::NAN; 2]);
+        let mut s = match cfg.optimizer {
+            OptimizerKind::AdamW => format!("Adam β2={b2}"),
+            OptimizerKind::Adam => format!("Adam (L2) β2={b2}"),
+            OptimizerKind::Adopt => match cfg.variant {
+                Some(crate::optim::AdoptVariant::Original) => format!("ADOPT (original) β2={b2}"),
+                _ => format!("ADOPT β2={b2}"),
+            },
+        };
+        if cfg.optimizer == OptimizerKind::Adopt && (b2 - 0.9999).abs() < 1e-12 {
+            // ADOPT's own β2 goes without saying.
+            s.truncate(s.rfind(" β2=").unwrap_or(s.len()));
+        }
+        if detail >= 1 {
+            s.push_str(&format!(" eps {:e}", cfg.eps.unwrap_or(f64::NAN)));
+        }
+        if detail >= 2 {
+            s.push_str(&format!(
+                " wd {}{}",
+                cfg.weight_decay.unwrap_or(0.0),
+                if cfg.decouple == Some(true) {
+                    " decoupled"
+                } else {
+                    ""
+                }
+            ));
+        }
+        s
+    };
+    let keys = configs
+        .iter()
+        .map(|c| arm_key(c))
+        .collect::<Result<Vec<_>>>()?;
+    let mut names: Vec<String> = configs.iter().map(|c| short(c, 0)).collect();
+    for detail in 1..=3 {
+        let clash = |i: usize, names: &[String]| {
+            (0..names.len()).any(|j| names[j] == names[i] && keys[j] != keys[i])
+        };
+        let clashing: Vec<usize> = (0..names.len()).filter(|&i| clash(i, &names)).collect();
+        if clashing.is_empty() {
+            break;
+        }
+        for i in clashing {
+            names[i] = if detail <= 2 {
+                short(configs[i], detail)
+            } else {
+                let distinct: Vec<&String> = keys.iter().fold(Vec::new(), |mut seen, k| {
+                    if !seen.contains(&k) {
+                        seen.push(k);
+                    }
+                    seen
+                });
+                let n = distinct.iter().position(|k| **k == keys[i]).unwrap_or(0) + 1;
+                format!("{} [#{n}]", names[i])
+            };
+        }
     }
-    s.push_str(&format!(
-        ", batch {}, lr {:e}, betas ({b1}, {b2}), eps {:e}, wd {}",
-        cfg.batch_size * cfg.grad_accum,
-        cfg.lr.unwrap_or(f64::NAN),
-        cfg.eps.unwrap_or(f64::NAN),
-        cfg.weight_decay.unwrap_or(0.0)
-    ));
-    if cfg.decouple == Some(true) {
-        s.push_str(" decoupled");
-    }
-    s
+    Ok(names)
 }
 
 /// Groups runs, refusing to mix data, tokenizers or model shapes.
@@ -184,14 +252,22 @@ pub fn group_runs(runs: Vec<RunData>) -> Result<Vec<Group>> {
             None => groups.push((
                 key,
                 Group {
-                    label: describe(&r.cfg),
+                    label: String::new(),
+                    arm: String::new(),
+                    batch: r.cfg.batch_size * r.cfg.grad_accum,
+                    lr: r.cfg.lr.unwrap_or(f64::NAN),
                     runs: vec![r],
                 },
             )),
         }
     }
-    // Two groups with the same description differ elsewhere: number them.
     let mut out: Vec<Group> = groups.into_iter().map(|(_, g)| g).collect();
+    let names = arm_names(&out.iter().map(|g| &g.runs[0].cfg).collect::<Vec<_>>())?;
+    for (g, name) in out.iter_mut().zip(names) {
+        g.label = format!("{name}, batch {}, lr {:e}", g.batch, g.lr);
+        g.arm = name;
+    }
+    // Two groups with the same label differ elsewhere (schedule, steps, …): number them.
     let labels: Vec<String> = out.iter().map(|g| g.label.clone()).collect();
     for (i, g) in out.iter_mut().enumerate() {
         if labels.iter().filter(|l| **l == g.label).count() > 1 {
