@@ -284,8 +284,7 @@ fn an_lr_sweep_reports_each_arms_best_lr_and_tests_only_those() {
                     let run = ws.path(&format!("sweep/optimizer-{optimizer}_lr-{lr}_seed-{seed}"));
                     read_json_lines(&run.join("metrics.jsonl"))
                         .iter()
-                        .filter(|v| v["split"] == "val")
-                        .last()
+                        .rfind(|v| v["split"] == "val")
                         .unwrap()["loss"]
                         .as_f64()
                         .unwrap()
