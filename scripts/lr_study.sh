@@ -14,6 +14,9 @@
 #   scripts/lr_study.sh --quick    a minutes-long version (tiny model, Tiny Shakespeare, bytes) into
 #                                  runs/lr-study-quick/; CI runs it
 #   scripts/lr_study.sh --plan     print the runs of phase 1 and stop
+#   scripts/lr_study.sh --report   no training: `compare` the finished runs into the report folder
+#                                  (reports/adopt-vs-adam/lr-study/, with each run's config.toml,
+#                                  run.json and metrics.jsonl under runs/); also after the last run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${GPT_PRETRAIN_BIN:-target/release/gpt-pretrain}
@@ -22,10 +25,19 @@ if [[ ! -x $BIN ]]; then
 fi
 ARMS=(adam-b095 adam-b09999 adopt)
 MAX_EXTEND=2
-mode=${1:-}
+quick=0 mode="" report_only=0
+for arg in "$@"; do
+    case $arg in
+        --quick) quick=1 ;;
+        --plan) mode=--plan ;;
+        --report) report_only=1 ;;
+        *) echo "lr_study.sh: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
 
-if [[ $mode == "--quick" ]]; then
+if ((quick)); then
     OUT=runs/lr-study-quick
+    REPORT=$OUT/report
     GRID=(5e-4 1e-3 2e-3)
     # batch:steps:warmup:eval_interval, the same tokens per run at both batch sizes.
     BATCHES=(8:20:2:10 2:80:8:40)
@@ -34,12 +46,13 @@ if [[ $mode == "--quick" ]]; then
            --set eval_batch_size=4 --set dtype=\"f32\")
 else
     OUT=runs/lr-study
+    REPORT=reports/adopt-vs-adam/lr-study
     GRID=(3e-4 6e-4 1.2e-3 2.4e-3)
     # 3,840,000 tokens per run: 750 steps of 20 × 256 and 3,750 steps of 4 × 256; warm-up 10% of
     # the run; 10 evaluations.
     BATCHES=(20:750:75:75 4:3750:375:375)
     EXTRA=()
-    if [[ ! -s data/gutenberg_en.txt ]]; then
+    if [[ ! -s data/gutenberg_en.txt ]] && ((!report_only)); then
         echo "error: data/gutenberg_en.txt is missing; run DATA_MIRROR=../shared/data bash scripts/get_data.sh --gutenberg" >&2
         exit 1
     fi
@@ -125,6 +138,41 @@ grid_and_best() {
     done
 }
 
+# The finished runs (final checkpoint at max_steps), compared into $REPORT with their records.
+report() {
+    local finished=()
+    for metrics in "$OUT"/batch-*/*/*/metrics.jsonl; do
+        [[ -e $metrics ]] || continue
+        local dir=${metrics%/metrics.jsonl}
+        local steps
+        steps=$(sed -n 's/^max_steps = //p' "$dir/config.toml")
+        if [[ -d $dir/checkpoints/step-$(printf '%08d' "$steps") ]]; then
+            finished+=("$dir")
+        fi
+    done
+    if ((${#finished[@]} == 0)); then
+        echo "lr_study: no finished runs in $OUT yet" >&2
+        return
+    fi
+    "$BIN" compare "${finished[@]}" --out "$REPORT" > /dev/null
+    if [[ $REPORT != "$OUT"/* ]]; then
+        rm -rf "$REPORT/runs"
+        for dir in "${finished[@]}"; do
+            local dest=$REPORT/runs/${dir#"$OUT"/}
+            mkdir -p "$dest"
+            cp "$dir/config.toml" "$dir/run.json" "$dir/metrics.jsonl" "$dest"
+        done
+    fi
+    for f in report.md val_loss.png lr_sensitivity.png; do
+        [[ -s $REPORT/$f ]] || { echo "error: $REPORT/$f was not written" >&2; exit 1; }
+    done
+    echo "lr_study: ${#finished[@]} finished runs compared into $REPORT" >&2
+}
+if ((report_only)); then
+    report
+    exit 0
+fi
+
 # Phase 1 for every arm and batch size, then phase 2; arms interleaved so that a study cut short
 # has every arm at the same stage.
 declare -A BEST
@@ -144,6 +192,7 @@ for seed in 1 2; do
         done
     done
 done
+report
 echo "lr_study: every run of $OUT is finished; best lr per batch size and arm:"
 for spec in "${BATCHES[@]}"; do
     for arm in "${ARMS[@]}"; do
