@@ -586,6 +586,8 @@ mod tests {
         let mut cfg = TrainConfig::default().resolved().unwrap();
         cfg.tokenizer_path = Some("x".into());
         cfg.eval_batch_size = Some(1);
+        // The default `sampling` is left out of saved configs.
+        cfg.sampling = crate::data::Sampling::Shuffled;
         let table = cfg.to_table().unwrap();
         let mut from_struct: Vec<&str> = table.keys().map(|k| k.as_str()).collect();
         // `decouple`, `clip_exponent` and `variant` are unset for AdamW, the default optimizer.
