@@ -314,6 +314,31 @@ fn series_curves(
     }
 }
 
+/// Draws `items` into the panels of `split`, once as `out/NAME.png` and once as `out/NAME.svg`
+/// (the two backends are different types, so a function would need the drawing twice).
+macro_rules! png_and_svg {
+    ($out:expr, $name:expr, $size:expr, $split:expr, $items:expr, |$area:ident, $item:pat_param| $draw:expr) => {{
+        let png = $out.join(format!("{}.png", $name));
+        let svg = $out.join(format!("{}.svg", $name));
+        {
+            let root = BitMapBackend::new(&png, $size).into_drawing_area();
+            root.fill(&WHITE).map_err(err)?;
+            for ($area, $item) in root.split_evenly($split).iter().zip($items) {
+                $draw?;
+            }
+            root.present().map_err(err)?;
+        }
+        {
+            let root = SVGBackend::new(&svg, $size).into_drawing_area();
+            root.fill(&WHITE).map_err(err)?;
+            for ($area, $item) in root.split_evenly($split).iter().zip($items) {
+                $draw?;
+            }
+            root.present().map_err(err)?;
+        }
+    }};
+}
+
 /// Writes `val_loss`, `train_loss` and `lr_grad_norm` as `.png` and `.svg` into `out`.
 pub fn draw_all(groups: &[Group], out: &Path) -> Result<()> {
     register_fonts();
@@ -337,24 +362,14 @@ pub fn draw_all(groups: &[Group], out: &Path) -> Result<()> {
         ("lr_grad_norm", vec![&lr, &norm]),
     ] {
         let height = 650 * curves.len() as u32;
-        let png = out.join(format!("{name}.png"));
-        let svg = out.join(format!("{name}.svg"));
-        {
-            let root = BitMapBackend::new(&png, (1200, height)).into_drawing_area();
-            root.fill(&WHITE).map_err(err)?;
-            for (area, c) in root.split_evenly((curves.len(), 1)).iter().zip(&curves) {
-                draw_curves(area, c)?;
-            }
-            root.present().map_err(err)?;
-        }
-        {
-            let root = SVGBackend::new(&svg, (1200, height)).into_drawing_area();
-            root.fill(&WHITE).map_err(err)?;
-            for (area, c) in root.split_evenly((curves.len(), 1)).iter().zip(&curves) {
-                draw_curves(area, c)?;
-            }
-            root.present().map_err(err)?;
-        }
+        png_and_svg!(
+            out,
+            name,
+            (1200, height),
+            (curves.len(), 1),
+            &curves,
+            |area, c| { draw_curves(area, c) }
+        );
     }
     Ok(())
 }
@@ -479,31 +494,13 @@ pub fn draw_lr_sensitivity(groups: &[Group], out: &Path) -> Result<()> {
         })
         .collect();
     let width = 700 * panels.len().max(1) as u32;
-    let png = out.join("lr_sensitivity.png");
-    let svg = out.join("lr_sensitivity.svg");
-    {
-        let root = BitMapBackend::new(&png, (width, 600)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        for (area, (batch, arms)) in root
-            .split_evenly((1, panels.len().max(1)))
-            .iter()
-            .zip(&panels)
-        {
-            draw_lr_panel(area, *batch, arms)?;
-        }
-        root.present().map_err(err)?;
-    }
-    {
-        let root = SVGBackend::new(&svg, (width, 600)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
-        for (area, (batch, arms)) in root
-            .split_evenly((1, panels.len().max(1)))
-            .iter()
-            .zip(&panels)
-        {
-            draw_lr_panel(area, *batch, arms)?;
-        }
-        root.present().map_err(err)?;
-    }
+    png_and_svg!(
+        out,
+        "lr_sensitivity",
+        (width, 600),
+        (1, panels.len().max(1)),
+        &panels,
+        |area, (batch, arms)| draw_lr_panel(area, *batch, arms)
+    );
     Ok(())
 }
