@@ -46,6 +46,41 @@ enum Command {
         #[arg(long, requires = "resume")]
         allow_data_change: bool,
     },
+    /// Tokenize text corpora (.txt, .jsonl, .jsonl.zst, .parquet) into llm.c token shards
+    /// (NAME_val_000000.bin, NAME_train_000001.bin, …) with a manifest.json; rerun the same
+    /// command to finish an interrupted run.
+    Prepare {
+        /// Input files, directories or globs, in stream order.
+        #[arg(required = true)]
+        inputs: Vec<String>,
+        /// Output directory for the shards and manifest.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Shard name prefix (default: the output directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// gpt2, or a tokenizer.json path.
+        #[arg(long, default_value = "gpt2")]
+        tokenizer: String,
+        /// GPT-2's tokenizer.json (default: the Hugging Face cache).
+        #[arg(long)]
+        tokenizer_path: Option<PathBuf>,
+        /// The JSON key or parquet column holding each document's text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// Tokens per shard.
+        #[arg(long, default_value_t = gpt_pretrain::data::prepare::DEFAULT_SHARD_TOKENS)]
+        shard_tokens: u64,
+        /// Tokens of the validation split, from the start of the stream (default: one shard).
+        #[arg(long)]
+        val_tokens: Option<u64>,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Generate text from a run's newest checkpoint.
     Sample {
         /// The run directory.
@@ -386,6 +421,49 @@ fn run(cli: Cli) -> Result<()> {
                         "nominal_peak_gflops": r.nominal_peak_gflops, "mfu_nominal": r.mfu_nominal,
                         "cpu_peaks": r.cpu_peaks,
                     })
+                );
+            }
+        }
+        Command::Prepare {
+            inputs,
+            out,
+            name,
+            tokenizer,
+            tokenizer_path,
+            text_field,
+            shard_tokens,
+            val_tokens,
+            threads,
+            quiet,
+        } => {
+            if let Some(n) = threads {
+                // Read by rayon's pool when it starts, which is later.
+                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            }
+            let options = gpt_pretrain::data::prepare::PrepareOptions {
+                inputs,
+                out: out.clone(),
+                name,
+                tokenizer,
+                tokenizer_path,
+                text_field,
+                shard_tokens,
+                val_tokens,
+                progress: !quiet,
+            };
+            let started = std::time::Instant::now();
+            let m = gpt_pretrain::data::prepare::prepare(&options)?;
+            if !quiet {
+                println!(
+                    "{}: {} documents, {} tokens ({} validation, {} training) in {} shards; {} records skipped; {:.1} s",
+                    out.display(),
+                    m.counts.documents,
+                    m.counts.tokens,
+                    m.val_tokens_written,
+                    m.train_tokens_written,
+                    m.shards.len(),
+                    m.counts.skipped,
+                    started.elapsed().as_secs_f64()
                 );
             }
         }

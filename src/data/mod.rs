@@ -5,6 +5,8 @@
 //! validation split. Training batches are random windows from a ChaCha stream whose position is saved
 //! in checkpoints; evaluation uses fixed windows from `eval_seed`, the same for every run.
 
+pub mod prepare;
+pub mod shards;
 pub mod tokenizer;
 
 use crate::data::tokenizer::Tokenizer;

@@ -6,6 +6,9 @@
 //! - `GPT_PRETRAIN_ENOSPC_AT_STEP=N`: the checkpoint of step N fails with ENOSPC halfway through
 //!   its optimizer file (where a small tmpfs cannot be mounted);
 //! - `GPT_PRETRAIN_INJECT_NAN_AT_STEP=N`: step N's loss is NaN.
+//!
+//! `prepare`'s own (`GPT_PRETRAIN_PREPARE_ABORT_AT_TOKEN`) lives in `data::prepare`, below this
+//! module.
 
 use std::sync::OnceLock;
 use std::time::Duration;
