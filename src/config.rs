@@ -20,6 +20,7 @@ pub const KEYS: &[&str] = &[
     "bias",
     "dropout",
     "data",
+    "val_data",
     "tokenizer",
     "tokenizer_path",
     "bpe_vocab_size",
@@ -152,8 +153,13 @@ pub struct TrainConfig {
     pub block_size: Option<usize>,
     pub bias: Option<bool>,
     pub dropout: Option<f64>,
-    /// Path of the UTF-8 training corpus.
+    /// The training data: a UTF-8 text file (tokenized and split by `val_fraction`), a
+    /// directory of llm.c token shards (`*_train_*.bin`, `*_val_*.bin`) or nanoGPT files
+    /// (`train.bin`, `val.bin`), or a glob or single `.bin` file of training tokens.
     pub data: String,
+    /// The validation token files (a glob of llm.c val shards, or nanoGPT's `val.bin`), when
+    /// `data` names token files that a directory does not pair up.
+    pub val_data: Option<String>,
     pub tokenizer: TokenizerKind,
     /// A `tokenizer.json` for `tokenizer = "gpt2"`; unset means the Hugging Face cache or hub.
     pub tokenizer_path: Option<String>,
@@ -226,6 +232,7 @@ impl Default for TrainConfig {
             bias: None,
             dropout: None,
             data: "data/tinyshakespeare.txt".into(),
+            val_data: None,
             tokenizer: TokenizerKind::Byte,
             tokenizer_path: None,
             bpe_vocab_size: 1024,
@@ -513,7 +520,7 @@ impl TrainConfig {
             );
         }
         if self.data.is_empty() {
-            bail!("data must name a corpus file");
+            bail!("data must name a text corpus or token files");
         }
         crate::device::parse_device_spec(&self.device)?;
         if self.dtype == Precision::Bf16
@@ -586,6 +593,7 @@ mod tests {
         let mut cfg = TrainConfig::default().resolved().unwrap();
         cfg.tokenizer_path = Some("x".into());
         cfg.eval_batch_size = Some(1);
+        cfg.val_data = Some("x".into());
         // The default `sampling` is left out of saved configs.
         cfg.sampling = crate::data::Sampling::Shuffled;
         let table = cfg.to_table().unwrap();

@@ -1,16 +1,19 @@
-//! Corpora, the token cache, and seeded batches.
+//! Corpora, the token cache, token files, and seeded batches.
 //!
-//! A corpus is tokenized once into `CACHE_DIR/<corpus hash>-<tokenizer hash>.bin` (little-endian u16
-//! when the vocabulary fits, else u32) and memory-mapped. The last `val_fraction` of tokens is the
-//! validation split. Training batches are random windows from a ChaCha stream whose position is saved
+//! A text corpus is tokenized once into `CACHE_DIR/<corpus hash>-<tokenizer hash>.bin`
+//! (little-endian u16 when the vocabulary fits, else u32) and memory-mapped; the last
+//! `val_fraction` of tokens is the validation split. Token files (llm.c shards, nanoGPT `.bin`,
+//! [`shards`]; written by [`prepare`]) are memory-mapped as they are, train and validation
+//! apart. Training batches are random windows from a ChaCha stream whose position is saved
 //! in checkpoints; evaluation uses fixed windows from `eval_seed`, the same for every run.
 
 pub mod prepare;
 pub mod shards;
 pub mod tokenizer;
 
+use crate::data::shards::TokenFile;
 use crate::data::tokenizer::Tokenizer;
-use crate::fsutil::{sha256_hex, write_atomic};
+use crate::fsutil::{sha256_file, sha256_hex, write_atomic};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
@@ -81,17 +84,270 @@ struct CacheMeta {
     bytes_per_token: usize,
 }
 
-/// A tokenized corpus, memory-mapped, split into train and validation.
+/// A run's tokens, memory-mapped, split into train and validation: a tokenized text corpus
+/// (one cache file, the last `val_fraction` for validation), or token files.
 pub struct TokenData {
-    mmap: Mmap,
-    bytes_per_token: usize,
+    backing: Backing,
     n_tokens: usize,
     n_train: usize,
-    /// The cache file backing `mmap`.
+    /// Ids at or above this are refused where they are read (token files made elsewhere are not
+    /// scanned at start).
+    vocab_size: usize,
+    /// The cache file (text corpora) or the first training file.
     pub cache_path: PathBuf,
 }
 
+enum Backing {
+    Cache { mmap: Mmap, bytes_per_token: usize },
+    Files { train: Segments, val: Segments },
+}
+
+/// Token files read as one stream.
+struct Segments {
+    files: Vec<TokenFile>,
+    /// Stream index of each file's first token.
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl Segments {
+    fn new(files: Vec<TokenFile>) -> Self {
+        let mut starts = Vec::with_capacity(files.len());
+        let mut len = 0;
+        for f in &files {
+            starts.push(len);
+            len += f.len();
+        }
+        Self { files, starts, len }
+    }
+
+    /// The file holding stream token `i`, and the index in it.
+    fn locate(&self, i: usize) -> (&TokenFile, usize) {
+        let f = self.starts.partition_point(|&s| s <= i) - 1;
+        (&self.files[f], i - self.starts[f])
+    }
+}
+
+/// Where a run's tokens come from: `data` and `val_data` resolved.
+pub enum DataSource {
+    /// A UTF-8 text file, tokenized into the cache.
+    Text(Corpus),
+    /// Token files (llm.c shards or nanoGPT `.bin`), in stream order.
+    Files {
+        train: Vec<PathBuf>,
+        val: Vec<PathBuf>,
+    },
+}
+
+/// Whether `s` is a glob pattern rather than a path.
+fn is_glob(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// The files a glob matches, sorted; an error names the key when there are none.
+fn glob_files(pattern: &str, key: &str) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = glob::glob(pattern)
+        .with_context(|| format!("{key} = {pattern:?} is not a valid glob"))?
+        .collect::<Result<_, _>>()?;
+    files.retain(|p| p.is_file());
+    files.sort();
+    if files.is_empty() {
+        bail!("{key} = {pattern:?} matches no files");
+    }
+    Ok(files)
+}
+
+impl DataSource {
+    /// Resolves the `data` and `val_data` keys: a text file; a directory of llm.c shards
+    /// (`*_train_*.bin` and `*_val_*.bin`) or of nanoGPT's `train.bin` and `val.bin`; or a glob
+    /// or `.bin` file of training tokens with `val_data` naming the validation ones.
+    pub fn resolve(data: &str, val_data: Option<&str>) -> Result<Self> {
+        let path = Path::new(data);
+        let val = |default: Option<Vec<PathBuf>>| -> Result<Vec<PathBuf>> {
+            match (val_data, default) {
+                (Some(v), _) if is_glob(v) => glob_files(v, "val_data"),
+                (Some(v), _) => {
+                    if !Path::new(v).is_file() {
+                        bail!("val_data file {v} does not exist");
+                    }
+                    Ok(vec![PathBuf::from(v)])
+                }
+                (None, Some(found)) if !found.is_empty() => Ok(found),
+                (None, _) => bail!(
+                    "data = {data:?} names token files but no validation files: set val_data (a glob of val shards, or val.bin)"
+                ),
+            }
+        };
+        if path.is_dir() {
+            let in_dir = |pattern: &str| -> Vec<PathBuf> {
+                let pattern = path.join(pattern).display().to_string();
+                let mut found: Vec<PathBuf> = glob::glob(&pattern)
+                    .map(|g| g.filter_map(|p| p.ok()).collect())
+                    .unwrap_or_default();
+                found.sort();
+                found
+            };
+            let (train, val_found) = if path.join("train.bin").is_file() {
+                (vec![path.join("train.bin")], vec![path.join("val.bin")])
+            } else {
+                (in_dir("*_train_*.bin"), in_dir("*_val_*.bin"))
+            };
+            let val_found: Vec<PathBuf> = val_found.into_iter().filter(|p| p.is_file()).collect();
+            if train.is_empty() {
+                bail!(
+                    "data directory {data} holds no token files (llm.c's *_train_*.bin or nanoGPT's train.bin)"
+                );
+            }
+            return Ok(Self::Files {
+                train,
+                val: val(Some(val_found))?,
+            });
+        }
+        if is_glob(data) {
+            return Ok(Self::Files {
+                train: glob_files(data, "data")?,
+                val: val(None)?,
+            });
+        }
+        if path.extension().is_some_and(|e| e == "bin") {
+            if !path.is_file() {
+                bail!("data file {data} does not exist");
+            }
+            return Ok(Self::Files {
+                train: vec![path.to_path_buf()],
+                val: val(None)?,
+            });
+        }
+        if val_data.is_some() {
+            bail!(
+                "val_data goes with token files; a text corpus ({data}) is split by val_fraction"
+            );
+        }
+        Ok(Self::Text(Corpus::read(path)?))
+    }
+
+    /// What run.json records as the corpus: the text file, or the token files' directory or
+    /// glob.
+    pub fn describe(&self, data: &str) -> String {
+        match self {
+            Self::Text(c) => c.path.display().to_string(),
+            Self::Files { train, val } => {
+                format!(
+                    "{data} ({} training and {} validation token files)",
+                    train.len(),
+                    val.len()
+                )
+            }
+        }
+    }
+
+    /// The data's identity for resume: the text's SHA-256, or for token files the SHA-256 of
+    /// their list (path and size of each, and the SHA-256 of any `manifest.json` beside them,
+    /// which holds each shard's hash) — a changed set is refused without re-reading the files.
+    pub fn sha256(&self) -> Result<String> {
+        match self {
+            Self::Text(c) => Ok(c.sha256.clone()),
+            Self::Files { train, val } => {
+                let mut listing = String::new();
+                let mut manifests = std::collections::BTreeSet::new();
+                for (split, files) in [("train", train), ("val", val)] {
+                    for f in files {
+                        let size = std::fs::metadata(f)
+                            .with_context(|| format!("cannot read token file {}", f.display()))?
+                            .len();
+                        listing.push_str(&format!("{split}\t{}\t{size}\n", f.display()));
+                        if let Some(dir) = f.parent() {
+                            manifests.insert(dir.join("manifest.json"));
+                        }
+                    }
+                }
+                for m in manifests.iter().filter(|m| m.is_file()) {
+                    listing.push_str(&format!("manifest\t{}\t{}\n", m.display(), sha256_file(m)?));
+                }
+                Ok(sha256_hex(listing.as_bytes()))
+            }
+        }
+    }
+
+    /// The text corpus, if the data is one (a trained BPE tokenizer needs it).
+    pub fn corpus(&self) -> Option<&Corpus> {
+        match self {
+            Self::Text(c) => Some(c),
+            Self::Files { .. } => None,
+        }
+    }
+}
+
 impl TokenData {
+    /// The run's tokens from `source`: a text corpus through [`TokenData::load`], token files
+    /// through [`TokenData::open_files`].
+    pub fn from_source(
+        source: &DataSource,
+        tokenizer: &Tokenizer,
+        cache_dir: &Path,
+        val_fraction: f64,
+        block_size: usize,
+    ) -> Result<Self> {
+        match source {
+            DataSource::Text(corpus) => {
+                Self::load(corpus, tokenizer, cache_dir, val_fraction, block_size)
+            }
+            DataSource::Files { train, val } => Self::open_files(train, val, tokenizer, block_size),
+        }
+    }
+
+    /// Memory-maps token files (llm.c shards or nanoGPT `.bin`), each checked on open
+    /// ([`TokenFile::open`]: header, size) and against `block_size` (a file shorter than one
+    /// window of `block_size + 1` tokens is refused, as llm.c's loader would fail on it). Where a
+    /// `manifest.json` from `prepare` lies beside them, its tokenizer must be `tokenizer`. Ids
+    /// are checked against the vocabulary as batches read them.
+    pub fn open_files(
+        train: &[PathBuf],
+        val: &[PathBuf],
+        tokenizer: &Tokenizer,
+        block_size: usize,
+    ) -> Result<Self> {
+        let fingerprint = tokenizer.fingerprint()?;
+        let mut checked_dirs = std::collections::BTreeSet::new();
+        let mut open = |paths: &[PathBuf]| -> Result<Segments> {
+            let mut files = Vec::with_capacity(paths.len());
+            for p in paths {
+                let file = TokenFile::open(p)?;
+                if file.len() < block_size + 1 {
+                    bail!(
+                        "token file {} holds {} tokens, fewer than one window of block_size + 1 = {}",
+                        p.display(),
+                        file.len(),
+                        block_size + 1
+                    );
+                }
+                let dir = p.parent().unwrap_or(Path::new(".")).to_path_buf();
+                if checked_dirs.insert(dir.clone()) && dir.join("manifest.json").is_file() {
+                    let manifest = prepare::Manifest::read(&dir)?;
+                    if manifest.identity.tokenizer.sha256 != fingerprint {
+                        bail!(
+                            "token files in {} were prepared with tokenizer {} (sha256 {}), not the run's (sha256 {})",
+                            dir.display(),
+                            manifest.identity.tokenizer.name,
+                            &manifest.identity.tokenizer.sha256[..12],
+                            &fingerprint[..12]
+                        );
+                    }
+                }
+                files.push(file);
+            }
+            Ok(Segments::new(files))
+        };
+        let (train, val) = (open(train)?, open(val)?);
+        Ok(Self {
+            n_tokens: train.len + val.len,
+            n_train: train.len,
+            vocab_size: tokenizer.vocab_size(),
+            cache_path: train.files[0].path.clone(),
+            backing: Backing::Files { train, val },
+        })
+    }
+
     /// Tokenizes `corpus` with `tokenizer` (or reuses the cached result) and splits it.
     /// `block_size` is checked: each split needs at least one window of `block_size + 1` tokens.
     pub fn load(
@@ -163,10 +419,13 @@ impl TokenData {
             );
         }
         Ok(Self {
-            mmap,
-            bytes_per_token,
+            backing: Backing::Cache {
+                mmap,
+                bytes_per_token,
+            },
             n_tokens,
             n_train,
+            vocab_size: tokenizer.vocab_size(),
             cache_path: bin,
         })
     }
@@ -189,17 +448,48 @@ impl TokenData {
         }
     }
 
-    /// Token `i` of a split.
-    fn token(&self, split: Split, i: usize) -> u32 {
-        let i = match split {
-            Split::Train => i,
-            Split::Val => self.n_train + i,
+    /// Token `i` of a split, refused if outside the vocabulary.
+    fn token(&self, split: Split, i: usize) -> Result<u32> {
+        let (id, whence) = match &self.backing {
+            Backing::Cache {
+                mmap,
+                bytes_per_token,
+            } => {
+                let i = match split {
+                    Split::Train => i,
+                    Split::Val => self.n_train + i,
+                };
+                let b = &mmap[i * bytes_per_token..(i + 1) * bytes_per_token];
+                let id = match bytes_per_token {
+                    2 => u16::from_le_bytes([b[0], b[1]]) as u32,
+                    _ => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                };
+                (id, None)
+            }
+            Backing::Files { train, val } => {
+                let segments = match split {
+                    Split::Train => train,
+                    Split::Val => val,
+                };
+                let (file, at) = segments.locate(i);
+                (file.token(at), Some((file, at)))
+            }
         };
-        let b = &self.mmap[i * self.bytes_per_token..(i + 1) * self.bytes_per_token];
-        match self.bytes_per_token {
-            2 => u16::from_le_bytes([b[0], b[1]]) as u32,
-            _ => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        if id as usize >= self.vocab_size {
+            match whence {
+                Some((file, at)) => bail!(
+                    "token file {} holds id {id} at token {at}, outside the tokenizer's vocabulary of {}",
+                    file.path.display(),
+                    self.vocab_size
+                ),
+                None => bail!(
+                    "token cache {} holds id {id}, outside the vocabulary of {}",
+                    self.cache_path.display(),
+                    self.vocab_size
+                ),
+            }
         }
+        Ok(id)
     }
 
     /// Inputs and next-token targets `(B, T)` for windows starting at `starts`.
@@ -213,9 +503,12 @@ impl TokenData {
         let mut x = Vec::with_capacity(starts.len() * block_size);
         let mut y = Vec::with_capacity(starts.len() * block_size);
         for &s in starts {
-            for i in s..s + block_size {
-                x.push(self.token(split, i));
-                y.push(self.token(split, i + 1));
+            let mut previous = self.token(split, s)?;
+            for i in s + 1..=s + block_size {
+                let next = self.token(split, i)?;
+                x.push(previous);
+                y.push(next);
+                previous = next;
             }
         }
         let shape = (starts.len(), block_size);

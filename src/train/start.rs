@@ -12,7 +12,7 @@ use super::runlock::RunLock;
 use super::{Position, Reporting, ResumeOptions, Trainer};
 use crate::config::{ScheduleKind, TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
 use crate::data::tokenizer::Tokenizer;
-use crate::data::{BatchSampler, Corpus, TokenData};
+use crate::data::{BatchSampler, DataSource, TokenData};
 use crate::model::{Gpt, Params};
 use crate::optim::{self, Optimizer};
 use anyhow::{bail, Context, Result};
@@ -38,21 +38,29 @@ impl Trainer {
             );
         }
         let device = crate::device::parse_device(&cfg.device)?;
-        let corpus = Corpus::read(Path::new(&cfg.data))?;
+        let source = DataSource::resolve(&cfg.data, cfg.val_data.as_deref())?;
         let tokenizer = match cfg.tokenizer {
             TokenizerKind::Byte => Tokenizer::Byte,
             TokenizerKind::Gpt2 => Tokenizer::gpt2(cfg.tokenizer_path.as_deref().map(Path::new))?,
-            TokenizerKind::Bpe => {
-                Tokenizer::train_bpe(corpus.training_text(cfg.val_fraction), cfg.bpe_vocab_size)?
-            }
+            TokenizerKind::Bpe => match source.corpus() {
+                Some(corpus) => Tokenizer::train_bpe(
+                    corpus.training_text(cfg.val_fraction),
+                    cfg.bpe_vocab_size,
+                )?,
+                None => bail!(
+                    "tokenizer = \"bpe\" trains on a text corpus, and data = {:?} names token files; \
+                     use the tokenizer they were made with (gpt2, with tokenizer_path if needed)",
+                    cfg.data
+                ),
+            },
         };
         let pretrained = match cfg.pretrained() {
             true => Some(adopt_pretrained_shape(&mut cfg, tokenizer.vocab_size())?),
             false => None,
         };
         let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
-        let data = TokenData::load(
-            &corpus,
+        let data = TokenData::from_source(
+            &source,
             &tokenizer,
             Path::new(&cfg.cache_dir),
             cfg.val_fraction,
@@ -82,8 +90,8 @@ impl Trainer {
             seed: cfg.seed,
             device: cfg.device.clone(),
             start_time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            corpus: corpus.path.display().to_string(),
-            corpus_sha256: corpus.sha256.clone(),
+            corpus: source.describe(&cfg.data),
+            corpus_sha256: source.sha256()?,
             tokenizer_sha256: tokenizer.fingerprint()?,
             vocab_size: tokenizer.vocab_size(),
             n_tokens: data.len(),
@@ -167,16 +175,17 @@ impl Trainer {
                 run_dir.join(CONFIG_FILE).display()
             );
         }
-        let corpus = Corpus::read(Path::new(&cfg.data))?;
+        let source = DataSource::resolve(&cfg.data, cfg.val_data.as_deref())?;
+        let data_sha256 = source.sha256()?;
         let tokenizer = load_run_tokenizer(run_dir, &cfg)?;
         let fingerprint = tokenizer.fingerprint()?;
         let mut changes = Vec::new();
-        if corpus.sha256 != header.corpus_sha256 {
+        if data_sha256 != header.corpus_sha256 {
             changes.push(format!(
                 "corpus {} (sha256 {} then, {} now)",
                 cfg.data,
                 &header.corpus_sha256[..12],
-                &corpus.sha256[..12]
+                &data_sha256[..12]
             ));
         }
         if fingerprint != header.tokenizer_sha256 {
@@ -200,7 +209,7 @@ impl Trainer {
                     ckpt.state.step
                 ));
             }
-            header.corpus_sha256 = corpus.sha256.clone();
+            header.corpus_sha256 = data_sha256;
             header.tokenizer_sha256 = fingerprint;
             crate::fsutil::write_atomic(
                 &run_dir.join(RUN_FILE),
@@ -208,8 +217,8 @@ impl Trainer {
             )?;
         }
         let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
-        let data = TokenData::load(
-            &corpus,
+        let data = TokenData::from_source(
+            &source,
             &tokenizer,
             Path::new(&cfg.cache_dir),
             cfg.val_fraction,
