@@ -145,6 +145,22 @@ fn shards_hold_hf_tokenizers_ids_with_end_of_text_before_each_document() {
             gpt_pretrain::fsutil::sha256_file(&file).unwrap()
         );
     }
+    // Documents cut into pieces of about 40 bytes (as documents over 1 MB are) give the same
+    // stream: the cuts never change a token.
+    let pieces = ws.path("pieces");
+    ok(&prepare(
+        &pieces,
+        &[
+            "--shard-tokens",
+            "1000",
+            "--val-tokens",
+            "300",
+            "--name",
+            "fx",
+        ],
+        &[("GPT_PRETRAIN_PIECE_BYTES", "40")],
+    ));
+    assert_eq!(shard_bytes(&pieces), shard_bytes(&out));
     // Our reader agrees with the hand-written one.
     let file = gpt_pretrain::data::shards::TokenFile::open(&out.join("fx_val_000000.bin")).unwrap();
     assert_eq!(file.len(), 300);

@@ -491,14 +491,24 @@ impl Reader {
 }
 
 /// Documents longer than this are cut where the pre-tokenizer ends a token anyway, and the
-/// pieces tokenized in parallel (see [`super::independent_chunks`]).
-const LONG_DOCUMENT: usize = 1 << 20;
+/// pieces tokenized in parallel (see [`super::independent_chunks`]). The test suite lowers it
+/// with `GPT_PRETRAIN_PIECE_BYTES` to check the cuts against whole-document ids.
+fn long_document() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::env::var("GPT_PRETRAIN_PIECE_BYTES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1 << 20)
+    })
+}
 
 /// The end-of-text token followed by the document's ids.
 fn tokenize_document(tokenizer: &Tokenizer, end_of_text: u32, text: &str) -> Result<Vec<u32>> {
     let mut ids = vec![end_of_text];
-    if text.len() > LONG_DOCUMENT {
-        let pieces: Vec<Vec<u32>> = super::independent_chunks(text, LONG_DOCUMENT)
+    let long = long_document();
+    if text.len() > long {
+        let pieces: Vec<Vec<u32>> = super::independent_chunks(text, long)
             .into_par_iter()
             .map(|piece| tokenizer.encode(piece))
             .collect::<Result<_>>()?;
