@@ -356,10 +356,7 @@ fn run(cli: Cli) -> Result<()> {
             block_size,
             json,
         } => {
-            if let Some(n) = threads {
-                // Read by candle's and gemm's thread pools when they start, which is later.
-                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            }
+            limit_threads(threads);
             let device = gpt_pretrain::device::parse_device(&device)?;
             let mut setup = gpt_pretrain::tools::bench::BenchSetup::preset(&preset)?
                 .with_batch(batch_size, block_size)?;
@@ -436,10 +433,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             quiet,
         } => {
-            if let Some(n) = threads {
-                // Read by rayon's pool when it starts, which is later.
-                std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            }
+            limit_threads(threads);
             let options = gpt_pretrain::data::prepare::PrepareOptions {
                 inputs,
                 out: out.clone(),
@@ -522,4 +516,12 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--threads N`: the size of rayon's pool (candle's, gemm's and our kernels'), which reads it
+/// when it starts, later than this.
+fn limit_threads(threads: Option<usize>) {
+    if let Some(n) = threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
 }

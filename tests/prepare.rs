@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 fn fixtures() -> PathBuf {
-    project_root().join("tests/fixtures/prepare")
+    prepare_fixtures()
 }
 
 fn expected() -> serde_json::Value {
@@ -16,27 +16,11 @@ fn expected() -> serde_json::Value {
         .unwrap()
 }
 
-/// `prepare` on the fixtures, in expected.json's input order, with `extra` arguments.
+/// `prepare` on the fixtures, in expected.json's input order.
 fn prepare(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
-    let inputs: Vec<String> = expected()["inputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| fixtures().join(i.as_str().unwrap()).display().to_string())
-        .collect();
-    let mut cmd = bin();
-    cmd.arg("prepare")
-        .args(&inputs)
-        .arg("--out")
-        .arg(out)
-        .arg("--tokenizer-path")
-        .arg(gpt2_tokenizer())
-        .arg("--quiet")
-        .args(extra);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
+    let order: Vec<&str> = vec!["docs.jsonl", "docs.jsonl.zst", "docs.parquet", "doc.txt"];
+    assert_eq!(expected()["inputs"], serde_json::json!(order));
+    prepare_fixture_documents(out, extra, env)
 }
 
 /// A shard read by hand from llm.c's layout (data_common.py): 256 little-endian int32, magic

@@ -8,7 +8,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {
-    project_root().join("tests/fixtures/prepare")
+    prepare_fixtures()
 }
 
 /// A config on token files: GPT-2's tokenizer, a 2-layer model, 20 steps; `extra` TOML lines
@@ -30,26 +30,15 @@ fn shard_config(ws: &Workspace, name: &str, data: &Path, extra: &str) -> String 
 /// The fixtures' documents prepared into `dir` as shards of 1,000 tokens, 300 for validation.
 fn prepared(ws: &Workspace) -> PathBuf {
     let dir = ws.path("shards");
-    let inputs =
-        ["docs.jsonl", "docs.jsonl.zst", "docs.parquet", "doc.txt"].map(|f| fixtures().join(f));
-    ok(&bin()
-        .arg("prepare")
-        .args(&inputs)
-        .arg("--out")
-        .arg(&dir)
-        .arg("--tokenizer-path")
-        .arg(gpt2_tokenizer())
-        .args([
-            "--quiet",
-            "--shard-tokens",
-            "1000",
-            "--val-tokens",
-            "300",
-            "--name",
-            "fx",
-        ])
-        .output()
-        .unwrap());
+    let args = [
+        "--shard-tokens",
+        "1000",
+        "--val-tokens",
+        "300",
+        "--name",
+        "fx",
+    ];
+    ok(&prepare_fixture_documents(&dir, &args, &[]));
     dir
 }
 
@@ -58,26 +47,15 @@ fn prepare_writes_the_bytes_llm_c_writes() {
     // One 2,196-token training shard, as make_fixtures.py wrote it with llm.c's write_datafile.
     let ws = Workspace::new();
     let dir = ws.path("one-shard");
-    let inputs =
-        ["docs.jsonl", "docs.jsonl.zst", "docs.parquet", "doc.txt"].map(|f| fixtures().join(f));
-    ok(&bin()
-        .arg("prepare")
-        .args(&inputs)
-        .arg("--out")
-        .arg(&dir)
-        .arg("--tokenizer-path")
-        .arg(gpt2_tokenizer())
-        .args([
-            "--quiet",
-            "--shard-tokens",
-            "10000",
-            "--val-tokens",
-            "300",
-            "--name",
-            "fx",
-        ])
-        .output()
-        .unwrap());
+    let args = [
+        "--shard-tokens",
+        "10000",
+        "--val-tokens",
+        "300",
+        "--name",
+        "fx",
+    ];
+    ok(&prepare_fixture_documents(&dir, &args, &[]));
     for name in ["fx_val_000000.bin", "fx_train_000001.bin"] {
         assert!(
             std::fs::read(dir.join(name)).unwrap()

@@ -183,3 +183,29 @@ pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
 }
+
+/// tests/fixtures/prepare (documents, reference ids and token files from make_fixtures.py).
+pub fn prepare_fixtures() -> PathBuf {
+    project_root().join("tests/fixtures/prepare")
+}
+
+/// `prepare --quiet` on the fixtures' documents (docs.jsonl, docs.jsonl.zst, docs.parquet,
+/// doc.txt: expected.json's stream order) into `out`, with GPT-2's tokenizer, `extra` arguments
+/// and environment variables.
+pub fn prepare_fixture_documents(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let inputs = ["docs.jsonl", "docs.jsonl.zst", "docs.parquet", "doc.txt"]
+        .map(|f| prepare_fixtures().join(f));
+    let mut cmd = bin();
+    cmd.arg("prepare")
+        .args(&inputs)
+        .arg("--out")
+        .arg(out)
+        .arg("--tokenizer-path")
+        .arg(gpt2_tokenizer())
+        .arg("--quiet")
+        .args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
