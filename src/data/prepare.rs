@@ -132,6 +132,7 @@ pub struct Skip {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     pub documents: u64,
+    /// Stream tokens written: to finished shards and the open one (what the shards hold).
     pub tokens: u64,
     pub max_token_id: u32,
     pub documents_with_literal_end_of_text: u64,
@@ -299,8 +300,8 @@ struct Reader {
     sender: SyncSender<Result<Batch>>,
     next_document: u64,
     skip_documents: u64,
-    /// When resuming: the document up to which (inclusive) the interrupted run counted skips.
-    counted_skips_through: Option<u64>,
+    /// Whether an interrupted run counted the skips up to `skip_documents` (inclusive).
+    resuming: bool,
     batch: Batch,
     batch_bytes: usize,
     bytes_before_file: u64,
@@ -326,7 +327,7 @@ impl Reader {
 
     fn skip(&mut self, location: String, reason: impl Into<String>) {
         // Skips up to the resumed document were counted by the interrupted run.
-        if self.counted_skips_through >= Some(self.next_document) {
+        if self.resuming && self.next_document <= self.skip_documents {
             return;
         }
         let skip = Skip {
@@ -535,23 +536,21 @@ struct ShardWriter {
     identity: Identity,
     shards: Vec<ShardRecord>,
     open: Option<OpenShard>,
-    /// Stream tokens written to finished shards and the open one.
-    written: u64,
     counts: Counts,
     buffer: Vec<u8>,
 }
 
 impl ShardWriter {
     fn val_written(&self) -> u64 {
-        self.written.min(self.identity.val_tokens)
+        self.counts.tokens.min(self.identity.val_tokens)
     }
 
     fn open_next(&mut self) -> Result<()> {
         let val = self.identity.val_tokens;
-        let (split, capacity) = if self.written < val {
+        let (split, capacity) = if self.counts.tokens < val {
             (
                 ShardSplit::Val,
-                (val - self.written).min(self.identity.shard_tokens),
+                (val - self.counts.tokens).min(self.identity.shard_tokens),
             )
         } else {
             (ShardSplit::Train, self.identity.shard_tokens)
@@ -599,7 +598,7 @@ impl ShardWriter {
                 .write_all(&self.buffer)
                 .with_context(|| format!("cannot write {}", shard.tmp.display()))?;
             shard.tokens += take as u64;
-            self.written += take as u64;
+            self.counts.tokens += take as u64;
             at += take;
             if shard.tokens == shard.capacity {
                 let next = Cursor {
@@ -608,7 +607,7 @@ impl ShardWriter {
                 };
                 self.finish_shard(next)?;
             }
-            if abort_for_test_between(self.written - take as u64, self.written) {
+            if abort_for_test_between(self.counts.tokens - take as u64, self.counts.tokens) {
                 std::process::abort();
             }
         }
@@ -646,7 +645,6 @@ impl ShardWriter {
             sha256,
             next,
         });
-        self.counts.tokens = self.written;
         let progress = Progress {
             identity: self.identity.clone(),
             shards: self.shards.clone(),
@@ -810,7 +808,6 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
         .with_context(|| format!("cannot create output directory {}", opts.out.display()))?;
     let resuming = !resume_shards.is_empty();
     let start = resume_shards.last().map(|s| s.next).unwrap_or_default();
-    let written: u64 = resume_shards.iter().map(|s| s.tokens).sum();
     let total_bytes: u64 = identity.inputs.iter().map(|i| i.bytes).sum();
 
     let (sender, receiver) = sync_channel::<Result<Batch>>(1);
@@ -822,7 +819,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
             sender: sender.clone(),
             next_document: 0,
             skip_documents: start.document,
-            counted_skips_through: resuming.then_some(start.document),
+            resuming,
             batch: Batch {
                 first_document: 0,
                 documents: Vec::new(),
@@ -842,7 +839,6 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
         identity,
         shards: resume_shards,
         open: None,
-        written,
         counts: resume_counts,
         buffer: Vec::new(),
     };
@@ -923,7 +919,6 @@ fn run_batches(
             if from < doc.len() {
                 writer.append(document, from as u64, &doc[from..])?;
             }
-            writer.counts.tokens = writer.written;
         }
         for (_, skip) in skips {
             writer.counts.count_skip(skip);
@@ -967,7 +962,7 @@ fn skip_kind(reason: &str) -> String {
 
 fn finish(writer: &mut ShardWriter, counts: Counts) -> Result<Manifest> {
     let val = writer.identity.val_tokens;
-    if writer.written == 0 {
+    if writer.counts.tokens == 0 {
         let first = counts.skips.first().map_or(String::new(), |s| {
             format!(", the first at {}: {}", s.location, s.reason)
         });
@@ -976,11 +971,11 @@ fn finish(writer: &mut ShardWriter, counts: Counts) -> Result<Manifest> {
             counts.skipped
         );
     }
-    if writer.written <= val {
+    if writer.counts.tokens <= val {
         bail!(
             "the inputs make {} tokens, and the first {val} are the validation split (--val-tokens): \
              nothing is left for training; lower --val-tokens",
-            writer.written
+            writer.counts.tokens
         );
     }
     let end = Cursor {
@@ -991,7 +986,7 @@ fn finish(writer: &mut ShardWriter, counts: Counts) -> Result<Manifest> {
     let manifest = Manifest {
         format: "llm.c".into(),
         val_tokens_written: writer.val_written(),
-        train_tokens_written: writer.written - writer.val_written(),
+        train_tokens_written: writer.counts.tokens - writer.val_written(),
         identity: writer.identity.clone(),
         shards: writer.shards.clone(),
         counts,
