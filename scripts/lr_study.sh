@@ -15,8 +15,12 @@
 #                                  runs/lr-study-quick/; CI runs it
 #   scripts/lr_study.sh --plan     print the runs of phase 1 and stop
 #   scripts/lr_study.sh --report   no training: `compare` the finished runs into the report folder
-#                                  (reports/adopt-vs-adam/lr-study/, with each run's config.toml,
-#                                  run.json and metrics.jsonl under runs/); also after the last run
+#                                  (reports/adopt-vs-adam/lr-study/); also after the last run
+#
+# Each run that finishes is copied (config.toml, run.json, metrics.jsonl, HOSTS) into the report
+# folder's runs/ at once. Those copies are the study's record: a run found there is finished and
+# is never trained again, so the study continues on a machine that has only the committed
+# report, without the run directories and their checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${GPT_PRETRAIN_BIN:-target/release/gpt-pretrain}
@@ -65,7 +69,7 @@ run() {
     IFS=: read -r batch steps warmup every <<< "$spec"
     local out=$OUT/batch-$batch/$arm
     local dir=$out/lr-${lr}_seed-$seed
-    if [[ -e $dir/FAILED ]]; then
+    if [[ -e $dir/FAILED ]] || [[ -e $(archive_of "$dir")/FAILED ]] || archived "$dir"; then
         return
     fi
     if [[ $mode == "--plan" ]]; then
@@ -76,7 +80,17 @@ run() {
     "$BIN" sweep --quiet --config "configs/lr-study/$arm.toml" "${EXTRA[@]}" \
         --set batch_size="$batch" --set max_steps="$steps" --set warmup_steps="$warmup" \
         --set eval_interval="$every" --grid lr="$lr" --seeds "$seed" --out "$out" || status=$?
-    if ((status != 0)); then
+    # Hosts differ between sessions, and bf16 kernels between CPUs (AMX, AVX512-BF16): each host
+    # a run trained on is recorded beside it (after `sweep`, which restarts a run directory that
+    # has no checkpoint from nothing).
+    if [[ -d $dir ]]; then
+        local host
+        host="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(date -u +%F)"
+        grep -qxF "$host" "$dir/HOSTS" 2> /dev/null || echo "$host" >> "$dir/HOSTS"
+    fi
+    if ((status == 0)); then
+        archive_if_finished "$dir"
+    else
         # SIGTERM (143) or SIGINT (130) stop the study; anything else is this run's failure.
         if ((status == 143 || status == 130)); then
             exit "$status"
@@ -84,12 +98,28 @@ run() {
         mkdir -p "$dir"
         echo "exit status $status at $(date -u +%FT%TZ)" > "$dir/FAILED"
         echo "lr_study: $dir failed (exit $status); recorded in $dir/FAILED" >&2
+        local dest
+        dest=$(archive_of "$dir")
+        mkdir -p "$dest"
+        for f in config.toml run.json metrics.jsonl HOSTS FAILED; do
+            [[ ! -e $dir/$f ]] || cp "$dir/$f" "$dest"
+        done
     fi
 }
 
+# A run's copy in the report folder: config.toml, run.json, metrics.jsonl and HOSTS of a run
+# that finished. The copies outlive the run directories (checkpoints are not kept across
+# machines), so a run archived there is finished and is never trained again.
+archive_of() { echo "$REPORT/runs/${1#"$OUT"/}"; }
+archived() { [[ -s $(archive_of "$1")/metrics.jsonl ]]; }
+
 # The final validation loss of a run (inf when it failed or has none).
 final_val() {
-    python3 - "$1" <<'EOF'
+    local dir=$1
+    if [[ -e $(archive_of "$dir")/FAILED ]] || archived "$dir"; then
+        dir=$(archive_of "$dir")
+    fi
+    python3 - "$dir" <<'EOF'
 import json, math, os, sys
 d = sys.argv[1]
 loss = math.inf
@@ -138,15 +168,30 @@ grid_and_best() {
     done
 }
 
-# The finished runs (final checkpoint at max_steps), compared into $REPORT with their records.
+# Copies a run that has reached max_steps (its final checkpoint exists) into the report folder.
+archive_if_finished() {
+    local dir=$1 steps dest
+    steps=$(sed -n 's/^max_steps = //p' "$dir/config.toml")
+    [[ -d $dir/checkpoints/step-$(printf '%08d' "$steps") ]] || return 0
+    dest=$(archive_of "$dir")
+    mkdir -p "$dest"
+    cp "$dir/config.toml" "$dir/run.json" "$dir/metrics.jsonl" "$dest"
+    [[ ! -e $dir/HOSTS ]] || cp "$dir/HOSTS" "$dest"
+}
+
+# Every finished run (archived ones, and any not yet archived) compared into $REPORT.
 report() {
-    local finished=()
     for metrics in "$OUT"/batch-*/*/*/metrics.jsonl; do
-        [[ -e $metrics ]] || continue
+        if [[ -e $metrics ]]; then
+            archive_if_finished "${metrics%/metrics.jsonl}"
+        fi
+    done
+    local finished=()
+    for metrics in "$REPORT"/runs/batch-*/*/*/metrics.jsonl; do
         local dir=${metrics%/metrics.jsonl}
-        local steps
-        steps=$(sed -n 's/^max_steps = //p' "$dir/config.toml")
-        if [[ -d $dir/checkpoints/step-$(printf '%08d' "$steps") ]]; then
+        if [[ -e $dir/FAILED ]]; then
+            echo "lr_study: $dir failed ($(cat "$dir/FAILED")); not compared" >&2
+        elif [[ -e $metrics ]]; then
             finished+=("$dir")
         fi
     done
@@ -155,14 +200,6 @@ report() {
         return
     fi
     "$BIN" compare "${finished[@]}" --out "$REPORT" > /dev/null
-    if [[ $REPORT != "$OUT"/* ]]; then
-        rm -rf "$REPORT/runs"
-        for dir in "${finished[@]}"; do
-            local dest=$REPORT/runs/${dir#"$OUT"/}
-            mkdir -p "$dest"
-            cp "$dir/config.toml" "$dir/run.json" "$dir/metrics.jsonl" "$dest"
-        done
-    fi
     for f in report.md val_loss.png lr_sensitivity.png; do
         [[ -s $REPORT/$f ]] || { echo "error: $REPORT/$f was not written" >&2; exit 1; }
     done
