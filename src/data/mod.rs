@@ -19,6 +19,7 @@ use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -548,19 +549,16 @@ fn independent_chunks(text: &str, target: usize) -> Vec<&str> {
     chunks
 }
 
-/// Tokenizes a whole corpus, in parallel chunks for Hugging Face tokenizers.
+/// Tokenizes a whole corpus, in parallel chunks for BPE tokenizers.
 fn tokenize_corpus(text: &str, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
     match tokenizer {
         Tokenizer::Byte => tokenizer.encode(text),
-        Tokenizer::Hf(tok) => {
-            let chunks = independent_chunks(text, 1 << 20);
-            let encodings = tok
-                .encode_batch_fast(chunks, false)
-                .map_err(|e| anyhow::anyhow!("tokenization failed: {e}"))?;
-            Ok(encodings
-                .iter()
-                .flat_map(|e| e.get_ids().iter().copied())
-                .collect())
+        Tokenizer::Hf(_) => {
+            let pieces: Vec<Vec<u32>> = independent_chunks(text, 1 << 20)
+                .into_par_iter()
+                .map(|chunk| tokenizer.encode(chunk))
+                .collect::<Result<_>>()?;
+            Ok(pieces.concat())
         }
     }
 }

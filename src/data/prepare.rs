@@ -883,6 +883,7 @@ fn run_batches(
         )
         .expect("a valid template"),
     );
+    bar.println(format!("encoding with {}", tokenizer.encoder_name()));
     let started = std::time::Instant::now();
     let tokens_before = writer.counts.tokens;
     for batch in receiver {

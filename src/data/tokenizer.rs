@@ -1,6 +1,13 @@
 //! Tokenizers: GPT-2's byte-level BPE, raw bytes, and a byte-level BPE trained on the corpus.
+//!
+//! Hugging Face `tokenizers` loads, trains, serializes and decodes them. Encoding, the hot path of
+//! `prepare` and of the token cache, goes through tiktoken's rank-ordered BPE (`tiktoken-rs`)
+//! where that gives the same ids, which is checked on the `tokenizer.json` itself
+//! ([`RankedBpe::from_json`]); `GPT_PRETRAIN_RANKED_BPE=0` keeps every encoding on `tokenizers`.
 
 use anyhow::{anyhow, bail, Context, Result};
+use rustc_hash::FxHashMap;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
@@ -18,7 +25,33 @@ pub enum Tokenizer {
     /// Each UTF-8 byte is a token (256 ids).
     Byte,
     /// A Hugging Face `tokenizers` tokenizer (GPT-2's, or one trained here).
-    Hf(Box<tokenizers::Tokenizer>),
+    Hf(Box<HfTokenizer>),
+}
+
+/// A Hugging Face tokenizer and, where it gives the same ids, its rank-ordered encoder.
+pub struct HfTokenizer {
+    hf: tokenizers::Tokenizer,
+    ranked: Option<RankedBpe>,
+}
+
+impl HfTokenizer {
+    fn new(hf: tokenizers::Tokenizer) -> Result<Self> {
+        let enabled = std::env::var("GPT_PRETRAIN_RANKED_BPE").map_or(true, |v| v != "0");
+        let ranked = if enabled {
+            let json = hf
+                .to_string(false)
+                .map_err(|e| anyhow!("cannot serialize tokenizer: {e}"))?;
+            RankedBpe::from_json(&json).ok()
+        } else {
+            None
+        };
+        Ok(Self { hf, ranked })
+    }
+
+    /// The id of a token given as its text (`<|endoftext|>`, say).
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.hf.token_to_id(token)
+    }
 }
 
 impl Tokenizer {
@@ -41,7 +74,7 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let tok = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
-        Ok(Self::Hf(Box::new(tok)))
+        Ok(Self::Hf(Box::new(HfTokenizer::new(tok)?)))
     }
 
     /// Trains a byte-level BPE of `vocab_size` tokens (256 byte tokens, `<|endoftext|>`, merges)
@@ -60,14 +93,14 @@ impl Tokenizer {
             .into();
         tok.train(&mut trainer, text.split_inclusive('\n'))
             .map_err(|e| anyhow!("BPE training failed: {e}"))?;
-        Ok(Self::Hf(Box::new(tok)))
+        Ok(Self::Hf(Box::new(HfTokenizer::new(tok)?)))
     }
 
     /// Number of token ids.
     pub fn vocab_size(&self) -> usize {
         match self {
             Self::Byte => 256,
-            Self::Hf(t) => t.get_vocab_size(true),
+            Self::Hf(t) => t.hf.get_vocab_size(true),
         }
     }
 
@@ -75,11 +108,41 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Self::Byte => Ok(text.bytes().map(u32::from).collect()),
+            Self::Hf(t) => match &t.ranked {
+                Some(ranked) => Ok(ranked.encode(text)),
+                None => self.encode_with_tokenizers(text),
+            },
+        }
+    }
+
+    /// Token ids of `text` from Hugging Face `tokenizers` itself, whichever encoder
+    /// [`Tokenizer::encode`] uses: the reference the rank-ordered encoder is held to.
+    pub fn encode_with_tokenizers(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Self::Byte => self.encode(text),
             Self::Hf(t) => Ok(t
+                .hf
                 .encode_fast(text, false)
                 .map_err(|e| anyhow!("tokenization failed: {e}"))?
                 .get_ids()
                 .to_vec()),
+        }
+    }
+
+    /// Which code encodes: `bytes`, `tiktoken-rs` (rank-ordered BPE) or `tokenizers`.
+    pub fn encoder_name(&self) -> &'static str {
+        match self {
+            Self::Byte => "bytes",
+            Self::Hf(t) if t.ranked.is_some() => "tiktoken-rs",
+            Self::Hf(_) => "tokenizers",
+        }
+    }
+
+    /// The id of a token given as its text (`<|endoftext|>`, say); the byte tokenizer has none.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Self::Byte => None,
+            Self::Hf(t) => t.token_to_id(token),
         }
     }
 
@@ -90,9 +153,10 @@ impl Tokenizer {
                 let bytes: Vec<u8> = ids.iter().map(|&i| i.min(255) as u8).collect();
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             }
-            Self::Hf(t) => t
-                .decode(ids, false)
-                .map_err(|e| anyhow!("decoding failed: {e}")),
+            Self::Hf(t) => {
+                t.hf.decode(ids, false)
+                    .map_err(|e| anyhow!("decoding failed: {e}"))
+            }
         }
     }
 
@@ -100,9 +164,10 @@ impl Tokenizer {
     pub fn to_json(&self) -> Result<String> {
         match self {
             Self::Byte => Ok("byte".into()),
-            Self::Hf(t) => t
-                .to_string(false)
-                .map_err(|e| anyhow!("cannot serialize tokenizer: {e}")),
+            Self::Hf(t) => {
+                t.hf.to_string(false)
+                    .map_err(|e| anyhow!("cannot serialize tokenizer: {e}"))
+            }
         }
     }
 
@@ -131,4 +196,144 @@ fn locate_gpt2_tokenizer() -> Result<PathBuf> {
     api.model(GPT2_REPO.to_string())
         .get("tokenizer.json")
         .map_err(|e| anyhow!("GPT-2 tokenizer not in the Hugging Face cache and the Hub is unreachable ({e}): {hint}"))
+}
+
+/// A byte-level BPE encoded by merge rank (tiktoken's algorithm, from the `tiktoken-rs` crate)
+/// instead of by `tokenizers`' merge loop: the same ids, several times faster. Built only for a
+/// `tokenizer.json` whose structure the two algorithms agree on (see [`RankedBpe::from_json`]).
+struct RankedBpe {
+    core: tiktoken_rs::CoreBPE,
+    has_special_tokens: bool,
+}
+
+/// GPT-2's pre-tokenization pattern, which `tokenizers`' ByteLevel pre-tokenizer applies when
+/// `use_regex` is set (tiktoken's `gpt2` pattern spells the contractions differently and matches
+/// the same pieces).
+const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
+impl RankedBpe {
+    /// Ranks for `json` (a serialized `tokenizer.json`), or why they cannot reproduce its ids:
+    /// it must be a plain byte-level BPE (no normalizer, GPT-2's regex without an added prefix
+    /// space, no dropout, unknown token, affixes or byte fallback), its added tokens plain
+    /// specials, every byte a token, and each merge's result a token whose id grows with the merge's
+    /// position, so that "lowest id first" merges in the same order as "earliest merge first".
+    fn from_json(json: &str) -> std::result::Result<Self, String> {
+        let t: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        let model = &t["model"];
+        if model["type"] != "BPE" {
+            return Err(format!("model type {}", model["type"]));
+        }
+        let empty = |v: &serde_json::Value| v.is_null() || v == "" || v == false;
+        for key in [
+            "dropout",
+            "unk_token",
+            "continuing_subword_prefix",
+            "end_of_word_suffix",
+            "byte_fallback",
+        ] {
+            if !empty(&model[key]) {
+                return Err(format!("model.{key} = {}", model[key]));
+            }
+        }
+        if !t["normalizer"].is_null() {
+            return Err("a normalizer".into());
+        }
+        let pre = &t["pre_tokenizer"];
+        if pre["type"] != "ByteLevel"
+            || pre["add_prefix_space"] != false
+            || pre["use_regex"] != true
+        {
+            return Err(format!("pre_tokenizer {pre}"));
+        }
+        let byte_of: HashMap<char, u8> = (0..=255u8).map(|b| (byte_level_char(b), b)).collect();
+        let bytes_of = |token: &str| -> std::result::Result<Vec<u8>, String> {
+            token
+                .chars()
+                .map(|c| {
+                    byte_of
+                        .get(&c)
+                        .copied()
+                        .ok_or_else(|| format!("token {token:?} is not byte-level"))
+                })
+                .collect()
+        };
+        let vocab = model["vocab"].as_object().ok_or("no model.vocab")?;
+        let mut ranks: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
+        for (token, id) in vocab {
+            let id = id.as_u64().ok_or("a non-integer id")? as u32;
+            ranks.insert(bytes_of(token)?, id);
+        }
+        if let Some(missing) = (0..=255u8).find(|b| !ranks.contains_key(&vec![*b])) {
+            return Err(format!("byte {missing} has no token"));
+        }
+        let merges = model["merges"].as_array().ok_or("no model.merges")?;
+        let mut last = 0u32;
+        for merge in merges {
+            let (a, b) = match merge {
+                serde_json::Value::String(s) => {
+                    s.split_once(' ').ok_or("a merge without a space")?
+                }
+                serde_json::Value::Array(p) if p.len() == 2 => (
+                    p[0].as_str().ok_or("a merge part that is not a string")?,
+                    p[1].as_str().ok_or("a merge part that is not a string")?,
+                ),
+                _ => return Err("a malformed merge".into()),
+            };
+            let merged = [bytes_of(a)?, bytes_of(b)?].concat();
+            let id = *ranks
+                .get(&merged)
+                .ok_or_else(|| format!("merge {a} {b} makes no token"))?;
+            if id <= last {
+                return Err(format!(
+                    "merge {a} {b} makes id {id}, not above the previous merge's {last}"
+                ));
+            }
+            last = id;
+        }
+        let mut specials: FxHashMap<String, u32> = FxHashMap::default();
+        for added in t["added_tokens"].as_array().into_iter().flatten() {
+            if added["special"] != true
+                || added["lstrip"] == true
+                || added["rstrip"] == true
+                || added["single_word"] == true
+            {
+                return Err(format!("added token {added}"));
+            }
+            let content = added["content"]
+                .as_str()
+                .ok_or("an added token without content")?;
+            let id = added["id"].as_u64().ok_or("an added token without an id")? as u32;
+            ranks.retain(|_, r| *r != id);
+            specials.insert(content.to_string(), id);
+        }
+        let has_special_tokens = !specials.is_empty();
+        let core =
+            tiktoken_rs::CoreBPE::new(ranks, specials, GPT2_PATTERN).map_err(|e| e.to_string())?;
+        Ok(Self {
+            core,
+            has_special_tokens,
+        })
+    }
+
+    fn encode(&self, text: &str) -> Vec<u32> {
+        if self.has_special_tokens {
+            self.core.encode_with_special_tokens(text)
+        } else {
+            self.core.encode_ordinary(text)
+        }
+    }
+}
+
+/// GPT-2's byte → unicode table (`bytes_to_unicode`): printable bytes map to themselves, the rest
+/// to 256 + n in order.
+pub fn byte_level_char(b: u8) -> char {
+    let printable = |c: u8| {
+        (b'!'..=b'~').contains(&c) || (0xA1..=0xAC).contains(&c) || (0xAE..=0xFF).contains(&c)
+    };
+    if printable(b) {
+        return b as char;
+    }
+    let n = (0..b).filter(|&c| !printable(c)).count() as u32;
+    char::from_u32(256 + n).expect("valid char")
 }

@@ -176,7 +176,7 @@ pub fn byte_tokenizer_json() -> Result<String> {
     // ByteLevel's alphabet maps every byte to a printable char; invert it byte by byte.
     let mut vocab = tokenizers::models::bpe::Vocab::default();
     for b in 0u16..256 {
-        let ch = byte_level_char(b as u8);
+        let ch = crate::data::tokenizer::byte_level_char(b as u8);
         vocab.insert(ch.to_string(), b as u32);
     }
     let bpe = BPE::builder()
@@ -188,19 +188,6 @@ pub fn byte_tokenizer_json() -> Result<String> {
     tok.with_decoder(Some(ByteLevel::default()));
     tok.to_string(false)
         .map_err(|e| anyhow!("cannot serialize byte tokenizer: {e}"))
-}
-
-/// GPT-2's byte → unicode table (`bytes_to_unicode`): printable bytes map to themselves, the rest
-/// to 256 + n in order.
-fn byte_level_char(b: u8) -> char {
-    let printable = |c: u8| {
-        (b'!'..=b'~').contains(&c) || (0xA1..=0xAC).contains(&c) || (0xAE..=0xFF).contains(&c)
-    };
-    if printable(b) {
-        return b as char;
-    }
-    let n = (0..b).filter(|&c| !printable(c)).count() as u32;
-    char::from_u32(256 + n).expect("valid char")
 }
 
 /// Writes a model as a `transformers` GPT-2 directory: `config.json`, `model.safetensors`,
