@@ -198,19 +198,24 @@ fn locate_gpt2_tokenizer() -> Result<PathBuf> {
         .map_err(|e| anyhow!("GPT-2 tokenizer not in the Hugging Face cache and the Hub is unreachable ({e}): {hint}"))
 }
 
-/// A byte-level BPE encoded by merge rank (tiktoken's algorithm, from the `tiktoken-rs` crate)
-/// instead of by `tokenizers`' merge loop: the same ids, several times faster. Built only for a
-/// `tokenizer.json` whose structure the two algorithms agree on (see [`RankedBpe::from_json`]).
+/// A byte-level BPE encoded by merge rank (tiktoken's algorithm: `tiktoken-rs`'s
+/// `byte_pair_split`) instead of by `tokenizers`' merge loop, after GPT-2's pre-tokenization done
+/// with the `regex` crate's automata rather than a backtracking engine. The same ids, several
+/// times faster. Built only for a `tokenizer.json` whose structure the two algorithms agree on
+/// (see [`RankedBpe::from_json`]).
 struct RankedBpe {
-    core: tiktoken_rs::CoreBPE,
-    has_special_tokens: bool,
+    /// Token bytes → id, special tokens excluded.
+    ranks: FxHashMap<Vec<u8>, u32>,
+    /// Special tokens (text, id), split out of the text before pre-tokenization.
+    specials: Vec<(String, u32)>,
+    pieces: regex::Regex,
 }
 
-/// GPT-2's pre-tokenization pattern, which `tokenizers`' ByteLevel pre-tokenizer applies when
-/// `use_regex` is set (tiktoken's `gpt2` pattern spells the contractions differently and matches
-/// the same pieces).
-const GPT2_PATTERN: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// GPT-2's pre-tokenization pattern (`tokenizers`' ByteLevel with `use_regex`, tiktoken's `gpt2`)
+/// without the lookahead of its `\s+(?!\S)` alternative, which automata cannot express; see
+/// [`RankedBpe::next_piece`] for how it is restored.
+const GPT2_PATTERN_WITHOUT_LOOKAHEAD: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+";
 
 impl RankedBpe {
     /// Ranks for `json` (a serialized `tokenizer.json`), or why they cannot reproduce its ids:
@@ -307,21 +312,73 @@ impl RankedBpe {
             ranks.retain(|_, r| *r != id);
             specials.insert(content.to_string(), id);
         }
-        let has_special_tokens = !specials.is_empty();
-        let core =
-            tiktoken_rs::CoreBPE::new(ranks, specials, GPT2_PATTERN).map_err(|e| e.to_string())?;
+        let pieces =
+            regex::Regex::new(GPT2_PATTERN_WITHOUT_LOOKAHEAD).map_err(|e| e.to_string())?;
+        // Longest first, so that of two specials starting at one place the longer wins, as in
+        // `tokenizers`' added-token matching.
+        let mut specials: Vec<(String, u32)> = specials.into_iter().collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
         Ok(Self {
-            core,
-            has_special_tokens,
+            ranks,
+            specials,
+            pieces,
         })
     }
 
     fn encode(&self, text: &str) -> Vec<u32> {
-        if self.has_special_tokens {
-            self.core.encode_with_special_tokens(text)
-        } else {
-            self.core.encode_ordinary(text)
+        let mut ids = Vec::with_capacity(text.len() / 3);
+        let mut rest = text;
+        loop {
+            let next_special = self
+                .specials
+                .iter()
+                .filter_map(|(s, id)| rest.find(s.as_str()).map(|at| (at, s.len(), *id)))
+                .min_by_key(|&(at, ..)| at);
+            let Some((at, len, id)) = next_special else {
+                self.encode_ordinary(rest, &mut ids);
+                return ids;
+            };
+            self.encode_ordinary(&rest[..at], &mut ids);
+            ids.push(id);
+            rest = &rest[at + len..];
         }
+    }
+
+    fn encode_ordinary(&self, text: &str, ids: &mut Vec<u32>) {
+        let mut at = 0;
+        while at < text.len() {
+            let end = self.next_piece(text, at);
+            let piece = &text.as_bytes()[at..end];
+            match self.ranks.get(piece) {
+                Some(&id) => ids.push(id),
+                None => ids.extend(
+                    tiktoken_rs::byte_pair_split(piece, &self.ranks)
+                        .into_iter()
+                        .map(|part| self.ranks[part]),
+                ),
+            }
+            at = end;
+        }
+    }
+
+    /// The end of the pre-tokenization piece that starts at `at`. The pattern without lookahead
+    /// takes a whole run of whitespace where `\s+(?!\S)` takes all of it but its last character
+    /// when a non-space follows and the run is longer than one character (that last character
+    /// then starts the next piece, " word" say); a run at the end of the text, or of one
+    /// character, is whole in both.
+    fn next_piece(&self, text: &str, at: usize) -> usize {
+        let found = self
+            .pieces
+            .find_at(text, at)
+            .expect("the pattern matches every character");
+        debug_assert_eq!(found.start(), at);
+        let piece = found.as_str();
+        let longer_than_one = piece.chars().nth(1).is_some();
+        if found.end() < text.len() && longer_than_one && piece.chars().all(char::is_whitespace) {
+            let (last, _) = piece.char_indices().next_back().expect("not empty");
+            return at + last;
+        }
+        found.end()
     }
 }
 
