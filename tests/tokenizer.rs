@@ -230,3 +230,27 @@ fn a_tokenizer_the_ranked_encoder_cannot_reproduce_stays_on_tokenizers() {
     // " Hello" is GPT-2's 18435, "Hello" its 15496.
     assert_eq!(tok.encode("Hello world").unwrap(), vec![18435, 995]);
 }
+
+#[test]
+fn special_tokens_are_matched_leftmost_then_longest_as_tokenizers_does() {
+    // GPT-2's tokenizer with two more special tokens, one a prefix of the other.
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::gpt2_tokenizer()).unwrap()).unwrap();
+    let added = json["added_tokens"].as_array_mut().unwrap();
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true})
+    };
+    added.push(special(50257, "<|x|>"));
+    added.push(special(50258, "<|x|>y"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    let tok = Tokenizer::from_file(&path).unwrap();
+    assert_eq!(tok.encoder_name(), "tiktoken-rs");
+    let text = "a<|x|>yb <|x|>z<|endoftext|><|x|><|x|>y";
+    assert_same_ids(&tok, text, "overlapping special tokens");
+    let ids = tok.encode(text).unwrap();
+    let specials: Vec<u32> = ids.into_iter().filter(|&id| id >= 50256).collect();
+    assert_eq!(specials, vec![50258, 50257, 50256, 50257, 50258]);
+}

@@ -206,8 +206,10 @@ fn locate_gpt2_tokenizer() -> Result<PathBuf> {
 struct RankedBpe {
     /// Token bytes → id, special tokens excluded.
     ranks: FxHashMap<Vec<u8>, u32>,
-    /// Special tokens (text, id), split out of the text before pre-tokenization.
-    specials: Vec<(String, u32)>,
+    /// Finds the special tokens, which are split out of the text before pre-tokenization.
+    special_matcher: aho_corasick::AhoCorasick,
+    /// The id of each of `special_matcher`'s patterns.
+    special_ids: Vec<u32>,
     pieces: regex::Regex,
 }
 
@@ -296,7 +298,7 @@ impl RankedBpe {
             }
             last = id;
         }
-        let mut specials: FxHashMap<String, u32> = FxHashMap::default();
+        let mut specials: Vec<(String, u32)> = Vec::new();
         for added in t["added_tokens"].as_array().into_iter().flatten() {
             if added["special"] != true
                 || added["lstrip"] == true
@@ -310,38 +312,33 @@ impl RankedBpe {
                 .ok_or("an added token without content")?;
             let id = added["id"].as_u64().ok_or("an added token without an id")? as u32;
             ranks.retain(|_, r| *r != id);
-            specials.insert(content.to_string(), id);
+            specials.push((content.to_string(), id));
         }
         let pieces =
             regex::Regex::new(GPT2_PATTERN_WITHOUT_LOOKAHEAD).map_err(|e| e.to_string())?;
-        // Longest first, so that of two specials starting at one place the longer wins, as in
-        // `tokenizers`' added-token matching.
-        let mut specials: Vec<(String, u32)> = specials.into_iter().collect();
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        // Leftmost, then longest: `tokenizers`' added-token matching.
+        let special_matcher = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(specials.iter().map(|(s, _)| s))
+            .map_err(|e| e.to_string())?;
         Ok(Self {
             ranks,
-            specials,
+            special_ids: specials.into_iter().map(|(_, id)| id).collect(),
+            special_matcher,
             pieces,
         })
     }
 
     fn encode(&self, text: &str) -> Vec<u32> {
         let mut ids = Vec::with_capacity(text.len() / 3);
-        let mut rest = text;
-        loop {
-            let next_special = self
-                .specials
-                .iter()
-                .filter_map(|(s, id)| rest.find(s.as_str()).map(|at| (at, s.len(), *id)))
-                .min_by_key(|&(at, ..)| at);
-            let Some((at, len, id)) = next_special else {
-                self.encode_ordinary(rest, &mut ids);
-                return ids;
-            };
-            self.encode_ordinary(&rest[..at], &mut ids);
-            ids.push(id);
-            rest = &rest[at + len..];
+        let mut at = 0;
+        for special in self.special_matcher.find_iter(text) {
+            self.encode_ordinary(&text[at..special.start()], &mut ids);
+            ids.push(self.special_ids[special.pattern().as_usize()]);
+            at = special.end();
         }
+        self.encode_ordinary(&text[at..], &mut ids);
+        ids
     }
 
     fn encode_ordinary(&self, text: &str, ids: &mut Vec<u32>) {
