@@ -210,6 +210,7 @@ struct RankedBpe {
     special_matcher: aho_corasick::AhoCorasick,
     /// The id of each of `special_matcher`'s patterns.
     special_ids: Vec<u32>,
+    /// GPT-2's pre-tokenization without its lookahead ([`RankedBpe::next_piece`] restores it).
     pieces: regex::Regex,
 }
 
