@@ -98,12 +98,7 @@ run() {
         mkdir -p "$dir"
         echo "exit status $status at $(date -u +%FT%TZ)" > "$dir/FAILED"
         echo "lr_study: $dir failed (exit $status); recorded in $dir/FAILED" >&2
-        local dest
-        dest=$(archive_of "$dir")
-        mkdir -p "$dest"
-        for f in config.toml run.json metrics.jsonl HOSTS FAILED; do
-            [[ ! -e $dir/$f ]] || cp "$dir/$f" "$dest"
-        done
+        archive_run "$dir"
     fi
 }
 
@@ -168,15 +163,23 @@ grid_and_best() {
     done
 }
 
-# Copies a run that has reached max_steps (its final checkpoint exists) into the report folder.
-archive_if_finished() {
-    local dir=$1 steps dest
-    steps=$(sed -n 's/^max_steps = //p' "$dir/config.toml")
-    [[ -d $dir/checkpoints/step-$(printf '%08d' "$steps") ]] || return 0
+# Copies a run's record (whichever of config.toml, run.json, metrics.jsonl, HOSTS and FAILED it
+# has) into the report folder.
+archive_run() {
+    local dir=$1 dest f
     dest=$(archive_of "$dir")
     mkdir -p "$dest"
-    cp "$dir/config.toml" "$dir/run.json" "$dir/metrics.jsonl" "$dest"
-    [[ ! -e $dir/HOSTS ]] || cp "$dir/HOSTS" "$dest"
+    for f in config.toml run.json metrics.jsonl HOSTS FAILED; do
+        [[ ! -e $dir/$f ]] || cp "$dir/$f" "$dest"
+    done
+}
+
+# Archives a run that has reached max_steps (its final checkpoint exists).
+archive_if_finished() {
+    local dir=$1 steps
+    steps=$(sed -n 's/^max_steps = //p' "$dir/config.toml")
+    [[ -d $dir/checkpoints/step-$(printf '%08d' "$steps") ]] || return 0
+    archive_run "$dir"
 }
 
 # Every finished run (archived ones, and any not yet archived) compared into $REPORT.

@@ -549,18 +549,13 @@ fn independent_chunks(text: &str, target: usize) -> Vec<&str> {
     chunks
 }
 
-/// Tokenizes a whole corpus, in parallel chunks for BPE tokenizers.
+/// Tokenizes a whole corpus in parallel, in chunks cut where no token can span the cut.
 fn tokenize_corpus(text: &str, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
-    match tokenizer {
-        Tokenizer::Byte => tokenizer.encode(text),
-        Tokenizer::Hf(_) => {
-            let pieces: Vec<Vec<u32>> = independent_chunks(text, 1 << 20)
-                .into_par_iter()
-                .map(|chunk| tokenizer.encode(chunk))
-                .collect::<Result<_>>()?;
-            Ok(pieces.concat())
-        }
-    }
+    let pieces: Vec<Vec<u32>> = independent_chunks(text, 1 << 20)
+        .into_par_iter()
+        .map(|chunk| tokenizer.encode(chunk))
+        .collect::<Result<_>>()?;
+    Ok(pieces.concat())
 }
 
 /// How training windows are drawn.

@@ -671,10 +671,7 @@ fn load_tokenizer(opts: &PrepareOptions) -> Result<(Tokenizer, TokenizerRecord)>
             Tokenizer::from_file(Path::new(path))?
         }
     };
-    let Tokenizer::Hf(hf) = &tokenizer else {
-        unreachable!("byte is refused above")
-    };
-    let Some(end_of_text) = hf.token_to_id(END_OF_TEXT) else {
+    let Some(end_of_text) = tokenizer.token_to_id(END_OF_TEXT) else {
         bail!(
             "tokenizer {} has no {END_OF_TEXT} token, which prepare writes before each document",
             opts.tokenizer

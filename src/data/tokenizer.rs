@@ -47,11 +47,6 @@ impl HfTokenizer {
         };
         Ok(Self { hf, ranked })
     }
-
-    /// The id of a token given as its text (`<|endoftext|>`, say).
-    pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.hf.token_to_id(token)
-    }
 }
 
 impl Tokenizer {
@@ -142,7 +137,7 @@ impl Tokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         match self {
             Self::Byte => None,
-            Self::Hf(t) => t.token_to_id(token),
+            Self::Hf(t) => t.hf.token_to_id(token),
         }
     }
 

@@ -235,10 +235,7 @@ pub fn write_transformers_dir(
     )?;
     crate::fsutil::write_atomic(&out.join("model.safetensors"), &bytes)?;
 
-    let eot = match tokenizer {
-        Tokenizer::Hf(t) => t.token_to_id(crate::data::tokenizer::END_OF_TEXT),
-        Tokenizer::Byte => None,
-    };
+    let eot = tokenizer.token_to_id(crate::data::tokenizer::END_OF_TEXT);
     let config = json!({
         "activation_function": "gelu_new",
         "add_cross_attention": false,
