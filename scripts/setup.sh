@@ -7,21 +7,36 @@
 # f32 on gemm, and `dtype = "bf16"` on CPU is refused; the tests need it. On Debian and Ubuntu it
 # is the package libdnnl2 (Debian 12: oneDNN 2.6; installed with apt-get when we are root or have
 # password-less sudo). Elsewhere, put any oneDNN 2.x libdnnl.so.2 on the library path.
+#
+# `--mpi` also installs what data-parallel training needs (`cargo build --release --features mpi`,
+# then `mpirun -np N`): OpenMPI (openmpi-bin, libopenmpi-dev) and libclang-dev for the bindings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+with_mpi=false
+for arg in "$@"; do
+    case "$arg" in
+        --mpi) with_mpi=true ;;
+        *) echo "setup: unknown argument '$arg' (known: --mpi)" >&2; exit 2 ;;
+    esac
+done
+
 have_onednn() { ldconfig -p 2>/dev/null | grep -q 'libdnnl\.so\.2 '; }
 
-if ! have_onednn; then
-    sudo=()
+# apt_install PACKAGE...: with apt-get when we are root or have password-less sudo; false otherwise.
+apt_install() {
+    local sudo=()
     if [[ $(id -u) != 0 ]] && sudo -n true 2>/dev/null; then
         sudo=(sudo -n)
     fi
-    if command -v apt-get > /dev/null && { [[ $(id -u) == 0 ]] || ((${#sudo[@]})); }; then
-        echo "setup: installing oneDNN (libdnnl2) with apt-get" >&2
-        "${sudo[@]}" apt-get install -y -q libdnnl2 > /dev/null 2>&1 ||
-            { "${sudo[@]}" apt-get update -q > /dev/null && "${sudo[@]}" apt-get install -y -q libdnnl2 > /dev/null; }
-    fi
+    command -v apt-get > /dev/null && { [[ $(id -u) == 0 ]] || ((${#sudo[@]})); } || return 1
+    "${sudo[@]}" apt-get install -y -q "$@" > /dev/null 2>&1 ||
+        { "${sudo[@]}" apt-get update -q > /dev/null && "${sudo[@]}" apt-get install -y -q "$@" > /dev/null; }
+}
+
+if ! have_onednn; then
+    echo "setup: installing oneDNN (libdnnl2) with apt-get" >&2
+    apt_install libdnnl2 || true
 fi
 if have_onednn; then
     echo "setup: oneDNN found ($(ldconfig -p | grep -m1 'libdnnl\.so\.2 ' | sed 's/.*=> //'))" >&2
@@ -38,5 +53,13 @@ if [[ ! -x .venv-tensorboard/bin/python ]] || ! .venv-tensorboard/bin/python -c 
     else
         echo "setup: could not install tensorboard (needs python3-venv and PyPI): the TensorBoard test will fail until TENSORBOARD_PYTHON names a python that has it" >&2
     fi
+fi
+if $with_mpi; then
+    if ! command -v mpirun > /dev/null || ! command -v mpicc > /dev/null || ! ldconfig -p | grep -q 'libclang'; then
+        echo "setup: installing OpenMPI and libclang (openmpi-bin libopenmpi-dev libclang-dev) with apt-get" >&2
+        apt_install openmpi-bin libopenmpi-dev libclang-dev ||
+            { echo "setup: cannot install OpenMPI here: install an MPI library and libclang, then build with --features mpi" >&2; exit 1; }
+    fi
+    echo "setup: $(mpirun --version 2>&1 | head -1)" >&2
 fi
 bash scripts/get_data.sh

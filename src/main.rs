@@ -3,10 +3,12 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use gpt_pretrain::config::TrainConfig;
+use gpt_pretrain::dist::World;
 use gpt_pretrain::tools::sample::{sample, SampleOptions};
-use gpt_pretrain::train::{train_new, train_resume, Interrupted, Reporting, ResumeOptions};
+use gpt_pretrain::train::{train_new_in, train_resume_in, Interrupted, Reporting, ResumeOptions};
 use std::io::Write;
 use std::path::PathBuf;
+use std::rc::Rc;
 
 #[derive(Parser)]
 #[command(
@@ -216,17 +218,43 @@ fn main() {
     // candle allocates a fresh buffer per op; glibc's default thresholds return large ones to the
     // kernel and fault them back in every step (~15% of CPU time; see CANDLE-NOTES).
     gpt_pretrain::fsutil::tune_allocator();
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    let world = match World::from_launcher() {
+        Ok(world) => Rc::new(world),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = run(cli, &world) {
+        // Output of rank 0 reads as a single process's; other ranks say who they are.
+        let rank = match world.rank() {
+            0 => String::new(),
+            r => format!("rank {r}: "),
+        };
         if let Some(stop) = e.downcast_ref::<Interrupted>() {
-            eprintln!("{stop}");
+            if world.is_root() {
+                eprintln!("{stop}");
+            }
+            // Every rank stopped after the same step: finish MPI cleanly, or the launcher would
+            // count the exit as a crash.
+            std::mem::forget(world);
             std::process::exit(128 + stop.signal);
         }
-        eprintln!("error: {e:#}");
+        eprintln!("{rank}error: {e:#}");
+        // The other ranks may be waiting for this one in a collective: end them too.
+        world.abort(1);
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, world: &Rc<World>) -> Result<()> {
+    if world.size() > 1 && !matches!(cli.command, Command::Train { .. }) {
+        bail!(
+            "only `train` runs on several ranks; start other commands without mpirun (this job has {} ranks)",
+            world.size()
+        );
+    }
     match cli.command {
         Command::Train {
             config,
@@ -243,7 +271,8 @@ fn run(cli: Cli) -> Result<()> {
             let file = config.as_deref().map(TrainConfig::read_table).transpose()?;
             let reporting = Reporting { quiet };
             let summary = match resume {
-                Some(run_dir) => train_resume(
+                Some(run_dir) => train_resume_in(
+                    Rc::clone(world),
                     &run_dir,
                     file,
                     &set,
@@ -258,10 +287,10 @@ fn run(cli: Cli) -> Result<()> {
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_else(|| "default".into());
                     let run_dir = out.unwrap_or_else(|| PathBuf::from("runs").join(name));
-                    train_new(cfg, &run_dir, &reporting)?
+                    train_new_in(Rc::clone(world), cfg, &run_dir, &reporting)?
                 }
             };
-            if !quiet {
+            if !quiet && world.is_root() {
                 match summary.best_val_loss {
                     Some(best) => println!(
                         "done: {} at step {}, best val loss {best:.4}",

@@ -711,3 +711,26 @@ fn without_onednn_f32_runs_on_gemm_and_cpu_bf16_is_refused() {
     fails_with(&out, "needs oneDNN");
     assert!(!ws.path("bf16").join("metrics.jsonl").exists());
 }
+
+/// Under a launcher that asks for several ranks, a build without MPI would train N unrelated
+/// copies of the run: it refuses instead.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_several_ranks() {
+    let ws = Workspace::new();
+    let cfg = ws.config("ranks", &tinyshakespeare(), "");
+    let out = ws.train_env(
+        &["--config", cfg.to_str().unwrap()],
+        &[("OMPI_COMM_WORLD_SIZE", "2"), ("OMPI_COMM_WORLD_RANK", "0")],
+    );
+    fails_with(
+        &out,
+        "started by an MPI launcher with 2 ranks, but this build has no MPI support",
+    );
+    assert!(!ws.path("runs").exists());
+    // A launcher's world of one is a plain run.
+    ok(&ws.train_env(
+        &["--config", cfg.to_str().unwrap(), "--set", "max_steps=2"],
+        &[("OMPI_COMM_WORLD_SIZE", "1")],
+    ));
+}

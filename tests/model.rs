@@ -302,6 +302,7 @@ fn checkpoint_round_trip_is_exact_and_checksummed() {
         best_val_loss: Some(2.5),
         config_hash: "abc".into(),
         skipped_steps: 0,
+        world_size: 1,
         checksums: Default::default(),
     };
     for step in 1..=4 {

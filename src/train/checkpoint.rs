@@ -38,6 +38,9 @@ pub struct TrainState {
     /// Steps skipped for a non-finite loss or gradient (`nan_policy = "skip"`).
     #[serde(default)]
     pub skipped_steps: u64,
+    /// How many data-parallel ranks trained the run (1 for checkpoints older than the field).
+    #[serde(default = "one")]
+    pub world_size: usize,
     /// SHA-256 of each file in the checkpoint.
     #[serde(default)]
     pub checksums: BTreeMap<String, String>,
@@ -58,6 +61,26 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 
 fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Where the checkpoint of `step` lives once complete.
+pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(step_dir_name(step))
+}
+
+/// SHA-256 over the model and optimizer tensors as a checkpoint serializes them: equal digests,
+/// equal bytes on disk.
+pub fn digest(
+    model: &BTreeMap<String, Tensor>,
+    optimizer: &BTreeMap<String, Tensor>,
+) -> Result<String> {
+    let mut bytes = serialize(model)?;
+    bytes.extend(serialize(optimizer)?);
+    Ok(sha256_hex(&bytes))
 }
 
 fn serialize(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {

@@ -5,7 +5,10 @@
 //!   that a kill can leave a torn line;
 //! - `GPT_PRETRAIN_ENOSPC_AT_STEP=N`: the checkpoint of step N fails with ENOSPC halfway through
 //!   its optimizer file (where a small tmpfs cannot be mounted);
-//! - `GPT_PRETRAIN_INJECT_NAN_AT_STEP=N`: step N's loss is NaN.
+//! - `GPT_PRETRAIN_INJECT_NAN_AT_STEP=N`: step N's loss is NaN;
+//! - `GPT_PRETRAIN_DESYNC_RANK=R`: in a data-parallel run, rank R nudges one parameter after its
+//!   first step, as a fault that made ranks drift apart would (the checkpoint comparison must stop
+//!   the run).
 //!
 //! `prepare`'s own (`GPT_PRETRAIN_PREPARE_ABORT_AT_TOKEN`) lives in `data::prepare`, below this
 //! module.
@@ -42,4 +45,9 @@ pub fn enospc_at(step: u64) -> bool {
 pub fn nan_at(step: u64) -> bool {
     static AT: OnceLock<Option<u64>> = OnceLock::new();
     *AT.get_or_init(|| env_u64("GPT_PRETRAIN_INJECT_NAN_AT_STEP")) == Some(step)
+}
+
+/// Whether `rank` should knock its parameters out of step with the other ranks.
+pub fn desync_rank(rank: usize) -> bool {
+    env_u64("GPT_PRETRAIN_DESYNC_RANK") == Some(rank as u64)
 }

@@ -6,6 +6,12 @@
 //! `checkpoints/`. On CPU a resumed run is bitwise identical to an uninterrupted one: parameters,
 //! optimizer moments and the data stream position are restored exactly, the schedule is a pure
 //! function of the step, and dropout masks are drawn from a stream keyed by the step.
+//!
+//! Data parallel ([`crate::dist`]): each of N ranks draws `batch_size × grad_accum` sequences of a
+//! global step of N × `grad_accum` micro-batches (every rank walks the whole sample stream and
+//! computes its own contiguous share), the gradients are summed in rank order, and every rank
+//! applies the same update. Rank 0 alone writes the run directory. On CPU in f32 this is bitwise
+//! one process with `grad_accum` N times as large.
 
 pub mod checkpoint;
 pub mod faults;
@@ -23,6 +29,7 @@ pub use run_dir::{
 
 use crate::config::{NanPolicy, TrainConfig};
 use crate::data::{eval_windows, BatchSampler, Split, TokenData};
+use crate::dist::World;
 use crate::model::{Gpt, GptConfig, Params};
 use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
@@ -36,6 +43,7 @@ use runlock::RunLock;
 use schedule::Schedule;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 /// How a training run ended.
@@ -91,7 +99,17 @@ impl std::error::Error for Interrupted {}
 /// Starts a new run in `run_dir`, which must not exist yet (or be empty), and trains it to
 /// `max_steps`.
 pub fn train_new(cfg: TrainConfig, run_dir: &Path, reporting: &Reporting) -> Result<TrainSummary> {
-    Trainer::start(cfg, run_dir, reporting)?.run()
+    train_new_in(Rc::new(World::single()), cfg, run_dir, reporting)
+}
+
+/// [`train_new`] as one rank of `world` (every rank calls it with the same arguments).
+pub fn train_new_in(
+    world: Rc<World>,
+    cfg: TrainConfig,
+    run_dir: &Path,
+    reporting: &Reporting,
+) -> Result<TrainSummary> {
+    Trainer::start(world, cfg, run_dir, reporting)?.run()
 }
 
 /// Continues the run in `run_dir` from its newest complete checkpoint to `max_steps`.
@@ -104,11 +122,26 @@ pub fn train_resume(
     options: &ResumeOptions,
     reporting: &Reporting,
 ) -> Result<TrainSummary> {
-    Trainer::resume(run_dir, config_file, overrides, options, reporting)?.run()
+    let world = Rc::new(World::single());
+    train_resume_in(world, run_dir, config_file, overrides, options, reporting)
 }
 
-/// Mean loss over fixed windows, without dropout.
+/// [`train_resume`] as one rank of `world` (every rank calls it with the same arguments).
+pub fn train_resume_in(
+    world: Rc<World>,
+    run_dir: &Path,
+    config_file: Option<toml::Table>,
+    overrides: &[String],
+    options: &ResumeOptions,
+    reporting: &Reporting,
+) -> Result<TrainSummary> {
+    Trainer::resume(world, run_dir, config_file, overrides, options, reporting)?.run()
+}
+
+/// Mean loss over fixed windows, without dropout. Ranks share the windows; the mean is summed in
+/// window order whatever the world size, so it does not depend on it.
 fn evaluate(
+    world: &World,
     model: &Gpt,
     data: &TokenData,
     split: Split,
@@ -124,13 +157,21 @@ fn evaluate(
         cfg.eval_batch_size.unwrap_or(cfg.batch_size),
         block,
     );
-    let mut total = 0.0;
-    for starts in &windows {
+    let mut per_window = vec![0.0; windows.len()];
+    for (i, starts) in windows.iter().enumerate() {
+        if i % world.size() != world.rank() {
+            continue;
+        }
         let (x, y) = data.batch(split, starts, block, device)?;
-        total += model
+        per_window[i] = model
             .eval_loss(&x, &y)?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
+    }
+    world.sum_disjoint_f64(&mut per_window);
+    let mut total = 0.0;
+    for loss in per_window {
+        total += loss;
     }
     Ok(total / windows.len() as f64)
 }
@@ -155,6 +196,30 @@ pub fn grad_norm(params: &Params, grads: &GradStore) -> Result<f64> {
             .to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
+}
+
+/// The gradients of `params` in name order, as one f32 vector (what ranks exchange).
+fn flatten_grads(params: &Params, grads: &GradStore) -> Result<Vec<f32>> {
+    let mut flat = Vec::with_capacity(params.vars().map(|v| v.elem_count()).sum());
+    for (name, var) in params.named_vars() {
+        let g = grads
+            .get(var.as_tensor())
+            .with_context(|| format!("parameter {name} got no gradient"))?;
+        flat.extend(g.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(flat)
+}
+
+/// Replaces the gradients in `grads` by the slices of `flat` ([`flatten_grads`]'s layout).
+fn unflatten_grads(params: &Params, flat: &[f32], grads: &mut GradStore) -> Result<()> {
+    let mut offset = 0;
+    for var in params.vars() {
+        let n = var.elem_count();
+        let g = Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?;
+        grads.insert(var.as_tensor(), g);
+        offset += n;
+    }
+    Ok(())
 }
 
 /// Multiplies every gradient by `factor`.
@@ -195,6 +260,8 @@ fn print_config(
 /// [`Trainer::start`] (new run) or [`Trainer::resume`] (from a checkpoint), consumed by
 /// [`Trainer::run`].
 struct Trainer {
+    /// The ranks this run is spread over (a world of one unless launched by MPI).
+    world: Rc<World>,
     cfg: TrainConfig,
     run_dir: PathBuf,
     device: Device,
@@ -203,11 +270,12 @@ struct Trainer {
     model: Gpt,
     optimizer: Box<dyn Optimizer>,
     position: Position,
-    metrics: Metrics,
+    /// Rank 0's; the other ranks write nothing.
+    metrics: Option<Metrics>,
     config_hash: String,
     quiet: bool,
-    /// Held for the trainer's life: no second process trains in the same directory.
-    _lock: RunLock,
+    /// Rank 0 holds it for the trainer's life: no second process trains in the same directory.
+    _lock: Option<RunLock>,
 }
 
 /// Where a run stands between steps: what a checkpoint saves besides the tensors.
@@ -239,13 +307,24 @@ struct StepOutcome {
     lr: f64,
     /// Skipped for a non-finite loss or gradient (`nan_policy = "skip"`).
     skipped: bool,
+    /// Data parallel: seconds this rank spent exchanging losses and gradients, waiting for slower
+    /// ranks included.
+    reduce_secs: Option<f64>,
 }
 
 impl Trainer {
     /// Evaluates both splits on the fixed windows and logs the result.
     fn evaluate(&mut self) -> Result<(f64, f64)> {
-        let val = evaluate(&self.model, &self.data, Split::Val, &self.cfg, &self.device)?;
+        let val = evaluate(
+            &self.world,
+            &self.model,
+            &self.data,
+            Split::Val,
+            &self.cfg,
+            &self.device,
+        )?;
         let train = evaluate(
+            &self.world,
             &self.model,
             &self.data,
             Split::Train,
@@ -261,16 +340,53 @@ impl Trainer {
         if self.position.best_val_loss.is_none_or(|b| val < b) {
             self.position.best_val_loss = Some(val);
         }
-        self.metrics.write(serde_json::json!({
+        self.log(serde_json::json!({
             "step": self.position.step, "tokens": self.position.tokens, "split": "val", "loss": val, "train_loss": train,
         }))?;
         Ok((val, train))
     }
 
+    /// Appends an event to the metrics (rank 0).
+    fn log(&mut self, event: serde_json::Value) -> Result<()> {
+        match &mut self.metrics {
+            Some(metrics) => metrics.write(event),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes the metrics to disk (rank 0).
+    fn sync_metrics(&mut self) -> Result<()> {
+        match &mut self.metrics {
+            Some(metrics) => metrics.sync(),
+            None => Ok(()),
+        }
+    }
+
+    /// Micro-batches per optimizer step, over all ranks.
+    fn global_accum(&self) -> usize {
+        self.cfg.grad_accum * self.world.size()
+    }
+
     /// Writes a checkpoint of the current step (metrics are synced first, so every saved step has
-    /// its events on disk).
+    /// its events on disk). Ranks first compare digests of their parameters and optimizer state,
+    /// and stop on any difference; rank 0 writes while the others wait.
     fn checkpoint(&mut self) -> Result<PathBuf> {
-        self.metrics.sync()?;
+        let model = self.params.tensors();
+        let optimizer = self.optimizer.state_tensors()?;
+        if self.world.size() > 1 {
+            self.world.require_same(
+                &format!(
+                    "model and optimizer state after step {}",
+                    self.position.step
+                ),
+                &checkpoint::digest(&model, &optimizer)?,
+            )?;
+        }
+        if !self.world.is_root() {
+            self.world.barrier();
+            return Ok(checkpoint::step_dir(&self.run_dir, self.position.step));
+        }
+        self.sync_metrics()?;
         let state = TrainState {
             step: self.position.step,
             tokens: self.position.tokens,
@@ -279,15 +395,12 @@ impl Trainer {
             best_val_loss: self.position.best_val_loss,
             config_hash: self.config_hash.clone(),
             skipped_steps: self.position.skipped_steps,
+            world_size: self.world.size(),
             checksums: Default::default(),
         };
-        checkpoint::save(
-            &self.run_dir,
-            &self.params.tensors(),
-            &self.optimizer.state_tensors()?,
-            state,
-            self.cfg.keep_last,
-        )
+        let saved = checkpoint::save(&self.run_dir, &model, &optimizer, state, self.cfg.keep_last)?;
+        self.world.barrier();
+        Ok(saved)
     }
 
     /// Evaluates, then checkpoints unless this is the step-0 evaluation; returns the val loss.
@@ -296,7 +409,7 @@ impl Trainer {
         let saved = if self.position.step > 0 {
             format!(", saved {}", self.checkpoint()?.display())
         } else {
-            self.metrics.sync()?;
+            self.sync_metrics()?;
             String::new()
         };
         if !self.quiet {
@@ -310,25 +423,37 @@ impl Trainer {
 
     /// One optimizer step: micro-steps with gradient accumulation, clipping, update.
     fn train_step(&mut self, schedule: &Schedule) -> Result<StepOutcome> {
+        let world = Rc::clone(&self.world);
+        let accum = self.global_accum();
         let cfg = &self.cfg;
         let block = self.model.config().block_size;
         let lr = schedule.lr_at(self.position.step as usize);
+        // This rank's contiguous share of the step's micro-batches.
+        let mine = world.rank() * cfg.grad_accum..(world.rank() + 1) * cfg.grad_accum;
+        // Rank 0: the running sum of its micro-gradients. Other ranks: their first micro-gradient,
+        // kept as the container the reduced sum goes into.
         let mut grads: Option<GradStore> = None;
+        // Ranks after 0: each micro-gradient, flat and in order, to be added one by one to the sum
+        // that arrives from the rank before.
+        let mut terms: Vec<Vec<f32>> = Vec::new();
         // Micro-step losses stay on the device until the step ends: one transfer per step.
         let mut losses = Vec::with_capacity(cfg.grad_accum);
-        for micro in 0..cfg.grad_accum {
+        for micro in 0..accum {
             let starts = self.position.sampler.next_starts(
                 self.data.split_len(Split::Train),
                 block,
                 cfg.batch_size,
             );
+            if !mine.contains(&micro) {
+                continue;
+            }
             let (x, y) = self
                 .data
                 .batch(Split::Train, &starts, block, &self.device)?;
             // Dropout masks come from a stream keyed by (seed, micro-step index): no state to save.
             let mut dropout_rng = (self.model.config().dropout > 0.0).then(|| {
                 let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-                rng.set_stream(1 + self.position.step * cfg.grad_accum as u64 + micro as u64);
+                rng.set_stream(1 + self.position.step * accum as u64 + micro as u64);
                 rng
             });
             let mut loss = self.model.loss(&x, &y, dropout_rng.as_mut())?;
@@ -336,12 +461,17 @@ impl Trainer {
                 loss = (loss * f64::NAN)?;
             }
             losses.push(loss.detach().to_dtype(DType::F64)?);
-            let loss = if cfg.grad_accum > 1 {
-                (loss / cfg.grad_accum as f64)?
+            let loss = if accum > 1 {
+                (loss / accum as f64)?
             } else {
                 loss
             };
             let g = loss.backward()?;
+            if !world.is_root() {
+                terms.push(flatten_grads(&self.params, &g)?);
+                grads.get_or_insert(g);
+                continue;
+            }
             match grads.as_mut() {
                 None => grads = Some(g),
                 Some(acc) => {
@@ -357,9 +487,31 @@ impl Trainer {
                 }
             }
         }
-        let loss =
-            Tensor::stack(&losses, 0)?.sum_all()?.to_scalar::<f64>()? / cfg.grad_accum as f64;
         let mut grads = grads.expect("grad_accum >= 1");
+        let reduce_started = Instant::now();
+        let loss = if world.size() == 1 {
+            Tensor::stack(&losses, 0)?.sum_all()?.to_scalar::<f64>()? / accum as f64
+        } else {
+            // Every micro-step's loss in global order, summed as one process would.
+            let local = losses
+                .iter()
+                .map(|l| l.to_scalar::<f64>())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let all = world.gather_f64(&local);
+            Tensor::from_vec(all, accum, &Device::Cpu)?
+                .sum_all()?
+                .to_scalar::<f64>()?
+                / accum as f64
+        };
+        if world.size() > 1 {
+            let terms = match world.is_root() {
+                true => vec![flatten_grads(&self.params, &grads)?],
+                false => terms,
+            };
+            let total = world.sum_in_rank_order(terms);
+            unflatten_grads(&self.params, &total, &mut grads)?;
+        }
+        let reduce_secs = (world.size() > 1).then(|| reduce_started.elapsed().as_secs_f64());
         let norm = grad_norm(&self.params, &grads)?;
         let finite = loss.is_finite() && norm.is_finite();
         if !finite {
@@ -383,13 +535,18 @@ impl Trainer {
             }
             self.optimizer.update(&grads, lr)?;
         }
+        if self.position.step == 0 && world.size() > 1 && faults::desync_rank(world.rank()) {
+            let first = self.params.vars().next().expect("a model has parameters");
+            first.set(&(first.as_tensor() + 1e-3)?)?;
+        }
         self.position.step += 1;
-        self.position.tokens += (cfg.batch_size * cfg.grad_accum * block) as u64;
+        self.position.tokens += (cfg.batch_size * accum * block) as u64;
         Ok(StepOutcome {
             loss,
             norm,
             lr,
             skipped: !finite,
+            reduce_secs,
         })
     }
 
@@ -432,7 +589,7 @@ impl Trainer {
             bar
         });
         let tokens_per_step =
-            (self.cfg.batch_size * self.cfg.grad_accum * self.model.config().block_size) as f64;
+            (self.cfg.batch_size * self.global_accum() * self.model.config().block_size) as f64;
 
         while self.position.step < max_steps {
             let started = Instant::now();
@@ -444,6 +601,9 @@ impl Trainer {
                 "step": step, "tokens": self.position.tokens, "split": "train", "loss": out.loss, "lr": out.lr,
                 "grad_norm": out.norm, "ms": secs * 1e3, "tok_per_s": tok_per_s,
             });
+            if let Some(reduce) = out.reduce_secs {
+                event["reduce_ms"] = (reduce * 1e3).into();
+            }
             if out.skipped {
                 // JSON has no NaN: a skipped step logs null loss and norm, and says it was skipped.
                 event["loss"] = serde_json::Value::Null;
@@ -455,7 +615,7 @@ impl Trainer {
                 out.loss, out.norm, self.position.skipped_steps
             );
             }
-            self.metrics.write(event)?;
+            self.log(event)?;
             if let Some(bar) = &progress {
                 bar.set_position(step);
                 bar.set_message(format!("loss {:.4} | {tok_per_s:.0} tok/s", out.loss));
@@ -468,7 +628,10 @@ impl Trainer {
                 secs * 1e3
             );
             }
-            if let Some(signal) = signals::requested() {
+            // Ranks agree on stopping: a signal that reached only some of them stops all of them
+            // after the same step.
+            let signal = self.world.max_i32(signals::requested().unwrap_or(0));
+            if signal != 0 {
                 // Finish what this step started: checkpoint it, then stop.
                 let checkpoint = self.checkpoint()?;
                 if let Some(bar) = &progress {

@@ -30,9 +30,16 @@ pub struct RunHeader {
     pub n_tokens: usize,
     pub n_params: usize,
     pub model: GptConfig,
+    /// Data-parallel ranks the run started with (1 for runs older than the field).
+    #[serde(default = "one")]
+    pub world_size: usize,
     /// Changes accepted on resume with `--allow-data-change`, one line each.
     #[serde(default)]
     pub overrides: Vec<String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The run directory's resolved config.

@@ -1,6 +1,7 @@
 //! How a trainer comes to be: a new run (inputs checked before the disk is touched, then the run
 //! directory written) or a resumed one (the saved config, the newest complete checkpoint, and what
-//! a crash may have left behind cleaned up).
+//! a crash may have left behind cleaned up). In a data-parallel run every rank builds the same
+//! trainer, they check that they agree, and rank 0 alone touches the run directory.
 
 use super::checkpoint;
 use super::metrics::{self, Metrics};
@@ -13,16 +14,19 @@ use super::{Position, Reporting, ResumeOptions, Trainer};
 use crate::config::{ScheduleKind, TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
 use crate::data::tokenizer::Tokenizer;
 use crate::data::{BatchSampler, DataSource, TokenData};
+use crate::dist::World;
 use crate::model::{Gpt, Params};
 use crate::optim::{self, Optimizer};
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 impl Trainer {
     /// A new run in `run_dir`, which must not exist yet (or be empty): checks every input, then
     /// writes the config, the header and (for a trained BPE) the tokenizer.
     pub(super) fn start(
+        world: Rc<World>,
         mut cfg: TrainConfig,
         run_dir: &Path,
         reporting: &Reporting,
@@ -38,6 +42,7 @@ impl Trainer {
             );
         }
         let device = crate::device::parse_device(&cfg.device)?;
+        require_cpu_for_ranks(&world, &device)?;
         let source = DataSource::resolve(&cfg.data, cfg.val_data.as_deref())?;
         let tokenizer = match cfg.tokenizer {
             TokenizerKind::Byte => Tokenizer::Byte,
@@ -59,18 +64,41 @@ impl Trainer {
             false => None,
         };
         let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
-        let data = TokenData::from_source(
-            &source,
-            &tokenizer,
-            Path::new(&cfg.cache_dir),
-            cfg.val_fraction,
-            model_cfg.block_size,
-        )?;
+        let data = root_first(&world, || {
+            TokenData::from_source(
+                &source,
+                &tokenizer,
+                Path::new(&cfg.cache_dir),
+                cfg.val_fraction,
+                model_cfg.block_size,
+            )
+        })?;
         let params = match &pretrained {
             Some(dir) => crate::model::hf::read_weights(dir, &model_cfg, &device)?,
             None => Params::init(&model_cfg, cfg.seed, DType::F32, &device)?,
         };
         let optimizer = build_optimizer(&cfg, &params)?;
+        let corpus_sha256 = source.sha256()?;
+        let tokenizer_sha256 = tokenizer.fingerprint()?;
+        require_agreement(&world, &cfg, &corpus_sha256, &tokenizer_sha256, None)?;
+        let quiet = reporting.quiet || !world.is_root();
+        if !world.is_root() {
+            return Ok(Trainer {
+                model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
+                metrics: None,
+                config_hash: identity_hash(&cfg)?,
+                position: Position::start(cfg.seed, cfg.sampling),
+                cfg,
+                run_dir: run_dir.to_path_buf(),
+                device,
+                data,
+                params,
+                optimizer,
+                quiet,
+                world,
+                _lock: None,
+            });
+        }
         warn_about_schedule(&cfg, false);
 
         // Inputs are valid: only now touch the disk.
@@ -91,12 +119,13 @@ impl Trainer {
             device: cfg.device.clone(),
             start_time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             corpus: source.describe(&cfg.data),
-            corpus_sha256: source.sha256()?,
-            tokenizer_sha256: tokenizer.fingerprint()?,
+            corpus_sha256,
+            tokenizer_sha256,
             vocab_size: tokenizer.vocab_size(),
             n_tokens: data.len(),
             n_params: model_cfg.n_params(),
             model: model_cfg.clone(),
+            world_size: world.size(),
             overrides: Vec::new(),
         };
         crate::fsutil::write_atomic(
@@ -111,7 +140,7 @@ impl Trainer {
         }
         Ok(Trainer {
             model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
-            metrics: Metrics::open(run_dir, None)?,
+            metrics: Some(Metrics::open(run_dir, None)?),
             config_hash: identity_hash(&cfg)?,
             position: Position::start(cfg.seed, cfg.sampling),
             cfg,
@@ -120,14 +149,16 @@ impl Trainer {
             data,
             params,
             optimizer,
-            quiet: reporting.quiet,
-            _lock: lock,
+            quiet,
+            world,
+            _lock: Some(lock),
         })
     }
 
     /// The run in `run_dir` at its newest complete checkpoint. `config_file` (if given)
     /// and `overrides` may change only [`RESUME_OVERRIDABLE`] keys.
     pub(super) fn resume(
+        world: Rc<World>,
         run_dir: &Path,
         config_file: Option<toml::Table>,
         overrides: &[String],
@@ -135,7 +166,8 @@ impl Trainer {
         reporting: &Reporting,
     ) -> Result<Self> {
         let saved = load_run_config(run_dir)?;
-        let lock = RunLock::acquire(run_dir)?;
+        let root = world.is_root();
+        let lock = root.then(|| RunLock::acquire(run_dir)).transpose()?;
         let mut table = saved.to_table()?;
         if let Some(file) = config_file {
             let requested = TrainConfig::from_table(file)?;
@@ -167,7 +199,19 @@ impl Trainer {
         let mut header = load_run_header(run_dir)?;
 
         let device = crate::device::parse_device(&cfg.device)?;
+        require_cpu_for_ranks(&world, &device)?;
         let ckpt = checkpoint::load_latest(run_dir, &device)?;
+        if ckpt.state.world_size != world.size() {
+            // Another count would change the global batch (world size × batch_size × grad_accum)
+            // and with it the sample stream's split: not the run that was started.
+            bail!(
+                "checkpoint {} was trained on {} rank(s) and this job has {}; resume it with the \
+                 same number of ranks (mpirun -np {1})",
+                ckpt.dir.display(),
+                ckpt.state.world_size,
+                world.size()
+            );
+        }
         if ckpt.state.config_hash != identity_hash(&cfg)? {
             bail!(
                 "checkpoint {} was written with a different config than {}",
@@ -203,27 +247,45 @@ impl Trainer {
                 );
             }
             for change in changes {
-                eprintln!("warning: resuming with a changed {change}");
+                if root {
+                    eprintln!("warning: resuming with a changed {change}");
+                }
                 header.overrides.push(format!(
                     "at step {}: {change}, accepted with --allow-data-change",
                     ckpt.state.step
                 ));
             }
-            header.corpus_sha256 = data_sha256;
-            header.tokenizer_sha256 = fingerprint;
-            crate::fsutil::write_atomic(
-                &run_dir.join(RUN_FILE),
-                serde_json::to_string_pretty(&header)?.as_bytes(),
-            )?;
+            header.corpus_sha256 = data_sha256.clone();
+            header.tokenizer_sha256 = fingerprint.clone();
+            if root {
+                crate::fsutil::write_atomic(
+                    &run_dir.join(RUN_FILE),
+                    serde_json::to_string_pretty(&header)?.as_bytes(),
+                )?;
+            }
         }
-        let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
-        let data = TokenData::from_source(
-            &source,
-            &tokenizer,
-            Path::new(&cfg.cache_dir),
-            cfg.val_fraction,
-            model_cfg.block_size,
+        let checkpoint_id = format!(
+            "{} {}",
+            ckpt.dir.display(),
+            serde_json::to_string(&ckpt.state.checksums)?
+        );
+        require_agreement(
+            &world,
+            &cfg,
+            &data_sha256,
+            &fingerprint,
+            Some(&checkpoint_id),
         )?;
+        let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
+        let data = root_first(&world, || {
+            TokenData::from_source(
+                &source,
+                &tokenizer,
+                Path::new(&cfg.cache_dir),
+                cfg.val_fraction,
+                model_cfg.block_size,
+            )
+        })?;
         let params = Params::from_tensors(&model_cfg, ckpt.model, DType::F32, &device)
             .with_context(|| format!("cannot load {}", ckpt.dir.display()))?;
         let mut optimizer = build_optimizer(&cfg, &params)?;
@@ -235,6 +297,29 @@ impl Trainer {
             .data_word_pos
             .parse()
             .with_context(|| format!("bad data_word_pos in {}", ckpt.dir.display()))?;
+        if !root {
+            return Ok(Trainer {
+                model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
+                metrics: None,
+                config_hash: identity_hash(&cfg)?,
+                position: Position {
+                    sampler: BatchSampler::at(ckpt.state.data_seed, cfg.sampling, word_pos),
+                    step: ckpt.state.step,
+                    tokens: ckpt.state.tokens,
+                    best_val_loss: ckpt.state.best_val_loss,
+                    skipped_steps: ckpt.state.skipped_steps,
+                },
+                cfg,
+                run_dir: run_dir.to_path_buf(),
+                device,
+                data,
+                params,
+                optimizer,
+                quiet: true,
+                world,
+                _lock: None,
+            });
+        }
         // What a crash may have left behind: half-written checkpoint directories, and metrics for
         // steps after the checkpoint (or a torn last line).
         for name in checkpoint::remove_incomplete(run_dir)? {
@@ -271,7 +356,7 @@ impl Trainer {
         Ok(Trainer {
             model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
             // The first step after the checkpoint opens the new session.
-            metrics: Metrics::open(run_dir, Some(ckpt.state.step + 1))?,
+            metrics: Some(Metrics::open(run_dir, Some(ckpt.state.step + 1))?),
             config_hash: identity_hash(&cfg)?,
             position: Position {
                 sampler: BatchSampler::at(ckpt.state.data_seed, cfg.sampling, word_pos),
@@ -287,9 +372,59 @@ impl Trainer {
             params,
             optimizer,
             quiet: reporting.quiet,
+            world,
             _lock: lock,
         })
     }
+}
+
+/// Data parallel runs on CPUs only: GPU ranks need NCCL, which this build does not carry.
+fn require_cpu_for_ranks(world: &World, device: &Device) -> Result<()> {
+    if world.size() > 1 && !device.is_cpu() {
+        bail!(
+            "data-parallel training ({} ranks) runs on CPUs only in this build; use device = \"cpu\" \
+             or one rank per run",
+            world.size()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `build` on rank 0 first, then on the other ranks, so what it caches on disk (the token
+/// cache) is built once and read by the rest.
+fn root_first<T>(world: &World, build: impl FnOnce() -> Result<T>) -> Result<T> {
+    if !world.is_root() {
+        world.barrier();
+    }
+    let built = build();
+    if world.is_root() {
+        world.barrier();
+    }
+    built
+}
+
+/// Stops every rank unless all hold the same resolved config, corpus, tokenizer, binary and (on
+/// resume) checkpoint: ranks that differ would train different models and average them.
+fn require_agreement(
+    world: &World,
+    cfg: &TrainConfig,
+    corpus_sha256: &str,
+    tokenizer_sha256: &str,
+    checkpoint: Option<&str>,
+) -> Result<()> {
+    if world.size() == 1 {
+        return Ok(());
+    }
+    let sha = crate::fsutil::sha256_hex;
+    world.require_same("config", &sha(cfg.to_toml()?.as_bytes()))?;
+    world.require_same("corpus", corpus_sha256)?;
+    world.require_same("tokenizer", tokenizer_sha256)?;
+    let exe = std::env::current_exe().context("cannot find this program's own file")?;
+    world.require_same("binary", &crate::fsutil::sha256_file(&exe)?)?;
+    if let Some(checkpoint) = checkpoint {
+        world.require_same("checkpoint", &sha(checkpoint.as_bytes()))?;
+    }
+    Ok(())
 }
 
 /// Finds the `init_from` weights and makes their shape the run's: explicit shape keys must agree,
