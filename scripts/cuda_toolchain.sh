@@ -11,7 +11,8 @@
 # runs on: PTX from a newer nvcc may not load on an older driver):
 #   nvidia-cuda-nvcc (nvcc, ptxas, fatbinary), nvidia-nvvm (cicc, libdevice), nvidia-cuda-crt and
 #   nvidia-cuda-runtime (headers, libcudart), nvidia-cuda-cccl (CCCL headers), and for linking only:
-#   nvidia-cublas, nvidia-curand, nvidia-cuda-nvrtc. The driver library libcuda.so is not on PyPI; a
+#   nvidia-cublas, nvidia-curand, nvidia-cuda-nvrtc, and NCCL (nvidia-nccl-cu13, for the
+#   `nccl` feature's data parallel on GPUs). The driver library libcuda.so is not on PyPI; a
 #   stub with the driver API's symbol names is generated for the linker (as the CUDA toolkit's own
 #   lib/stubs/libcuda.so), and the real driver's libcuda.so.1 is loaded at run time.
 #
@@ -33,6 +34,7 @@ case "$version" in
         nvidia-cuda-nvrtc==13.0.88
         nvidia-curand==10.4.0.35
         nvidia-cublas==13.0.2.14
+        nvidia-nccl-cu13==2.32.3
     )
     ;;
 *)
@@ -64,6 +66,9 @@ if [[ ! -f "$stamp" ]] || [[ "$(cat "$stamp")" != "${packages[*]}" ]]; then
         ln -sfn "$versioned" "$root/lib/lib$lib.so"
     done
 
+    # NCCL's wheel keeps its own folder.
+    ln -sfn "$(cd "$dir/site/nvidia/nccl/lib" && ls libnccl.so.* | sort | head -1)" "$dir/site/nvidia/nccl/lib/libnccl.so"
+
     # A link-time stub of the driver library: every cu* name cuda.h declares or #defines to, as an
     # empty function, under the driver's soname. Never loaded at run time.
     mkdir -p "$root/lib/stubs"
@@ -81,6 +86,6 @@ export CUDA_ROOT="$root"
 export CUDA_PATH="$root"
 export CUDA_HOME="$root"
 export PATH="$root/bin:\$PATH"
-export LIBRARY_PATH="$root/lib:$root/lib/stubs\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
+export LIBRARY_PATH="$root/lib:$root/lib/stubs:$dir/site/nvidia/nccl/lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 EOF

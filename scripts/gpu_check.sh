@@ -11,6 +11,15 @@
 #                                     writes DIR/report.md (and DIR/logs/).
 #   scripts/gpu_check.sh              both, on a machine that has Rust and a GPU.
 #
+# With GPU_CHECK_NCCL=1, `build` also builds bin/gpt-pretrain-nccl (--features cuda,mpi,nccl, in
+# its own target folder), and `run` checks that one rank under `mpirun -np 1`, its gradients summed
+# by NCCL, ends bitwise equal to the plain CUDA binary's run. That binary needs OpenMPI
+# (libmpi.so.40, mpirun) and NCCL (libnccl.so.2; PyTorch's wheels ship it under
+# site-packages/nvidia/nccl/lib) on the GPU machine; without them the report says it was skipped.
+# NCCL cannot put two ranks on one GPU, so a one-GPU machine checks world size 1 only; with 2 or
+# more GPUs `run` also compares 2 ranks against 1 rank with grad_accum 2 (equal to within
+# rounding, not bitwise: NCCL sums in its own order).
+#
 # What travels (DIR, 120 MB; DIR.tar.xz, 16 MB): bin/gpt-pretrain, bin/cuda-tests (the test binary), gpu_check.sh,
 # scripts/torch_gpu_bench.py, tests/fixtures/optim/*.json (PyTorch optimizer fixtures) and
 # data/tinyshakespeare.txt. What the GPU machine must have: an NVIDIA driver for CUDA >= 13.0
@@ -47,6 +56,11 @@ for line in sys.stdin:
     cp "$data/tinyshakespeare.txt" "$dir/data/"
     cp scripts/gpu_check.sh "$dir/"
     cp scripts/torch_gpu_bench.py "$dir/scripts/"
+    if [[ ${GPU_CHECK_NCCL:-0} == 1 ]]; then
+        CARGO_TARGET_DIR=$CARGO_TARGET_DIR-nccl cargo build --release --features cuda,mpi,nccl --bin gpt-pretrain
+        cp "$CARGO_TARGET_DIR-nccl/release/gpt-pretrain" "$dir/bin/gpt-pretrain-nccl"
+        strip --strip-debug "$dir/bin/gpt-pretrain-nccl" 2>/dev/null || true
+    fi
     git rev-parse HEAD >"$dir/COMMIT" 2>/dev/null || echo unknown >"$dir/COMMIT"
     tar -C "$(dirname "$dir")" -cJf "$dir.tar.xz" "$(basename "$dir")"
     du -sh "$dir" "$dir.tar.xz" >&2
@@ -139,8 +153,66 @@ print("| %s | %d | %s | %.1f | %.1f | %.2f | %s | %s |" % (
             done
         done
     fi
+    nccl_check >>"$report" || status=1
     cat "$report"
     return $status
+}
+
+# Data parallel on GPUs through NCCL: 1 rank against the plain CUDA binary (bitwise), and 2 ranks
+# against 1 rank with grad_accum 2 where there are 2 GPUs. Prints a report section.
+nccl_check() {
+    echo
+    echo "## Data parallel through NCCL"
+    echo
+    if [[ ! -x bin/gpt-pretrain-nccl ]]; then
+        echo "Skipped: no bin/gpt-pretrain-nccl (build with GPU_CHECK_NCCL=1)."
+        return 0
+    fi
+    if ! command -v mpirun >/dev/null; then
+        echo "Skipped: no mpirun on this machine."
+        return 0
+    fi
+    local py=${PYTHON:-python3} libdir
+    for libdir in $("$py" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null | tr ' ' '\n' | sed 's|$|/nvidia/nccl/lib|'); do
+        [[ -e "$libdir/libnccl.so.2" ]] && export LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    done
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+    local cfg=logs/nccl.toml
+    printf 'model = "tiny"\ndata = "data/tinyshakespeare.txt"\ntokenizer = "byte"\ndevice = "cuda"\ncache_dir = "logs/cache"\nmax_steps = 30\nlr_decay_steps = 30\neval_interval = 10\nbatch_size = 8\n' >"$cfg"
+    rm -rf logs/nccl-*
+    local ok=1
+    bin/gpt-pretrain train --quiet --config "$cfg" --out logs/nccl-plain >logs/nccl-plain.log 2>&1 || ok=0
+    mpirun -np 1 bin/gpt-pretrain-nccl train --quiet --config "$cfg" --out logs/nccl-1rank >logs/nccl-1rank.log 2>&1 || ok=0
+    if [[ $ok == 1 ]] && cmp -s logs/nccl-plain/checkpoints/step-00000030/model.safetensors logs/nccl-1rank/checkpoints/step-00000030/model.safetensors &&
+        cmp -s logs/nccl-plain/checkpoints/step-00000030/optimizer.safetensors logs/nccl-1rank/checkpoints/step-00000030/optimizer.safetensors; then
+        echo "- 1 rank through NCCL against the plain CUDA binary, 30 steps: model and optimizer state bitwise equal."
+    else
+        echo "- **1 rank through NCCL against the plain CUDA binary: FAILED or different** (logs/nccl-*.log)."
+        return 1
+    fi
+    local gpus
+    gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
+    if ((gpus < 2)); then
+        echo "- 2 ranks: not run ($gpus GPU; NCCL cannot put two ranks on one GPU)."
+        return 0
+    fi
+    mpirun -np 2 bin/gpt-pretrain-nccl train --quiet --config "$cfg" --out logs/nccl-2ranks >logs/nccl-2ranks.log 2>&1 || ok=0
+    mpirun -np 1 bin/gpt-pretrain-nccl train --quiet --config "$cfg" --set grad_accum=2 --out logs/nccl-accum2 >logs/nccl-accum2.log 2>&1 || ok=0
+    if [[ $ok == 1 ]]; then
+        python3 - logs/nccl-2ranks/metrics.jsonl logs/nccl-accum2/metrics.jsonl <<'PY'
+import json, sys
+a, b = ([json.loads(l) for l in open(p)] for p in sys.argv[1:])
+va = [e["loss"] for e in a if e["split"] == "val"]
+vb = [e["loss"] for e in b if e["split"] == "val"]
+diff = max(abs(x - y) for x, y in zip(va, vb))
+print("- 2 ranks against 1 rank with grad_accum 2, 30 steps: largest validation-loss difference %.2e (%s)"
+      % (diff, "within 1e-3" if diff < 1e-3 else "**over 1e-3**"))
+sys.exit(0 if diff < 1e-3 else 1)
+PY
+    else
+        echo "- **2 ranks: FAILED** (logs/nccl-2ranks.log, logs/nccl-accum2.log)."
+        return 1
+    fi
 }
 
 case "$mode" in

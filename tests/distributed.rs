@@ -407,3 +407,21 @@ fn a_different_world_size_on_resume_is_refused() {
     ));
     assert_eq!(train_losses(&ws.path("two")).len(), 20);
 }
+
+#[test]
+fn ranks_cannot_share_a_named_gpu() {
+    let ws = Workspace::new();
+    let cfg = ws.config("gpu", &tinyshakespeare(), "device = \"cuda:1\"");
+    let out = mpirun_output(
+        &ws,
+        2,
+        &["--config", cfg.to_str().unwrap(), "--out", "run"],
+        &[],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("device = \"cuda:1\" with 2 ranks: use device = \"cuda\""),
+        "{stderr}"
+    );
+}

@@ -9,8 +9,16 @@
 //! Every collective that feeds the model is ordered so the result does not depend on timing: the
 //! gradient sum runs as a chain in rank order ([`World::sum_in_rank_order`]), which is what makes N
 //! ranks bitwise equal to one process accumulating N times as many micro-batches.
+//!
+//! On GPUs (the `nccl` feature, with `cuda` and `mpi`) each rank drives the GPU of its local rank
+//! and NCCL all-reduces the gradients on the device: deterministic for a given world size, but not
+//! bitwise equal to one process, since NCCL adds in its own order.
+
+#[cfg(feature = "nccl")]
+mod nccl;
 
 use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
 
 /// Environment variables through which launchers announce a world's size.
 const SIZE_VARS: [&str; 2] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"];
@@ -21,6 +29,9 @@ pub struct World {
     size: usize,
     #[cfg(feature = "mpi")]
     mpi: Option<MpiWorld>,
+    /// Set by [`World::attach_device`] when gradients live on a GPU.
+    #[cfg(feature = "nccl")]
+    gpu: std::cell::OnceCell<nccl::GpuComm>,
 }
 
 #[cfg(feature = "mpi")]
@@ -51,6 +62,8 @@ impl World {
             size: 1,
             #[cfg(feature = "mpi")]
             mpi: None,
+            #[cfg(feature = "nccl")]
+            gpu: Default::default(),
         }
     }
 
@@ -72,6 +85,8 @@ impl World {
                     comm,
                     _universe: universe,
                 }),
+                #[cfg(feature = "nccl")]
+                gpu: Default::default(),
             });
         }
         if let Some(n) = announced.filter(|&n| n > 1) {
@@ -101,6 +116,78 @@ impl World {
     /// Whether this rank writes the run directory (rank 0).
     pub fn is_root(&self) -> bool {
         self.rank == 0
+    }
+
+    /// This rank's index among the ranks on its machine, as the launcher announced it (0 when
+    /// none did): the GPU a rank drives.
+    pub fn local_rank(&self) -> usize {
+        [
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "MPI_LOCALRANKID",
+            "SLURM_LOCALID",
+        ]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().and_then(|s| s.parse().ok()))
+        .unwrap_or(0)
+    }
+
+    /// The device string this rank trains on: with several ranks, `cuda` names the GPU of the
+    /// rank's local index (NCCL cannot put two ranks on one GPU); one rank keeps `spec`.
+    pub fn device_spec(&self, spec: &str) -> Result<String> {
+        if self.size == 1 || spec == "cpu" {
+            return Ok(spec.to_string());
+        }
+        if spec != "cuda" {
+            bail!(
+                "device = \"{spec}\" with {} ranks: use device = \"cuda\", and each rank takes \
+                 the GPU of its local rank",
+                self.size
+            );
+        }
+        Ok(format!("cuda:{}", self.local_rank()))
+    }
+
+    /// Connects this rank's GPU to the other ranks' through NCCL when the run was launched by MPI
+    /// and trains on a GPU (a world of one too, so one rank exercises the same path); otherwise
+    /// does nothing. A build without NCCL refuses GPU ranks.
+    pub fn attach_device(&self, device: &Device) -> Result<()> {
+        if device.is_cpu() {
+            return Ok(());
+        }
+        #[cfg(feature = "nccl")]
+        if let (Some(comm), Device::Cuda(cuda)) = (self.comm(), device) {
+            if self.gpu.get().is_none() {
+                let _ = self.gpu.set(nccl::connect(comm, cuda)?);
+            }
+            return Ok(());
+        }
+        if self.size > 1 {
+            bail!(
+                "data-parallel training on GPUs ({} ranks) needs NCCL: build with --features \
+                 cuda,mpi,nccl",
+                self.size
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether gradients are summed on the GPU by NCCL ([`World::attach_device`] connected it).
+    pub fn sums_on_device(&self) -> bool {
+        #[cfg(feature = "nccl")]
+        if self.gpu.get().is_some() {
+            return true;
+        }
+        false
+    }
+
+    /// Replaces `flat` (f32, contiguous, on this rank's GPU) by its sum over ranks, through NCCL.
+    pub fn sum_on_device(&self, flat: &Tensor) -> Result<()> {
+        #[cfg(feature = "nccl")]
+        if let Some(gpu) = self.gpu.get() {
+            return gpu.sum_in_place(flat);
+        }
+        let _ = flat;
+        bail!("no NCCL communicator: World::attach_device was not called for a GPU")
     }
 
     #[cfg(feature = "mpi")]

@@ -222,6 +222,30 @@ fn unflatten_grads(params: &Params, flat: &[f32], grads: &mut GradStore) -> Resu
     Ok(())
 }
 
+/// Sums the gradients over ranks on the GPU: one NCCL all-reduce of all of them laid end to end
+/// (as llm.c keeps them), then each parameter's gradient is a view of its slice.
+fn sum_grads_on_device(world: &World, params: &Params, grads: &mut GradStore) -> Result<()> {
+    let mut flat = Vec::new();
+    for (name, var) in params.named_vars() {
+        let g = grads
+            .get(var.as_tensor())
+            .with_context(|| format!("parameter {name} got no gradient"))?;
+        flat.push(g.flatten_all()?);
+    }
+    let flat = Tensor::cat(&flat, 0)?;
+    world.sum_on_device(&flat)?;
+    let mut offset = 0;
+    for var in params.vars() {
+        let n = var.elem_count();
+        grads.insert(
+            var.as_tensor(),
+            flat.narrow(0, offset, n)?.reshape(var.shape())?,
+        );
+        offset += n;
+    }
+    Ok(())
+}
+
 /// Multiplies every gradient by `factor`.
 fn scale_grads(params: &Params, grads: &mut GradStore, factor: f64) -> Result<()> {
     for var in params.vars() {
@@ -467,7 +491,7 @@ impl Trainer {
                 loss
             };
             let g = loss.backward()?;
-            if !world.is_root() {
+            if !world.is_root() && !world.sums_on_device() {
                 terms.push(flatten_grads(&self.params, &g)?);
                 grads.get_or_insert(g);
                 continue;
@@ -503,7 +527,9 @@ impl Trainer {
                 .to_scalar::<f64>()?
                 / accum as f64
         };
-        if world.size() > 1 {
+        if world.sums_on_device() {
+            sum_grads_on_device(&world, &self.params, &mut grads)?;
+        } else if world.size() > 1 {
             let terms = match world.is_root() {
                 true => vec![flatten_grads(&self.params, &grads)?],
                 false => terms,

@@ -18,7 +18,7 @@ use crate::dist::World;
 use crate::model::{Gpt, Params};
 use crate::optim::{self, Optimizer};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -41,8 +41,8 @@ impl Trainer {
                 run_dir.display()
             );
         }
-        let device = crate::device::parse_device(&cfg.device)?;
-        require_cpu_for_ranks(&world, &device)?;
+        let device = crate::device::parse_device(&world.device_spec(&cfg.device)?)?;
+        world.attach_device(&device)?;
         let source = DataSource::resolve(&cfg.data, cfg.val_data.as_deref())?;
         let tokenizer = match cfg.tokenizer {
             TokenizerKind::Byte => Tokenizer::Byte,
@@ -198,8 +198,8 @@ impl Trainer {
         let cfg = TrainConfig::from_table(table)?;
         let mut header = load_run_header(run_dir)?;
 
-        let device = crate::device::parse_device(&cfg.device)?;
-        require_cpu_for_ranks(&world, &device)?;
+        let device = crate::device::parse_device(&world.device_spec(&cfg.device)?)?;
+        world.attach_device(&device)?;
         let ckpt = checkpoint::load_latest(run_dir, &device)?;
         if ckpt.state.world_size != world.size() {
             // Another count would change the global batch (world size × batch_size × grad_accum)
@@ -376,18 +376,6 @@ impl Trainer {
             _lock: lock,
         })
     }
-}
-
-/// Data parallel runs on CPUs only: GPU ranks need NCCL, which this build does not carry.
-fn require_cpu_for_ranks(world: &World, device: &Device) -> Result<()> {
-    if world.size() > 1 && !device.is_cpu() {
-        bail!(
-            "data-parallel training ({} ranks) runs on CPUs only in this build; use device = \"cpu\" \
-             or one rank per run",
-            world.size()
-        );
-    }
-    Ok(())
 }
 
 /// Runs `build` on rank 0 first, then on the other ranks, so what it caches on disk (the token
