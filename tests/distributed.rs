@@ -329,31 +329,53 @@ fn sigterm_checkpoints_every_rank_and_exits_143() {
         .is_file());
 }
 
+/// `mpirun` with one rank per (binary, config) pair: `train --quiet --out run --config CONFIG`.
+fn mpmd(ws: &Workspace, ranks: &[(&Path, &Path)]) -> Output {
+    let mut cmd = Command::new("mpirun");
+    cmd.current_dir(ws.dir.path())
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["--oversubscribe", "--bind-to", "none"]);
+    for (i, (program, config)) in ranks.iter().enumerate() {
+        if i > 0 {
+            cmd.arg(":");
+        }
+        cmd.args(["-np", "1"])
+            .arg(program)
+            .args(["train", "--quiet", "--out", "run", "--config"])
+            .arg(config);
+    }
+    cmd.output().unwrap()
+}
+
 #[test]
 fn ranks_with_different_configs_are_refused_before_touching_disk() {
     let ws = Workspace::new();
     let a = ws.config("a", &tinyshakespeare(), "");
     let b = ws.config("b", &tinyshakespeare(), "lr = 2e-2");
     // MPMD: rank 0 and rank 1 started with different configs.
-    let out = Command::new("mpirun")
-        .current_dir(ws.dir.path())
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .args(["--oversubscribe", "--bind-to", "none", "-np", "1"])
-        .arg(bin().get_program())
-        .args(["train", "--quiet", "--out", "run", "--config"])
-        .arg(&a)
-        .args([":", "-np", "1"])
-        .arg(bin().get_program())
-        .args(["train", "--quiet", "--out", "run", "--config"])
-        .arg(&b)
-        .output()
-        .unwrap();
+    let program = PathBuf::from(bin().get_program());
+    let out = mpmd(&ws, &[(&program, &a), (&program, &b)]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
         stderr.contains("error: rank 1 has a different config than rank 0"),
+        "{stderr}"
+    );
+    assert!(!ws.path("run").exists(), "the run directory was created");
+
+    // The same config, but rank 1 runs another binary (a copy with a byte appended: it still runs).
+    let other = ws.path("gpt-pretrain-other");
+    let mut bytes = std::fs::read(bin().get_program()).unwrap();
+    bytes.push(0);
+    std::fs::write(&other, bytes).unwrap();
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = mpmd(&ws, &[(&program, &a), (&other, &a)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("error: rank 1 has a different binary than rank 0"),
         "{stderr}"
     );
     assert!(!ws.path("run").exists(), "the run directory was created");
