@@ -147,35 +147,14 @@ fn two_ranks_equal_one_process_with_twice_the_accumulation() {
 #[test]
 fn two_ranks_on_token_shards_equal_one_process() {
     let ws = Workspace::new();
-    let shards = ws.path("shards");
-    ok(&prepare_fixture_documents(
-        &shards,
-        &[
-            "--shard-tokens",
-            "1000",
-            "--val-tokens",
-            "300",
-            "--name",
-            "fx",
-        ],
-        &[],
-    ));
-    let mut keys = toml::Table::new();
-    keys.insert("data".into(), shards.display().to_string().into());
-    keys.insert("tokenizer".into(), "gpt2".into());
-    keys.insert(
-        "tokenizer_path".into(),
-        gpt2_tokenizer().display().to_string().into(),
-    );
-    keys.insert("max_steps".into(), 30.into());
-    keys.insert("lr_decay_steps".into(), 30.into());
-    keys.insert("eval_interval".into(), 10.into());
-    let cfg = ws.config(
+    let shards = prepared(&ws);
+    let cfg = shard_config(
+        &ws,
         "shards",
-        &tinyshakespeare(),
-        &toml::to_string(&keys).unwrap(),
+        &shards,
+        "max_steps = 30\nlr_decay_steps = 30\neval_interval = 10",
     );
-    let cfg = cfg.to_str().unwrap();
+    let cfg = cfg.as_str();
     mpi_ok(&mpirun_output(
         &ws,
         2,

@@ -64,15 +64,7 @@ impl Trainer {
             false => None,
         };
         let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
-        let data = root_first(&world, || {
-            TokenData::from_source(
-                &source,
-                &tokenizer,
-                Path::new(&cfg.cache_dir),
-                cfg.val_fraction,
-                model_cfg.block_size,
-            )
-        })?;
+        let data = token_data(&world, &source, &tokenizer, &cfg, model_cfg.block_size)?;
         let params = match &pretrained {
             Some(dir) => crate::model::hf::read_weights(dir, &model_cfg, &device)?,
             None => Params::init(&model_cfg, cfg.seed, DType::F32, &device)?,
@@ -82,65 +74,55 @@ impl Trainer {
         let tokenizer_sha256 = tokenizer.fingerprint()?;
         require_agreement(&world, &cfg, &corpus_sha256, &tokenizer_sha256, None)?;
         let quiet = reporting.quiet || !world.is_root();
-        if !world.is_root() {
-            return Ok(Trainer {
-                model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
-                metrics: None,
-                config_hash: identity_hash(&cfg)?,
-                position: Position::start(cfg.seed, cfg.sampling),
-                cfg,
-                run_dir: run_dir.to_path_buf(),
-                device,
-                data,
-                params,
-                optimizer,
-                quiet,
-                world,
-                _lock: None,
-            });
-        }
-        warn_about_schedule(&cfg, false);
+        // Rank 0 writes the run directory; the other ranks only train.
+        let (lock, metrics) = if world.is_root() {
+            warn_about_schedule(&cfg, false);
 
-        // Inputs are valid: only now touch the disk.
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
-        let lock = RunLock::acquire(run_dir)?;
-        if run_dir.join(CONFIG_FILE).exists() {
-            bail!(
-                "run directory {} was started by another process meanwhile",
-                run_dir.display()
-            );
-        }
-        crate::fsutil::write_atomic(&run_dir.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
-        let header = RunHeader {
-            crate_version: env!("CARGO_PKG_VERSION").to_string(),
-            git_commit: env!("GPT_PRETRAIN_GIT_COMMIT").to_string(),
-            seed: cfg.seed,
-            device: cfg.device.clone(),
-            start_time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            corpus: source.describe(&cfg.data),
-            corpus_sha256,
-            tokenizer_sha256,
-            vocab_size: tokenizer.vocab_size(),
-            n_tokens: data.len(),
-            n_params: model_cfg.n_params(),
-            model: model_cfg.clone(),
-            world_size: world.size(),
-            overrides: Vec::new(),
-        };
-        crate::fsutil::write_atomic(
-            &run_dir.join(RUN_FILE),
-            serde_json::to_string_pretty(&header)?.as_bytes(),
-        )?;
-        if cfg.tokenizer == TokenizerKind::Bpe {
+            // Inputs are valid: only now touch the disk.
+            std::fs::create_dir_all(run_dir)
+                .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+            let lock = RunLock::acquire(run_dir)?;
+            if run_dir.join(CONFIG_FILE).exists() {
+                bail!(
+                    "run directory {} was started by another process meanwhile",
+                    run_dir.display()
+                );
+            }
+            crate::fsutil::write_atomic(&run_dir.join(CONFIG_FILE), cfg.to_toml()?.as_bytes())?;
+            let header = RunHeader {
+                crate_version: env!("CARGO_PKG_VERSION").to_string(),
+                git_commit: env!("GPT_PRETRAIN_GIT_COMMIT").to_string(),
+                seed: cfg.seed,
+                device: cfg.device.clone(),
+                start_time: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    .to_string(),
+                corpus: source.describe(&cfg.data),
+                corpus_sha256,
+                tokenizer_sha256,
+                vocab_size: tokenizer.vocab_size(),
+                n_tokens: data.len(),
+                n_params: model_cfg.n_params(),
+                model: model_cfg.clone(),
+                world_size: world.size(),
+                overrides: Vec::new(),
+            };
             crate::fsutil::write_atomic(
-                &run_dir.join(TOKENIZER_FILE),
-                tokenizer.to_json()?.as_bytes(),
+                &run_dir.join(RUN_FILE),
+                serde_json::to_string_pretty(&header)?.as_bytes(),
             )?;
-        }
+            if cfg.tokenizer == TokenizerKind::Bpe {
+                crate::fsutil::write_atomic(
+                    &run_dir.join(TOKENIZER_FILE),
+                    tokenizer.to_json()?.as_bytes(),
+                )?;
+            }
+            (Some(lock), Some(Metrics::open(run_dir, None)?))
+        } else {
+            (None, None)
+        };
         Ok(Trainer {
             model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
-            metrics: Some(Metrics::open(run_dir, None)?),
+            metrics,
             config_hash: identity_hash(&cfg)?,
             position: Position::start(cfg.seed, cfg.sampling),
             cfg,
@@ -151,7 +133,7 @@ impl Trainer {
             optimizer,
             quiet,
             world,
-            _lock: Some(lock),
+            _lock: lock,
         })
     }
 
@@ -277,15 +259,7 @@ impl Trainer {
             Some(&checkpoint_id),
         )?;
         let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
-        let data = root_first(&world, || {
-            TokenData::from_source(
-                &source,
-                &tokenizer,
-                Path::new(&cfg.cache_dir),
-                cfg.val_fraction,
-                model_cfg.block_size,
-            )
-        })?;
+        let data = token_data(&world, &source, &tokenizer, &cfg, model_cfg.block_size)?;
         let params = Params::from_tensors(&model_cfg, ckpt.model, DType::F32, &device)
             .with_context(|| format!("cannot load {}", ckpt.dir.display()))?;
         let mut optimizer = build_optimizer(&cfg, &params)?;
@@ -297,66 +271,47 @@ impl Trainer {
             .data_word_pos
             .parse()
             .with_context(|| format!("bad data_word_pos in {}", ckpt.dir.display()))?;
-        if !root {
-            return Ok(Trainer {
-                model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
-                metrics: None,
-                config_hash: identity_hash(&cfg)?,
-                position: Position {
-                    sampler: BatchSampler::at(ckpt.state.data_seed, cfg.sampling, word_pos),
-                    step: ckpt.state.step,
-                    tokens: ckpt.state.tokens,
-                    best_val_loss: ckpt.state.best_val_loss,
-                    skipped_steps: ckpt.state.skipped_steps,
-                },
-                cfg,
-                run_dir: run_dir.to_path_buf(),
-                device,
-                data,
-                params,
-                optimizer,
-                quiet: true,
-                world,
-                _lock: None,
-            });
-        }
-        // What a crash may have left behind: half-written checkpoint directories, and metrics for
-        // steps after the checkpoint (or a torn last line).
-        for name in checkpoint::remove_incomplete(run_dir)? {
-            eprintln!(
-                "warning: removed incomplete checkpoint {name} (a crash interrupted its writing)"
-            );
-        }
-        let reconciled = metrics::reconcile(run_dir, ckpt.state.step)?;
-        if reconciled.torn {
-            eprintln!(
-                "warning: {}: its last line was incomplete (a crash mid-write); moved to {}",
-                metrics::METRICS_FILE,
-                metrics::SUPERSEDED_FILE
-            );
-        }
-        if reconciled.superseded > 0 {
-            eprintln!(
-                "warning: {}: {} events after step {} are superseded by this resume; moved to {}",
-                metrics::METRICS_FILE,
-                reconciled.superseded,
-                ckpt.state.step,
-                metrics::SUPERSEDED_FILE
-            );
-        }
-        warn_about_schedule(&cfg, true);
-        if !reporting.quiet {
-            println!(
-                "resuming {} from {} (step {})",
-                run_dir.display(),
-                ckpt.dir.display(),
-                ckpt.state.step
-            );
+        if root {
+            // What a crash may have left behind: half-written checkpoint directories, and metrics for
+            // steps after the checkpoint (or a torn last line).
+            for name in checkpoint::remove_incomplete(run_dir)? {
+                eprintln!(
+                    "warning: removed incomplete checkpoint {name} (a crash interrupted its writing)"
+                );
+            }
+            let reconciled = metrics::reconcile(run_dir, ckpt.state.step)?;
+            if reconciled.torn {
+                eprintln!(
+                    "warning: {}: its last line was incomplete (a crash mid-write); moved to {}",
+                    metrics::METRICS_FILE,
+                    metrics::SUPERSEDED_FILE
+                );
+            }
+            if reconciled.superseded > 0 {
+                eprintln!(
+                    "warning: {}: {} events after step {} are superseded by this resume; moved to {}",
+                    metrics::METRICS_FILE,
+                    reconciled.superseded,
+                    ckpt.state.step,
+                    metrics::SUPERSEDED_FILE
+                );
+            }
+            warn_about_schedule(&cfg, true);
+            if !reporting.quiet {
+                println!(
+                    "resuming {} from {} (step {})",
+                    run_dir.display(),
+                    ckpt.dir.display(),
+                    ckpt.state.step
+                );
+            }
         }
         Ok(Trainer {
             model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
             // The first step after the checkpoint opens the new session.
-            metrics: Some(Metrics::open(run_dir, Some(ckpt.state.step + 1))?),
+            metrics: root
+                .then(|| Metrics::open(run_dir, Some(ckpt.state.step + 1)))
+                .transpose()?,
             config_hash: identity_hash(&cfg)?,
             position: Position {
                 sampler: BatchSampler::at(ckpt.state.data_seed, cfg.sampling, word_pos),
@@ -371,24 +326,36 @@ impl Trainer {
             data,
             params,
             optimizer,
-            quiet: reporting.quiet,
+            quiet: reporting.quiet || !root,
             world,
             _lock: lock,
         })
     }
 }
 
-/// Runs `build` on rank 0 first, then on the other ranks, so what it caches on disk (the token
-/// cache) is built once and read by the rest.
-fn root_first<T>(world: &World, build: impl FnOnce() -> Result<T>) -> Result<T> {
+/// The corpus as tokens, through the token cache: rank 0 first, then the other ranks, so the
+/// cache is built once and read by the rest.
+fn token_data(
+    world: &World,
+    source: &DataSource,
+    tokenizer: &Tokenizer,
+    cfg: &TrainConfig,
+    block_size: usize,
+) -> Result<TokenData> {
     if !world.is_root() {
         world.barrier();
     }
-    let built = build();
+    let data = TokenData::from_source(
+        source,
+        tokenizer,
+        Path::new(&cfg.cache_dir),
+        cfg.val_fraction,
+        block_size,
+    );
     if world.is_root() {
         world.barrier();
     }
-    built
+    data
 }
 
 /// Stops every rank unless all hold the same resolved config, corpus, tokenizer, binary and (on

@@ -209,3 +209,34 @@ pub fn prepare_fixture_documents(out: &Path, extra: &[&str], env: &[(&str, &str)
     }
     cmd.output().unwrap()
 }
+
+/// A config on token files: GPT-2's tokenizer, a 2-layer model, 20 steps; `extra` TOML lines
+/// replace or add keys.
+pub fn shard_config(ws: &Workspace, name: &str, data: &Path, extra: &str) -> String {
+    let mut keys = toml::Table::new();
+    keys.insert("data".into(), data.display().to_string().into());
+    keys.insert("tokenizer".into(), "gpt2".into());
+    keys.insert(
+        "tokenizer_path".into(),
+        gpt2_tokenizer().display().to_string().into(),
+    );
+    keys.extend(toml::from_str::<toml::Table>(extra).unwrap());
+    ws.config(name, &tinyshakespeare(), &toml::to_string(&keys).unwrap())
+        .display()
+        .to_string()
+}
+
+/// The fixtures' documents prepared into `dir` as shards of 1,000 tokens, 300 for validation.
+pub fn prepared(ws: &Workspace) -> PathBuf {
+    let dir = ws.path("shards");
+    let args = [
+        "--shard-tokens",
+        "1000",
+        "--val-tokens",
+        "300",
+        "--name",
+        "fx",
+    ];
+    ok(&prepare_fixture_documents(&dir, &args, &[]));
+    dir
+}
