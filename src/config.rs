@@ -51,15 +51,21 @@ pub const KEYS: &[&str] = &[
     "eval_seed",
     "log_interval",
     "keep_last",
+    "zero_stage",
     "seed",
     "device",
     "dtype",
 ];
 
-/// Keys that `train --resume` may change: they affect how long the run goes and how often
-/// it reports, never what a completed step computes.
-pub const RESUME_OVERRIDABLE: &[&str] =
-    &["max_steps", "eval_interval", "log_interval", "keep_last"];
+/// Keys that `train --resume` may change: they affect how long the run goes, how often it
+/// reports and how its state is spread over ranks, never what a completed step computes.
+pub const RESUME_OVERRIDABLE: &[&str] = &[
+    "max_steps",
+    "eval_interval",
+    "log_interval",
+    "keep_last",
+    "zero_stage",
+];
 
 /// ADOPT's gradient clipping: `clip_exponent = 0.25` clamps the normalised gradient to
 /// ±step^0.25; `clip_exponent = "none"` disables clipping.
@@ -212,6 +218,11 @@ pub struct TrainConfig {
     pub log_interval: usize,
     /// Complete checkpoints to keep.
     pub keep_last: usize,
+    /// Data parallel: 0 keeps the optimizer state whole on every rank; 1 shards it across ranks
+    /// (ZeRO stage 1, llm.c's `-z 1`): each rank updates the parameters it owns, then sends them
+    /// to the others. Results are the same bits either way.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub zero_stage: usize,
     /// Seeds model initialisation, data order and dropout together.
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -263,6 +274,7 @@ impl Default for TrainConfig {
             eval_seed: 0,
             log_interval: 10,
             keep_last: 3,
+            zero_stage: 0,
             seed: 1337,
             device: "cpu".into(),
             dtype: Precision::F32,
@@ -513,6 +525,12 @@ impl TrainConfig {
                 bail!("{name} must be at least 1");
             }
         }
+        if self.zero_stage > 1 {
+            bail!(
+                "zero_stage must be 0 (optimizer state on every rank) or 1 (sharded across ranks), got {}",
+                self.zero_stage
+            );
+        }
         if self.tokenizer == TokenizerKind::Bpe && !(257..=65536).contains(&self.bpe_vocab_size) {
             bail!(
                 "bpe_vocab_size must be in [257, 65536], got {}",
@@ -582,6 +600,11 @@ impl TrainConfig {
             }),
         }
     }
+}
+
+/// Whether a count is zero (its default, left out of saved configs to keep their hashes).
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]

@@ -426,3 +426,61 @@ fn ranks_cannot_share_a_named_gpu() {
         "{stderr}"
     );
 }
+
+#[test]
+fn zero_stage_1_shards_the_optimizer_state_without_changing_a_bit() {
+    let ws = Workspace::new();
+    let cfg = ws.config(
+        "zero",
+        &tinyshakespeare(),
+        "max_steps = 30\nlr_decay_steps = 30\neval_interval = 10\nweight_decay = 0.1",
+    );
+    let cfg = cfg.to_str().unwrap();
+    let zero = ["--set", "zero_stage=1"];
+    mpi_ok(&mpirun_output(
+        &ws,
+        2,
+        &[&["--config", cfg, "--out", "zero"][..], &zero].concat(),
+        &[],
+    ));
+    ok(&single(
+        &ws,
+        &["--config", cfg, "--out", "one", "--set", "grad_accum=2"],
+    ));
+    // optimizer.safetensors holds the whole state, gathered from both shards.
+    assert_same_run(&ws.path("zero"), &ws.path("one"), 30);
+    // Checkpoints hold the whole state, so a run may switch zero_stage when it resumes.
+    mpi_ok(&mpirun_output(
+        &ws,
+        2,
+        &[
+            &["--config", cfg, "--out", "switch", "--set", "max_steps=10"][..],
+            &zero,
+        ]
+        .concat(),
+        &[],
+    ));
+    mpi_ok(&mpirun_output(
+        &ws,
+        2,
+        &[
+            "--resume",
+            "switch",
+            "--set",
+            "max_steps=30",
+            "--set",
+            "zero_stage=0",
+        ],
+        &[],
+    ));
+    assert_eq!(
+        train_losses(&ws.path("switch")),
+        train_losses(&ws.path("one"))
+    );
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            file_bytes(&ws.path("switch"), 30, file) == file_bytes(&ws.path("one"), 30, file),
+            "{file} differs after switching zero_stage"
+        );
+    }
+}

@@ -271,6 +271,41 @@ impl World {
         sum
     }
 
+    /// Overwrites `values` on every rank with rank `root`'s.
+    pub fn broadcast_f32(&self, root: usize, values: &mut [f32]) {
+        #[cfg(feature = "mpi")]
+        if let Some(comm) = self.comm() {
+            use mpi::traits::*;
+            comm.process_at_rank(root as i32).broadcast_into(values);
+        }
+        let _ = (root, values);
+    }
+
+    /// Rank 0 gets every rank's `bytes` (its own first, then rank 1's, ...); the others get
+    /// nothing back. The lengths may differ between ranks.
+    pub fn gather_bytes_to_root(&self, bytes: Vec<u8>) -> Option<Vec<Vec<u8>>> {
+        #[cfg(feature = "mpi")]
+        if let Some(comm) = self.comm() {
+            use mpi::traits::*;
+            if self.rank != 0 {
+                let root = comm.process_at_rank(0);
+                root.send(&(bytes.len() as u64));
+                root.send(&bytes[..]);
+                return None;
+            }
+            let mut all = vec![bytes];
+            for rank in 1..self.size {
+                let from = comm.process_at_rank(rank as i32);
+                let (len, _) = from.receive::<u64>();
+                let mut theirs = vec![0u8; len as usize];
+                from.receive_into(&mut theirs[..]);
+                all.push(theirs);
+            }
+            return Some(all);
+        }
+        Some(vec![bytes])
+    }
+
     /// Every rank's `values` concatenated in rank order; each rank passes the same count.
     pub fn gather_f64(&self, values: &[f64]) -> Vec<f64> {
         #[cfg(feature = "mpi")]

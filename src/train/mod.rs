@@ -22,6 +22,7 @@ pub mod schedule;
 pub mod signals;
 mod start;
 pub mod tensorboard;
+mod zero;
 
 pub use run_dir::{
     load_run_config, load_run_header, load_run_model, load_run_tokenizer, RunHeader, RunModel,
@@ -41,6 +42,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use runlock::RunLock;
 use schedule::Schedule;
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -300,6 +302,8 @@ struct Trainer {
     quiet: bool,
     /// Rank 0 holds it for the trainer's life: no second process trains in the same directory.
     _lock: Option<RunLock>,
+    /// `zero_stage = 1` on several ranks: who updates which parameter.
+    shards: Option<zero::Shards>,
 }
 
 /// Where a run stands between steps: what a checkpoint saves besides the tensors.
@@ -398,18 +402,24 @@ impl Trainer {
         let model = self.params.tensors();
         let optimizer = self.optimizer.state_tensors()?;
         if self.world.size() > 1 {
+            // Sharded optimizer state differs between ranks by design: compare the model only.
+            let (what, compared) = match &self.shards {
+                Some(_) => ("model", BTreeMap::new()),
+                None => ("model and optimizer state", optimizer.clone()),
+            };
             self.world.require_same(
-                &format!(
-                    "model and optimizer state after step {}",
-                    self.position.step
-                ),
-                &checkpoint::digest(&model, &optimizer)?,
+                &format!("{what} after step {}", self.position.step),
+                &checkpoint::digest(&model, &compared)?,
             )?;
         }
-        if !self.world.is_root() {
+        let optimizer = match &self.shards {
+            Some(shards) => shards.gather_state(&self.world, optimizer, &self.device)?,
+            None => Some(optimizer),
+        };
+        let Some(optimizer) = optimizer.filter(|_| self.world.is_root()) else {
             self.world.barrier();
             return Ok(checkpoint::step_dir(&self.run_dir, self.position.step));
-        }
+        };
         self.sync_metrics()?;
         let state = TrainState {
             step: self.position.step,
@@ -560,6 +570,9 @@ impl Trainer {
                 scale_grads(&self.params, &mut grads, cfg.grad_clip / (norm + 1e-6))?;
             }
             self.optimizer.update(&grads, lr)?;
+            if let Some(shards) = &self.shards {
+                shards.share_params(&world, &self.params)?;
+            }
         }
         if self.position.step == 0 && world.size() > 1 && faults::desync_rank(world.rank()) {
             let first = self.params.vars().next().expect("a model has parameters");
@@ -597,6 +610,9 @@ impl Trainer {
                 self.data.split_len(Split::Train),
                 self.data.split_len(Split::Val),
             )?;
+            if let Some(shards) = &self.shards {
+                println!("{}", shards.describe(self.world.rank(), &self.params));
+            }
         }
         let mut last_val = None;
         if self.position.step == 0 {

@@ -10,6 +10,7 @@ use super::run_dir::{
     CONFIG_FILE, RUN_FILE, TOKENIZER_FILE,
 };
 use super::runlock::RunLock;
+use super::zero::Shards;
 use super::{Position, Reporting, ResumeOptions, Trainer};
 use crate::config::{ScheduleKind, TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
 use crate::data::tokenizer::Tokenizer;
@@ -69,7 +70,8 @@ impl Trainer {
             Some(dir) => crate::model::hf::read_weights(dir, &model_cfg, &device)?,
             None => Params::init(&model_cfg, cfg.seed, DType::F32, &device)?,
         };
-        let optimizer = build_optimizer(&cfg, &params)?;
+        let shards = zero_shards(&world, &cfg, &params);
+        let optimizer = build_optimizer(&cfg, &params, &world, shards.as_ref())?;
         let corpus_sha256 = source.sha256()?;
         let tokenizer_sha256 = tokenizer.fingerprint()?;
         require_agreement(&world, &cfg, &corpus_sha256, &tokenizer_sha256, None)?;
@@ -134,6 +136,7 @@ impl Trainer {
             quiet,
             world,
             _lock: lock,
+            shards,
         })
     }
 
@@ -262,9 +265,14 @@ impl Trainer {
         let data = token_data(&world, &source, &tokenizer, &cfg, model_cfg.block_size)?;
         let params = Params::from_tensors(&model_cfg, ckpt.model, DType::F32, &device)
             .with_context(|| format!("cannot load {}", ckpt.dir.display()))?;
-        let mut optimizer = build_optimizer(&cfg, &params)?;
+        let shards = zero_shards(&world, &cfg, &params);
+        let mut optimizer = build_optimizer(&cfg, &params, &world, shards.as_ref())?;
+        let state = match &shards {
+            Some(shards) => shards.own_state(world.rank(), &ckpt.optimizer),
+            None => ckpt.optimizer,
+        };
         optimizer
-            .load_state_tensors(&ckpt.optimizer)
+            .load_state_tensors(&state)
             .with_context(|| format!("cannot load optimizer state from {}", ckpt.dir.display()))?;
         let word_pos: u128 = ckpt
             .state
@@ -329,6 +337,7 @@ impl Trainer {
             quiet: reporting.quiet || !root,
             world,
             _lock: lock,
+            shards,
         })
     }
 }
@@ -427,13 +436,24 @@ fn adopt_pretrained_shape(cfg: &mut TrainConfig, vocab: usize) -> Result<PathBuf
     Ok(dir)
 }
 
-fn build_optimizer(cfg: &TrainConfig, params: &Params) -> Result<Box<dyn Optimizer>> {
-    let groups = optim::param_groups(
-        &params.named_vars(),
-        cfg.weight_decay.unwrap_or(0.0),
-        cfg.decay_1d,
-    );
+/// The optimizer over the parameters this rank updates: all of them, or its shard.
+fn build_optimizer(
+    cfg: &TrainConfig,
+    params: &Params,
+    world: &World,
+    shards: Option<&Shards>,
+) -> Result<Box<dyn Optimizer>> {
+    let vars = match shards {
+        Some(shards) => shards.owned_by(world.rank(), params),
+        None => params.named_vars(),
+    };
+    let groups = optim::param_groups(&vars, cfg.weight_decay.unwrap_or(0.0), cfg.decay_1d);
     Ok(optim::build(&cfg.optimizer_settings(), groups)?)
+}
+
+/// ZeRO-1's assignment of parameters to ranks, when the run shards its optimizer state.
+fn zero_shards(world: &World, cfg: &TrainConfig, params: &Params) -> Option<Shards> {
+    (cfg.zero_stage == 1 && world.size() > 1).then(|| Shards::new(params, world.size()))
 }
 
 /// Says on stderr what a valid schedule will do that its config may not have meant: a run that
