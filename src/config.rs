@@ -617,8 +617,9 @@ mod tests {
         cfg.tokenizer_path = Some("x".into());
         cfg.eval_batch_size = Some(1);
         cfg.val_data = Some("x".into());
-        // The default `sampling` is left out of saved configs.
+        // The default `sampling` and `zero_stage` are left out of saved configs.
         cfg.sampling = crate::data::Sampling::Shuffled;
+        cfg.zero_stage = 1;
         let table = cfg.to_table().unwrap();
         let mut from_struct: Vec<&str> = table.keys().map(|k| k.as_str()).collect();
         // `decouple`, `clip_exponent` and `variant` are unset for AdamW, the default optimizer.
