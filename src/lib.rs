@@ -10,14 +10,14 @@
 //! - [`optim`]: Adam, AdamW and ADOPT with exposed, checkpointable state; reusable by any candle program.
 //! - [`config`]: run configuration (defaults → TOML → `--set` overrides).
 //! - [`train`]: the training loop, checkpoints, metrics and the learning-rate schedule.
-//! - [`dist`]: data parallel over MPI ranks (the `mpi` feature).
+//! - [`distributed`]: data parallel over MPI ranks (the `mpi` feature).
 //! - [`study`]: sweeps, the comparison report and the toy problem.
 //! - [`tools`]: sampling, evaluation and the benchmark.
 
 pub mod config;
 pub mod data;
 pub mod device;
-pub mod dist;
+pub mod distributed;
 pub mod fsutil;
 pub mod model;
 pub mod ops;

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use gpt_pretrain::config::TrainConfig;
-use gpt_pretrain::dist::World;
+use gpt_pretrain::distributed::World;
 use gpt_pretrain::tools::sample::{sample, SampleOptions};
 use gpt_pretrain::train::{train_new_in, train_resume_in, Interrupted, Reporting, ResumeOptions};
 use std::io::Write;

@@ -170,8 +170,13 @@ fn two_ranks_on_token_shards_equal_one_process() {
 
 /// The pid of the rank `rank` among mpirun's children (its environment says which it is).
 fn rank_pid(mpirun: &Child, rank: usize) -> Option<i32> {
-    let children =
-        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", mpirun.id())).ok()?;
+    // Each of mpirun's threads lists the children it forked.
+    let mut children = String::new();
+    for task in std::fs::read_dir(format!("/proc/{}/task", mpirun.id())).ok()? {
+        let path = task.ok()?.path().join("children");
+        children += &std::fs::read_to_string(path).unwrap_or_default();
+        children.push(' ');
+    }
     children
         .split_whitespace()
         .filter_map(|p| p.parse::<i32>().ok())
@@ -245,14 +250,25 @@ fn a_killed_rank_ends_the_job_and_resume_continues_bitwise() {
     let slow = [("GPT_PRETRAIN_SLOW_METRICS_MS", "20")];
     let mut job = mpirun(&ws, 2, &["--config", cfg, "--out", "killed"], &slow)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(ws.path("killed.stderr")).unwrap())
         .spawn()
         .unwrap();
     wait_for_step(&ws.path("killed"), 25, &mut job);
     let victim = rank_pid(&job, 1).expect("rank 1 among mpirun's children");
+    let survivor = rank_pid(&job, 0).expect("rank 0 among mpirun's children");
     unsafe { libc::kill(victim, libc::SIGKILL) };
     let status = ends_within(&mut job, Duration::from_secs(30));
     assert!(!status.success(), "{status}");
+    // mpirun returns once it has signalled the other ranks; rank 0 (which holds the run's lock)
+    // must be gone too, within the same 30 s, before a resume can take the run over.
+    let started = Instant::now();
+    while std::path::Path::new(&format!("/proc/{survivor}")).exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "rank 0 outlived the job by 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let last = std::fs::read_dir(ws.path("killed/checkpoints"))
         .unwrap()
         .filter_map(|e| e.ok())

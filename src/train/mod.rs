@@ -7,7 +7,7 @@
 //! optimizer moments and the data stream position are restored exactly, the schedule is a pure
 //! function of the step, and dropout masks are drawn from a stream keyed by the step.
 //!
-//! Data parallel ([`crate::dist`]): each of N ranks draws `batch_size × grad_accum` sequences of a
+//! Data parallel ([`crate::distributed`]): each of N ranks draws `batch_size × grad_accum` sequences of a
 //! global step of N × `grad_accum` micro-batches (every rank walks the whole sample stream and
 //! computes its own contiguous share), the gradients are summed in rank order, and every rank
 //! applies the same update. Rank 0 alone writes the run directory. On CPU in f32 this is bitwise
@@ -30,7 +30,7 @@ pub use run_dir::{
 
 use crate::config::{NanPolicy, TrainConfig};
 use crate::data::{eval_windows, BatchSampler, Split, TokenData};
-use crate::dist::World;
+use crate::distributed::World;
 use crate::model::{Gpt, GptConfig, Params};
 use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};

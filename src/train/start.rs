@@ -15,7 +15,7 @@ use super::{Position, Reporting, ResumeOptions, Trainer};
 use crate::config::{ScheduleKind, TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
 use crate::data::tokenizer::Tokenizer;
 use crate::data::{BatchSampler, DataSource, TokenData};
-use crate::dist::World;
+use crate::distributed::World;
 use crate::model::{Gpt, Params};
 use crate::optim::{self, Optimizer};
 use anyhow::{bail, Context, Result};

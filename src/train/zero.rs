@@ -8,7 +8,7 @@
 //! shard. Checkpoints hold the whole state, gathered on rank 0, so a run may switch `zero_stage`
 //! when it resumes.
 
-use crate::dist::World;
+use crate::distributed::World;
 use crate::model::Params;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, Var};
