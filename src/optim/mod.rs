@@ -81,8 +81,9 @@ pub(crate) fn indexed_params(vars: Vec<Var>, weight_decay: f64) -> Vec<Param> {
         .collect()
 }
 
-/// A first-order optimizer whose state can be saved and restored.
-pub trait Optimizer {
+/// A first-order optimizer whose state can be saved and restored (and moved to another thread:
+/// the trainer runs CPU updates on a worker of rayon's pool).
+pub trait Optimizer: Send {
     /// Applies one update with learning rate `lr`. Parameters with no gradient in `grads` are
     /// left alone, state included (as PyTorch skips parameters whose `.grad` is `None`).
     fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()>;

@@ -5,6 +5,7 @@
 
 use crate::config::Precision;
 use crate::model::{Gpt, GptConfig, Params};
+use crate::ops::cpu::on_worker_thread;
 use crate::ops::linear::MatmulPrecision;
 use crate::optim::{param_groups, Adam, AdamConfig, Optimizer, OptimizerKind};
 use anyhow::{bail, Result};
@@ -321,16 +322,29 @@ pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchRep
     let (mut fwd, mut bwd, mut upd) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..steps + 2 {
         let (x, y) = batch()?;
-        let t0 = Instant::now();
-        let loss = model.loss(&x, &y, None)?;
-        let _ = loss.to_scalar::<f32>()?;
-        let t1 = Instant::now();
-        let grads = loss.backward()?;
-        device.synchronize()?;
-        let t2 = Instant::now();
-        opt.update(&grads, 1e-4)?;
-        device.synchronize()?;
-        let t3 = Instant::now();
+        // As the trainer runs a step: on CPU, forward and backward on one of rayon's workers,
+        // then the update on one.
+        let forward_backward = || -> Result<_> {
+            let t0 = Instant::now();
+            let loss = model.loss(&x, &y, None)?;
+            let _ = loss.to_scalar::<f32>()?;
+            let t1 = Instant::now();
+            let grads = loss.backward()?;
+            device.synchronize()?;
+            Ok((t0, t1, Instant::now(), grads))
+        };
+        let mut update = |grads| -> Result<Instant> {
+            opt.update(grads, 1e-4)?;
+            device.synchronize()?;
+            Ok(Instant::now())
+        };
+        let (t0, t1, t2, t3) = if device.is_cpu() {
+            let (t0, t1, t2, grads) = on_worker_thread(forward_backward)?;
+            (t0, t1, t2, on_worker_thread(|| update(&grads))?)
+        } else {
+            let (t0, t1, t2, grads) = forward_backward()?;
+            (t0, t1, t2, update(&grads)?)
+        };
         if i >= 2 {
             fwd.push((t1 - t0).as_secs_f64());
             bwd.push((t2 - t1).as_secs_f64());

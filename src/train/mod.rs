@@ -490,17 +490,25 @@ impl Trainer {
                 rng.set_stream(1 + self.position.step * accum as u64 + micro as u64);
                 rng
             });
-            let mut loss = self.model.loss(&x, &y, dropout_rng.as_mut())?;
-            if faults::nan_at(self.position.step + 1) {
-                loss = (loss * f64::NAN)?;
-            }
-            losses.push(loss.detach().to_dtype(DType::F64)?);
-            let loss = if accum > 1 {
-                (loss / accum as f64)?
-            } else {
-                loss
+            let (model, step) = (&self.model, self.position.step);
+            let mut forward_backward = || -> Result<(Tensor, GradStore)> {
+                let mut loss = model.loss(&x, &y, dropout_rng.as_mut())?;
+                if faults::nan_at(step + 1) {
+                    loss = (loss * f64::NAN)?;
+                }
+                let value = loss.detach().to_dtype(DType::F64)?;
+                let loss = if accum > 1 {
+                    (loss / accum as f64)?
+                } else {
+                    loss
+                };
+                Ok((value, loss.backward()?))
             };
-            let g = loss.backward()?;
+            let (loss, g) = match self.device.is_cpu() {
+                true => crate::ops::cpu::on_worker_thread(forward_backward)?,
+                false => forward_backward()?,
+            };
+            losses.push(loss);
             if !world.is_root() && !world.sums_on_device() {
                 terms.push(flatten_grads(&self.params, &g)?);
                 grads.get_or_insert(g);
@@ -569,7 +577,11 @@ impl Trainer {
                 // torch.nn.utils.clip_grad_norm_'s coefficient.
                 scale_grads(&self.params, &mut grads, cfg.grad_clip / (norm + 1e-6))?;
             }
-            self.optimizer.update(&grads, lr)?;
+            let (optimizer, grads) = (&mut self.optimizer, &grads);
+            match self.device.is_cpu() {
+                true => crate::ops::cpu::on_worker_thread(|| optimizer.update(grads, lr))?,
+                false => optimizer.update(grads, lr)?,
+            }
             if let Some(shards) = &self.shards {
                 shards.share_params(&world, &self.params)?;
             }
