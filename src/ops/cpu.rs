@@ -309,7 +309,10 @@ mod tests {
 
     #[test]
     fn on_worker_thread_runs_on_a_pool_worker_and_inline_from_one() {
-        assert!(rayon::current_thread_index().is_none(), "tests run outside the pool");
+        assert!(
+            rayon::current_thread_index().is_none(),
+            "tests run outside the pool"
+        );
         let (index, caller) = on_worker_thread(|| {
             let index = rayon::current_thread_index();
             let caller = std::thread::current().id();
