@@ -35,7 +35,7 @@ pub enum LossGradients {
 /// is a product over the group's rows, and each thread's share of the other two is its rows:
 /// with 83-row groups (16 MB) `tiny50k` ran 10-20% slower (AMD Zen 4, 2 threads), with 41-row
 /// groups (one thread's share below 64 rows) at half speed; 64 MB groups were no faster than
-/// 32 MB and 128 MB ones slower again (the logits then leave the L3 cache).
+/// 32 MB, and 128 MB ones slower again.
 const GROUP_LOGITS: usize = 1 << 23;
 
 struct LinearCrossEntropy {
