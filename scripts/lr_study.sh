@@ -24,7 +24,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${GPT_PRETRAIN_BIN:-target/release/gpt-pretrain}
-if [[ ! -x $BIN ]]; then
+# The report is drawn by the current build whichever binary trains: the study's own binary
+# (GPT_PRETRAIN_BIN, fixed at c910f61 so that every run sees the same code) predates the
+# lr-sensitivity plot.
+COMPARE_BIN=target/release/gpt-pretrain
+if [[ ! -x $BIN ]] || [[ ! -x $COMPARE_BIN ]]; then
     cargo build --release
 fi
 ARMS=(adam-b095 adam-b09999 adopt)
@@ -202,10 +206,19 @@ report() {
         echo "lr_study: no finished runs in $OUT yet" >&2
         return
     fi
-    "$BIN" compare "${finished[@]}" --out "$REPORT" > /dev/null
+    # Files older than this stamp were not rewritten by this compare (an older binary's compare,
+    # the study's own, draws no lr_sensitivity.png and would leave a stale one in place).
+    local stamp
+    stamp=$(mktemp)
+    "$COMPARE_BIN" compare "${finished[@]}" --out "$REPORT" > /dev/null
     for f in report.md val_loss.png lr_sensitivity.png; do
-        [[ -s $REPORT/$f ]] || { echo "error: $REPORT/$f was not written" >&2; exit 1; }
+        if [[ ! -s $REPORT/$f ]] || [[ $stamp -nt $REPORT/$f ]]; then
+            rm -f "$stamp"
+            echo "error: $REPORT/$f was not written by $COMPARE_BIN compare" >&2
+            exit 1
+        fi
     done
+    rm -f "$stamp"
     echo "lr_study: ${#finished[@]} finished runs compared into $REPORT" >&2
 }
 if ((report_only)); then
