@@ -22,6 +22,20 @@ pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// [`on_worker_thread`] for work on `device`: on CPU it moves to a worker; on other devices it
+/// runs on the calling thread (a CUDA context is current per thread, and their ops do not run
+/// on rayon).
+pub fn on_worker_thread_if_cpu<R: Send>(
+    device: &candle_core::Device,
+    f: impl FnOnce() -> R + Send,
+) -> R {
+    if device.is_cpu() {
+        on_worker_thread(f)
+    } else {
+        f()
+    }
+}
+
 /// The elements of a contiguous tensor's storage; `what` names the tensor in the error (every
 /// fused kernel's wrapper makes its inputs contiguous, so this is a guard).
 pub(crate) fn contiguous<'a, T>(s: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
@@ -305,7 +319,7 @@ impl<'a> Operand<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::on_worker_thread;
+    use super::{on_worker_thread, on_worker_thread_if_cpu};
 
     #[test]
     fn on_worker_thread_runs_on_a_pool_worker_and_inline_from_one() {
@@ -324,5 +338,8 @@ mod tests {
         assert!(index.is_some(), "the closure ran outside rayon's pool");
         assert_ne!(caller, std::thread::current().id());
         assert_eq!(on_worker_thread(|| 6 * 7), 42);
+        let on_cpu =
+            on_worker_thread_if_cpu(&candle_core::Device::Cpu, rayon::current_thread_index);
+        assert!(on_cpu.is_some(), "CPU work ran outside rayon's pool");
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::config::Precision;
 use crate::model::{Gpt, GptConfig, Params};
-use crate::ops::cpu::on_worker_thread;
+use crate::ops::cpu::on_worker_thread_if_cpu;
 use crate::ops::linear::MatmulPrecision;
 use crate::optim::{param_groups, Adam, AdamConfig, Optimizer, OptimizerKind};
 use anyhow::{bail, Result};
@@ -333,18 +333,12 @@ pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchRep
             device.synchronize()?;
             Ok((t0, t1, Instant::now(), grads))
         };
-        let mut update = |grads| -> Result<Instant> {
-            opt.update(grads, 1e-4)?;
+        let (t0, t1, t2, grads) = on_worker_thread_if_cpu(device, forward_backward)?;
+        let t3 = on_worker_thread_if_cpu(device, || -> Result<Instant> {
+            opt.update(&grads, 1e-4)?;
             device.synchronize()?;
             Ok(Instant::now())
-        };
-        let (t0, t1, t2, t3) = if device.is_cpu() {
-            let (t0, t1, t2, grads) = on_worker_thread(forward_backward)?;
-            (t0, t1, t2, on_worker_thread(|| update(&grads))?)
-        } else {
-            let (t0, t1, t2, grads) = forward_backward()?;
-            (t0, t1, t2, update(&grads)?)
-        };
+        })?;
         if i >= 2 {
             fwd.push((t1 - t0).as_secs_f64());
             bwd.push((t2 - t1).as_secs_f64());

@@ -32,6 +32,7 @@ use crate::config::{NanPolicy, TrainConfig};
 use crate::data::{eval_windows, BatchSampler, Split, TokenData};
 use crate::distributed::World;
 use crate::model::{Gpt, GptConfig, Params};
+use crate::ops::cpu::on_worker_thread_if_cpu;
 use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -491,7 +492,7 @@ impl Trainer {
                 rng
             });
             let (model, step) = (&self.model, self.position.step);
-            let mut forward_backward = || -> Result<(Tensor, GradStore)> {
+            let forward_backward = || -> Result<(Tensor, GradStore)> {
                 let mut loss = model.loss(&x, &y, dropout_rng.as_mut())?;
                 if faults::nan_at(step + 1) {
                     loss = (loss * f64::NAN)?;
@@ -504,10 +505,7 @@ impl Trainer {
                 };
                 Ok((value, loss.backward()?))
             };
-            let (loss, g) = match self.device.is_cpu() {
-                true => crate::ops::cpu::on_worker_thread(forward_backward)?,
-                false => forward_backward()?,
-            };
+            let (loss, g) = on_worker_thread_if_cpu(&self.device, forward_backward)?;
             losses.push(loss);
             if !world.is_root() && !world.sums_on_device() {
                 terms.push(flatten_grads(&self.params, &g)?);
@@ -578,10 +576,7 @@ impl Trainer {
                 scale_grads(&self.params, &mut grads, cfg.grad_clip / (norm + 1e-6))?;
             }
             let (optimizer, grads) = (&mut self.optimizer, &grads);
-            match self.device.is_cpu() {
-                true => crate::ops::cpu::on_worker_thread(|| optimizer.update(grads, lr))?,
-                false => optimizer.update(grads, lr)?,
-            }
+            on_worker_thread_if_cpu(&self.device, || optimizer.update(grads, lr))?;
             if let Some(shards) = &self.shards {
                 shards.share_params(&world, &self.params)?;
             }
