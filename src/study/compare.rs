@@ -97,8 +97,41 @@ pub struct LrCell {
     pub batch: usize,
     pub arm: String,
     pub groups: Vec<usize>,
-    /// The group with the lowest mean final validation loss (non-finite counts as worst).
+    /// The group with the lowest mean final validation loss over the seeds that every lr of the
+    /// cell ran ([`best_lr_index`]).
     pub best: usize,
+}
+
+/// Which of an arm's lrs is best, given each lr's runs as (seed, final validation loss): the lowest
+/// mean over the seeds that every lr ran, so that lrs are ranked on the same seeds. A study that
+/// runs its grid at seed 0 and adds seeds at the best lr afterwards therefore keeps the lr that
+/// seed 0 chose; a fully crossed sweep ranks by the mean over all seeds. Without a shared seed the
+/// mean over each lr's own seeds decides. A non-finite loss among the seeds counted makes an lr
+/// the worst. Ties go to the first.
+pub fn best_lr_index(lrs: &[Vec<(u64, f64)>]) -> usize {
+    let shared: Vec<u64> = lrs
+        .first()
+        .map(|runs| runs.iter().map(|r| r.0).collect())
+        .unwrap_or_default();
+    let shared: Vec<u64> = shared
+        .into_iter()
+        .filter(|seed| lrs.iter().all(|runs| runs.iter().any(|r| r.0 == *seed)))
+        .collect();
+    let score = |runs: &Vec<(u64, f64)>| {
+        let counted: Vec<f64> = runs
+            .iter()
+            .filter(|r| shared.is_empty() || shared.contains(&r.0))
+            .map(|r| r.1)
+            .collect();
+        if counted.is_empty() || counted.iter().any(|x| !x.is_finite()) {
+            f64::INFINITY
+        } else {
+            mean_sd(&counted).0
+        }
+    };
+    (0..lrs.len())
+        .min_by(|&a, &b| score(&lrs[a]).total_cmp(&score(&lrs[b])))
+        .unwrap_or(0)
 }
 
 /// Groups by (batch, arm), in the order the arms first appear.
@@ -118,27 +151,22 @@ pub fn best_lr_cells(groups: &[Group], all: &[GroupStats]) -> Vec<LrCell> {
             }),
         }
     }
-    let score = |i: usize| {
-        let finite: Vec<f64> = all[i]
-            .final_val
-            .iter()
-            .copied()
-            .filter(|x| x.is_finite())
-            .collect();
-        if finite.len() < all[i].final_val.len() || finite.is_empty() {
-            f64::INFINITY
-        } else {
-            mean_sd(&finite).0
-        }
-    };
     for c in &mut cells {
         c.groups
             .sort_by(|&a, &b| groups[a].lr.total_cmp(&groups[b].lr));
-        c.best = *c
+        let lrs: Vec<Vec<(u64, f64)>> = c
             .groups
             .iter()
-            .min_by(|&&a, &&b| score(a).total_cmp(&score(b)))
-            .expect("a cell has a group");
+            .map(|&i| {
+                groups[i]
+                    .runs
+                    .iter()
+                    .map(|r| r.cfg.seed)
+                    .zip(all[i].final_val.iter().copied())
+                    .collect()
+            })
+            .collect();
+        c.best = c.groups[best_lr_index(&lrs)];
     }
     cells
 }
@@ -216,8 +244,10 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
         let _ = writeln!(md, "\n## Learning rate\n");
         let _ = writeln!(
             md,
-            "Each arm's best lr at each batch size: the lowest mean final validation loss over its lrs. \
-             Only these enter the pairwise tests below.\n"
+            "Each arm's best lr at each batch size: the lowest mean final validation loss over its lrs, \
+             counting the seeds that every lr of the arm ran (so an lr grid run at one seed, with \
+             seeds added at its best lr afterwards, keeps the lr that seed chose); the loss column \
+             averages every seed of the best lr. Only these enter the pairwise tests below.\n"
         );
         let _ = writeln!(
             md,
@@ -393,4 +423,29 @@ pub fn compare(paths: &[PathBuf], out: &Path, target: Option<f64>) -> Result<Str
     crate::study::plots::draw_all(&groups, out)?;
     crate::study::plots::draw_lr_sensitivity(&groups, out)?;
     Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::best_lr_index;
+
+    #[test]
+    fn the_best_lr_is_ranked_on_the_seeds_every_lr_ran() {
+        // The lr study's shape: a grid at seed 0, then seeds 1 and 2 at seed 0's best. Seed 0 ranks
+        // lr 0 (1.0) ahead of lr 1 (1.1); the mean over all of lr 0's seeds (1.2) would not.
+        let study = [vec![(0, 1.0), (1, 1.3), (2, 1.3)], vec![(0, 1.1)]];
+        assert_eq!(best_lr_index(&study), 0);
+        // Fully crossed: the mean over both seeds, 1.2 against 1.1.
+        let crossed = [vec![(0, 1.0), (1, 1.4)], vec![(0, 1.1), (1, 1.1)]];
+        assert_eq!(best_lr_index(&crossed), 1);
+        // No seed in common: each lr's own mean.
+        assert_eq!(best_lr_index(&[vec![(0, 1.2)], vec![(1, 1.1)]]), 1);
+        // A divergence among the seeds counted makes an lr the worst; one among seeds added later
+        // does not change the choice.
+        assert_eq!(best_lr_index(&[vec![(0, f64::NAN)], vec![(0, 2.0)]]), 1);
+        assert_eq!(
+            best_lr_index(&[vec![(0, 1.0), (1, f64::INFINITY)], vec![(0, 1.1)]]),
+            0
+        );
+    }
 }
