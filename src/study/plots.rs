@@ -399,9 +399,21 @@ where
         return Ok(());
     }
     let (_, _, y0, y1) = bounds(&points);
+    // Headroom above the highest point for the legend, which would otherwise hide it.
+    let y1 = y1 + 0.25 * (y1 - y0);
     // Margins in log space: a factor of 1.4 past the smallest and largest lr.
     let x0 = points.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) / 1.4;
     let x1 = points.iter().map(|p| p.0).fold(0.0, f64::max) * 1.4;
+    // Labelled ticks at the lrs that ran (a grid of factors of 2 falls between the log mesh's
+    // 1-2-5 labels); light lines at 1..9 × 10^k.
+    let mut lrs: Vec<f64> = points.iter().map(|p| p.0).collect();
+    lrs.sort_by(f64::total_cmp);
+    lrs.dedup();
+    let decades = x0.log10().floor() as i32..=x1.log10().ceil() as i32;
+    let light: Vec<f64> = decades
+        .flat_map(|k| (1..10).map(move |m| m as f64 * 10f64.powi(k)))
+        .filter(|x| (x0..=x1).contains(x))
+        .collect();
     let mut chart = ChartBuilder::on(area)
         .caption(
             format!("Final validation loss against lr, batch {batch}"),
@@ -410,7 +422,13 @@ where
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(65)
-        .build_cartesian_2d((x0..x1).log_scale(), y0..y1)
+        .build_cartesian_2d(
+            (x0..x1)
+                .log_scale()
+                .with_key_points(lrs)
+                .with_light_points(light),
+            y0..y1,
+        )
         .map_err(err)?;
     chart
         .configure_mesh()
@@ -418,15 +436,7 @@ where
         .y_desc("final validation loss")
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 16))
-        // Labels at 1, 2 and 5 × 10^k only: the log mesh's other ticks crowd each other.
-        .x_label_formatter(&|x| {
-            let mantissa = x / 10f64.powf(x.log10().floor());
-            if [1.0, 2.0, 5.0].iter().any(|m| (mantissa - m).abs() < 0.05) {
-                format!("{x:.0e}")
-            } else {
-                String::new()
-            }
-        })
+        .x_label_formatter(&|x| format!("{x:e}"))
         .y_label_formatter(&|y| format!("{y:.3}"))
         .draw()
         .map_err(err)?;
