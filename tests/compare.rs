@@ -307,6 +307,15 @@ fn an_lr_sweep_reports_each_arms_best_lr_and_tests_only_those() {
             best.parse::<f64>().unwrap(),
             "{row}"
         );
+        // The curves show the best lr only.
+        let curves = std::fs::read_to_string(ws.path("report/val_loss.svg")).unwrap();
+        for lr in ["1e-3", "3e-3", "1e-2"] {
+            assert_eq!(
+                curves.contains(&format!("{arm}, batch 4, lr {lr} (n=2)")),
+                lr == best,
+                "{arm} at lr {lr} (best {best}) in val_loss.svg"
+            );
+        }
     }
     // One batch size, two arms: one pair, between the two best-lr groups.
     let section = md.split("## Pairwise").nth(1).unwrap();

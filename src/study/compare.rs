@@ -171,6 +171,11 @@ pub fn best_lr_cells(groups: &[Group], all: &[GroupStats]) -> Vec<LrCell> {
     cells
 }
 
+/// Whether some arm ran at more than one lr.
+fn lr_swept(cells: &[LrCell]) -> bool {
+    cells.iter().any(|c| c.groups.len() > 1)
+}
+
 /// The markdown report.
 pub fn report(groups: &[Group], target: Option<f64>) -> String {
     let all: Vec<GroupStats> = groups.iter().map(|g| stats(g, target)).collect();
@@ -239,7 +244,7 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
     }
     // lr as a swept variable: the lrs each arm ran at each batch size, and its best.
     let cells = best_lr_cells(groups, &all);
-    let swept = cells.iter().any(|c| c.groups.len() > 1);
+    let swept = lr_swept(&cells);
     if swept {
         let _ = writeln!(md, "\n## Learning rate\n");
         let _ = writeln!(
@@ -247,7 +252,8 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
             "Each arm's best lr at each batch size: the lowest mean final validation loss over its lrs, \
              counting the seeds that every lr of the arm ran (so an lr grid run at one seed, with \
              seeds added at its best lr afterwards, keeps the lr that seed chose); the loss column \
-             averages every seed of the best lr. Only these enter the pairwise tests below.\n"
+             averages every seed of the best lr. Only these enter the pairwise tests below, and only \
+             these are drawn in the loss, lr and gradient-norm curves; `lr_sensitivity` shows every lr.\n"
         );
         let _ = writeln!(
             md,
@@ -420,7 +426,16 @@ pub fn compare(paths: &[PathBuf], out: &Path, target: Option<f64>) -> Result<Str
     let md = report(&groups, target);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     crate::fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
-    crate::study::plots::draw_all(&groups, out)?;
+    // With lrs swept, the curves show the groups the tests compare (each arm's best lr): every lr
+    // of every arm would bury them, and lr_sensitivity shows the rest.
+    let all: Vec<GroupStats> = groups.iter().map(|g| stats(g, target)).collect();
+    let cells = best_lr_cells(&groups, &all);
+    let curve_groups: Vec<Group> = if lr_swept(&cells) {
+        cells.iter().map(|c| groups[c.best].clone()).collect()
+    } else {
+        groups.clone()
+    };
+    crate::study::plots::draw_all(&curve_groups, out)?;
     crate::study::plots::draw_lr_sensitivity(&groups, out)?;
     Ok(md)
 }
