@@ -79,6 +79,13 @@ fn bounds(points: &[(f64, f64)]) -> (f64, f64, f64, f64) {
     (x0, x1.max(x0 + 1.0), y0 - pad, y1 + pad)
 }
 
+/// At most one decimal, none when it is 0: ticks every 500 steps read 1k, 1.5k, 2k (a rounded
+/// "2k" for 1.5k would repeat its neighbour's label).
+fn one_decimal(x: f64) -> String {
+    let s = format!("{x:.1}");
+    s.strip_suffix(".0").map_or(s.clone(), str::to_string)
+}
+
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotting failed: {e:?}")
 }
@@ -162,9 +169,9 @@ where
         .axis_desc_style((FONT, 16))
         .x_label_formatter(&|x| {
             if x.abs() >= 1e6 {
-                format!("{:.1}M", x / 1e6)
+                format!("{}M", one_decimal(x / 1e6))
             } else if x.abs() >= 1e3 {
-                format!("{:.0}k", x / 1e3)
+                format!("{}k", one_decimal(x / 1e3))
             } else {
                 format!("{x:.0}")
             }
@@ -513,4 +520,16 @@ pub fn draw_lr_sensitivity(groups: &[Group], out: &Path) -> Result<()> {
         |area, (batch, arms)| draw_lr_panel(area, *batch, arms)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_decimal;
+
+    #[test]
+    fn axis_numbers_keep_the_half_thousands_apart() {
+        assert_eq!(one_decimal(1.5), "1.5");
+        assert_eq!(one_decimal(2.0), "2");
+        assert_eq!(one_decimal(2.5), "2.5");
+    }
 }
