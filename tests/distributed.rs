@@ -10,24 +10,30 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// `mpirun` in the workspace, before its ranks: ranks run one thread each; CI runs as root; 2 ranks
+/// may outnumber the cores; no binding, so ranks never share one.
+fn mpirun_base(ws: &Workspace) -> Command {
+    // Each job's own OpenMPI session directory: tests run their mpiruns concurrently, and two
+    // creating the shared /tmp/ompi.HOST.UID at once fail with "File exists" (seen in CI).
+    let session_dir = ws.path("ompi-session");
+    std::fs::create_dir_all(&session_dir).unwrap();
+    let mut cmd = Command::new("mpirun");
+    cmd.current_dir(ws.dir.path())
+        .env("OMPI_MCA_orte_tmpdir_base", &session_dir)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .args(["--oversubscribe", "--bind-to", "none"]);
+    cmd
+}
+
 /// `mpirun -np N gpt-pretrain train --quiet ARGS` in the workspace. Ranks run one thread each,
 /// as does the single process they are compared with (results do not depend on the thread count,
 /// but the machine has 2 cores).
 fn mpirun(ws: &Workspace, np: usize, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new("mpirun");
-    cmd.current_dir(ws.dir.path())
-        // CI runs as root; 2 ranks may outnumber the cores; no binding, so ranks never share one.
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .env("HF_HUB_OFFLINE", "1")
-        .args([
-            "--oversubscribe",
-            "--bind-to",
-            "none",
-            "-np",
-            &np.to_string(),
-        ]);
+    let mut cmd = mpirun_base(ws);
+    cmd.env("HF_HUB_OFFLINE", "1")
+        .args(["-np", &np.to_string()]);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -326,12 +332,7 @@ fn sigterm_checkpoints_every_rank_and_exits_143() {
 
 /// `mpirun` with one rank per (binary, config) pair: `train --quiet --out run --config CONFIG`.
 fn mpmd(ws: &Workspace, ranks: &[(&Path, &Path)]) -> Output {
-    let mut cmd = Command::new("mpirun");
-    cmd.current_dir(ws.dir.path())
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
-        .args(["--oversubscribe", "--bind-to", "none"]);
+    let mut cmd = mpirun_base(ws);
     for (i, (program, config)) in ranks.iter().enumerate() {
         if i > 0 {
             cmd.arg(":");
