@@ -171,6 +171,16 @@ pub fn best_lr_cells(groups: &[Group], all: &[GroupStats]) -> Vec<LrCell> {
     cells
 }
 
+/// A p value with three decimals, or two significant digits below 0.001 (where "0.000" would hide
+/// how far below it is).
+fn fmt_p(p: f64) -> String {
+    if p < 1e-3 {
+        format!("{p:.1e}")
+    } else {
+        format!("{p:.3}")
+    }
+}
+
 /// Whether some arm ran at more than one lr.
 fn lr_swept(cells: &[LrCell]) -> bool {
     cells.iter().any(|c| c.groups.len() > 1)
@@ -361,9 +371,10 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
     for (k, (&(i, j), r)) in pairs.iter().zip(&rows).enumerate() {
         let paired = match r.paired {
             Some((d, t, _, p)) => format!(
-                "{d:+.4}{}, {t:.2}, {p:.3}, {:.3} ({} seeds)",
+                "{d:+.4}{}, {t:.2}, {}, {} ({} seeds)",
                 fmt_ci(r.paired_ci),
-                holm_paired[k],
+                fmt_p(p),
+                fmt_p(holm_paired[k]),
                 r.seeds
             ),
             None => "—".into(),
@@ -372,8 +383,8 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
             Some((t, df, p)) => (
                 format!("{t:.2}"),
                 format!("{df:.1}"),
-                format!("{p:.3}"),
-                format!("{:.3}", holm_welch[k]),
+                fmt_p(p),
+                fmt_p(holm_welch[k]),
                 if holm_welch[k] < 0.05 {
                     format!(
                         "significant: {} lower",
@@ -442,7 +453,13 @@ pub fn compare(paths: &[PathBuf], out: &Path, target: Option<f64>) -> Result<Str
 
 #[cfg(test)]
 mod tests {
-    use super::best_lr_index;
+    use super::{best_lr_index, fmt_p};
+
+    #[test]
+    fn small_p_values_keep_their_digits() {
+        assert_eq!(fmt_p(0.0123), "0.012");
+        assert_eq!(fmt_p(2.54e-5), "2.5e-5");
+    }
 
     #[test]
     fn the_best_lr_is_ranked_on_the_seeds_every_lr_ran() {
