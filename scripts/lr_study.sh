@@ -15,7 +15,7 @@
 #                                  runs/lr-study-quick/; CI runs it
 #   scripts/lr_study.sh --plan     print the runs of phase 1 and stop
 #   scripts/lr_study.sh --report   no training: `compare` the finished runs into the report folder
-#                                  (reports/adopt-vs-adam/lr-study/); also after the last run
+#                                  (reports/adopt-vs-adam/); also after the last run
 #
 # Each run that finishes is copied (config.toml, run.json, metrics.jsonl, HOSTS) into the report
 # folder's runs/ at once. Those copies are the study's record: a run found there is finished and
@@ -54,7 +54,7 @@ if ((quick)); then
            --set eval_batch_size=4 --set dtype=\"f32\")
 else
     OUT=runs/lr-study
-    REPORT=reports/adopt-vs-adam/lr-study
+    REPORT=reports/adopt-vs-adam
     GRID=(3e-4 6e-4 1.2e-3 2.4e-3)
     # 3,840,000 tokens per run: 750 steps of 20 × 256 and 3,750 steps of 4 × 256; warm-up 10% of
     # the run; 10 evaluations.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ADOPT-vs-Adam study: every optimizer config in configs/study/ at a large and a 5x smaller
 # batch, 3 seeds each, as resumable sweeps into runs/study/, then `compare` into
-# reports/adopt-vs-adam/. Re-running skips finished runs and resumes unfinished ones. Seeds go
+# reports/adopt-vs-adam/pilot/. Re-running skips finished runs and resumes unfinished ones. Seeds go
 # round by round (every optimizer's seed 0 first), so a study cut short still compares all four.
 # The full study trains on data/gutenberg_en.txt (bash scripts/get_data.sh --gutenberg).
 #
@@ -26,7 +26,7 @@ if [[ ${1:-} == "--quick" ]]; then
            --set eval_iters=2 --set eval_batch_size=4)
 else
     OUT=runs/study
-    REPORT=reports/adopt-vs-adam
+    REPORT=reports/adopt-vs-adam/pilot
     SEEDS=0,1,2
     BATCHES=10,2
     # Fixed before any ADOPT run finished, from the first Adam run (batch 10 passes it near step
