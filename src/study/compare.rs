@@ -186,9 +186,23 @@ fn lr_swept(cells: &[LrCell]) -> bool {
     cells.iter().any(|c| c.groups.len() > 1)
 }
 
-/// The markdown report.
-pub fn report(groups: &[Group], target: Option<f64>) -> String {
-    let all: Vec<GroupStats> = groups.iter().map(|g| stats(g, target)).collect();
+/// The groups the pairwise tests compare (and the curves draw): each arm's best lr when lrs were
+/// swept, else every group.
+fn tested_groups(cells: &[LrCell], n_groups: usize) -> Vec<usize> {
+    if lr_swept(cells) {
+        cells.iter().map(|c| c.best).collect()
+    } else {
+        (0..n_groups).collect()
+    }
+}
+
+/// The markdown report, from the groups' summaries and lr cells ([`stats`], [`best_lr_cells`]).
+pub fn report(
+    groups: &[Group],
+    all: &[GroupStats],
+    cells: &[LrCell],
+    target: Option<f64>,
+) -> String {
     let first = &groups[0].runs[0];
     let mut md = String::new();
     let _ = writeln!(md, "# Optimizer comparison\n");
@@ -215,7 +229,7 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
         "| group | seeds | final val loss | best val loss | {target_col} | loss spikes | diverged | finished | tok/s |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (g, s) in groups.iter().zip(&all) {
+    for (g, s) in groups.iter().zip(all) {
         let reached: Vec<f64> = s
             .tokens_to_target
             .iter()
@@ -253,8 +267,7 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
         );
     }
     // lr as a swept variable: the lrs each arm ran at each batch size, and its best.
-    let cells = best_lr_cells(groups, &all);
-    let swept = lr_swept(&cells);
+    let swept = lr_swept(cells);
     if swept {
         let _ = writeln!(md, "\n## Learning rate\n");
         let _ = writeln!(
@@ -270,7 +283,7 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
             "| batch | arm | lrs run | best lr | final val loss at the best lr | best lr at the grid's edge |"
         );
         let _ = writeln!(md, "|---:|---|---|---:|---:|---|");
-        for c in &cells {
+        for c in cells {
             let lrs: Vec<String> = c
                 .groups
                 .iter()
@@ -295,11 +308,7 @@ pub fn report(groups: &[Group], target: Option<f64>) -> String {
             );
         }
     }
-    let tested: Vec<usize> = if swept {
-        cells.iter().map(|c| c.best).collect()
-    } else {
-        (0..groups.len()).collect()
-    };
+    let tested = tested_groups(cells, groups.len());
     let _ = writeln!(md, "\n## Pairwise differences in final validation loss\n");
     let all_pairs: Vec<(usize, usize)> = tested
         .iter()
@@ -434,18 +443,17 @@ pub fn compare(paths: &[PathBuf], out: &Path, target: Option<f64>) -> Result<Str
         .map(|d| read_run(d))
         .collect::<Result<Vec<_>>>()?;
     let groups = group_runs(runs)?;
-    let md = report(&groups, target);
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    crate::fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
-    // With lrs swept, the curves show the groups the tests compare (each arm's best lr): every lr
-    // of every arm would bury them, and lr_sensitivity shows the rest.
     let all: Vec<GroupStats> = groups.iter().map(|g| stats(g, target)).collect();
     let cells = best_lr_cells(&groups, &all);
-    let curve_groups: Vec<Group> = if lr_swept(&cells) {
-        cells.iter().map(|c| groups[c.best].clone()).collect()
-    } else {
-        groups.clone()
-    };
+    let md = report(&groups, &all, &cells, target);
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    crate::fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    // The curves show the groups the tests compare: with lrs swept, every lr of every arm would
+    // bury them, and lr_sensitivity shows the rest.
+    let curve_groups: Vec<Group> = tested_groups(&cells, groups.len())
+        .into_iter()
+        .map(|i| groups[i].clone())
+        .collect();
     crate::study::plots::draw_all(&curve_groups, out)?;
     crate::study::plots::draw_lr_sensitivity(&groups, out)?;
     Ok(md)
