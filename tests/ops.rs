@@ -520,8 +520,9 @@ fn fused_attention_is_causal_and_rejects_bad_shapes() {
 #[test]
 fn fused_layer_norm_matches_candle_ops_in_value_and_gradient() {
     let mut rng = ChaCha8Rng::seed_from_u64(29);
-    // Rows not a multiple of the 64-row gradient chunks.
-    for (rows, c, bias) in [(150usize, 48usize, true), (7, 13, false)] {
+    // Rows not a multiple of the 64-row gradient chunks nor of the 16-row tasks; widths that are
+    // whole 16-lane chunks, none, and both.
+    for (rows, c, bias) in [(150usize, 48usize, true), (7, 13, false), (21, 37, true)] {
         let values: Vec<f64> = (0..rows * c).map(|_| rng.random_range(-4.0..6.0)).collect();
         let w: Vec<f64> = (0..c).map(|_| rng.random_range(0.5..1.5)).collect();
         let b: Vec<f64> = (0..c).map(|_| rng.random_range(-1.0..1.0)).collect();

@@ -1,6 +1,7 @@
 //! LayerNorm over the last dimension with its backward, fused (CPU f32/f64, CUDA f32).
 
 use super::cpu::contiguous;
+use super::simd::{multiversioned, sum_lanes, LANES};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -25,29 +26,105 @@ struct LayerNormGradParams {
 /// Rows per chunk of the weight/bias gradient sums.
 const LAYER_NORM_ROWS_PER_CHUNK: usize = 64;
 
-/// Mean and standard deviation sqrt(var + eps) of a row, as the composed version computes them.
-#[inline]
-fn row_mean_std<T: Float>(row: &[T], eps: T) -> (T, T) {
-    let c = T::from(row.len()).expect("row length");
-    let mean = row.iter().fold(T::zero(), |a, &v| a + v) / c;
-    let var = row
+/// Rows per parallel task of the forward and the input gradient: one row of a narrow model
+/// (C = 128) is too little work to be worth a task of its own.
+const LAYER_NORM_ROWS_PER_TASK: usize = 16;
+
+/// Σ f(x, y) over a row pair, with [`LANES`] independent partial sums (which vectorize; one
+/// running sum cannot), so the result is the same on every run.
+#[inline(always)]
+fn sum_pairs_lanes<T: Float>(xs: &[T], ys: &[T], f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [T::zero(); LANES];
+    let (xc, yc) = (xs.chunks_exact(LANES), ys.chunks_exact(LANES));
+    let (x_rest, y_rest) = (xc.remainder(), yc.remainder());
+    for (x, y) in xc.zip(yc) {
+        for j in 0..LANES {
+            acc[j] = acc[j] + f(x[j], y[j]);
+        }
+    }
+    let total = acc.iter().fold(T::zero(), |s, &a| s + a);
+    x_rest
         .iter()
-        .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
-        / c;
-    (mean, (var + eps).sqrt())
+        .zip(y_rest)
+        .fold(total, |s, (&x, &y)| s + f(x, y))
+}
+
+/// Mean and 1/sqrt(var + eps) of a row (the variance of the centred values, as the composed
+/// version computes it).
+#[inline(always)]
+fn row_mean_rstd<T: Float>(row: &[T], eps: T) -> (T, T) {
+    let c = T::from(row.len()).expect("row length");
+    let mean = sum_lanes(row) / c;
+    let var = sum_pairs_lanes(row, row, |x, _| (x - mean) * (x - mean)) / c;
+    (mean, T::one() / (var + eps).sqrt())
+}
+
+multiversioned! {
+    /// y = (x − mean)·rstd·w + b for whole rows of x and y.
+    fn layer_norm_row_group<T: Float>(x: &[T], w: &[T], b: &[T], y: &mut [T], eps: T) {
+        let c = w.len();
+        for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            let (mean, rstd) = row_mean_rstd(xr, eps);
+            for ((y, &x), (&w, &b)) in yr.iter_mut().zip(xr).zip(w.iter().zip(b)) {
+                *y = (x - mean) * rstd * w + b;
+            }
+        }
+    }
+}
+
+multiversioned! {
+    /// dx = (g − mean(g) − x̂·mean(g·x̂))·rstd with g = dy·w, for whole rows.
+    fn layer_norm_grad_input_row_group<T: Float>(x: &[T], w: &[T], dy: &[T], dx: &mut [T], eps: T) {
+        let c = w.len();
+        let n = T::from(c).expect("width");
+        for ((dxr, xr), dyr) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(dy.chunks_exact(c)) {
+            let (mean, rstd) = row_mean_rstd(xr, eps);
+            let mean_g = sum_pairs_lanes(dyr, w, |dy, w| dy * w) / n;
+            // Σ g·x̂ = rstd · Σ g·(x − mean); w is the third factor, taken from the first sum.
+            let mut acc = [T::zero(); LANES];
+            let split = c - c % LANES;
+            for ((d, x), w) in dyr[..split]
+                .chunks_exact(LANES)
+                .zip(xr[..split].chunks_exact(LANES))
+                .zip(w[..split].chunks_exact(LANES))
+            {
+                for j in 0..LANES {
+                    acc[j] = acc[j] + d[j] * w[j] * (x[j] - mean);
+                }
+            }
+            let sum_gx = (split..c).fold(acc.iter().fold(T::zero(), |s, &a| s + a), |s, j| {
+                s + dyr[j] * w[j] * (xr[j] - mean)
+            });
+            let mean_gx = sum_gx * rstd / n;
+            for (((dx, &x), &dy), &w) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+                let xhat = (x - mean) * rstd;
+                *dx = (dy * w - mean_g - xhat * mean_gx) * rstd;
+            }
+        }
+    }
+}
+
+multiversioned! {
+    /// Adds Σ dy·x̂ to `dw` and Σ dy to `db` over whole rows, column by column.
+    fn layer_norm_grad_params_row_group<T: Float>(x: &[T], dy: &[T], dw: &mut [T], db: &mut [T], eps: T) {
+        let c = dw.len();
+        for (xr, dyr) in x.chunks_exact(c).zip(dy.chunks_exact(c)) {
+            let (mean, rstd) = row_mean_rstd(xr, eps);
+            for (((dw, db), &x), &dy) in dw.iter_mut().zip(db.iter_mut()).zip(xr).zip(dyr) {
+                *dw = *dw + dy * ((x - mean) * rstd);
+                *db = *db + dy;
+            }
+        }
+    }
 }
 
 fn layer_norm_rows<T: Float + Send + Sync>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let (c, eps) = (w.len(), T::from(eps).expect("finite eps"));
+    let rows = LAYER_NORM_ROWS_PER_TASK * c;
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(c)
-        .zip(x.par_chunks(c))
-        .for_each(|(yr, xr)| {
-            let (mean, std) = row_mean_std(xr, eps);
-            for j in 0..c {
-                yr[j] = (xr[j] - mean) / std * w[j] + b[j];
-            }
-        });
+    y.par_chunks_mut(rows)
+        .zip(x.par_chunks(rows))
+        .for_each(|(y, x)| layer_norm_row_group(x, w, b, y, eps));
     y
 }
 
@@ -58,24 +135,11 @@ fn layer_norm_grad_input_rows<T: Float + Send + Sync>(
     eps: f64,
 ) -> Vec<T> {
     let (c, eps) = (w.len(), T::from(eps).expect("finite eps"));
-    let n = T::from(c).expect("width");
+    let rows = LAYER_NORM_ROWS_PER_TASK * c;
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(c)
-        .zip(x.par_chunks(c).zip(dy.par_chunks(c)))
-        .for_each(|(dxr, (xr, dyr))| {
-            let (mean, std) = row_mean_std(xr, eps);
-            let (mut sum_g, mut sum_gx) = (T::zero(), T::zero());
-            for j in 0..c {
-                let g = dyr[j] * w[j];
-                sum_g = sum_g + g;
-                sum_gx = sum_gx + g * (xr[j] - mean) / std;
-            }
-            let (mean_g, mean_gx) = (sum_g / n, sum_gx / n);
-            for j in 0..c {
-                let xhat = (xr[j] - mean) / std;
-                dxr[j] = (dyr[j] * w[j] - mean_g - xhat * mean_gx) / std;
-            }
-        });
+    dx.par_chunks_mut(rows)
+        .zip(x.par_chunks(rows).zip(dy.par_chunks(rows)))
+        .for_each(|(dx, (x, dy))| layer_norm_grad_input_row_group(x, w, dy, dx, eps));
     dx
 }
 
@@ -95,13 +159,7 @@ fn layer_norm_grad_params_rows<T: Float + Send + Sync>(
         .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
         .for_each(|(out, (xs, dys))| {
             let (dw, db) = out.split_at_mut(c);
-            for (xr, dyr) in xs.chunks(c).zip(dys.chunks(c)) {
-                let (mean, std) = row_mean_std(xr, eps);
-                for j in 0..c {
-                    dw[j] = dw[j] + dyr[j] * ((xr[j] - mean) / std);
-                    db[j] = db[j] + dyr[j];
-                }
-            }
+            layer_norm_grad_params_row_group(xs, dys, dw, db, eps);
         });
     let mut out = vec![T::zero(); 2 * chunks * c];
     for k in 0..chunks {
