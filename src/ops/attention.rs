@@ -18,7 +18,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use super::cpu::{contiguous, strided_matmul, View};
-use super::simd::{dot_lanes, max_lanes, multiversioned, sum_lanes, FastExp};
+use super::simd::{dot_lanes, max_lanes, multiversioned, sum_lanes, FastExp, LANES};
 
 /// Query rows per block. The blocks above the diagonal are skipped: at T = 256 the scores cost
 /// 10/16 of the full square instead of 1.
@@ -87,16 +87,25 @@ unsafe fn matmul<T: Float + 'static>(
 
 /// Row `i` of the probabilities in place: softmax(scale · s) over its first `visible` = i + 1
 /// entries, zeros after them.
+///
+/// The loops run over the visible entries rounded up to whole [`LANES`] chunks (the hidden
+/// entries in that span are masked), so that no row ends in a scalar remainder loop: rows of a
+/// causal block average 32-128 entries, and their 0-15 leftover entries, each a scalar exp,
+/// made up much of the softmax's time.
 #[inline(always)]
 fn causal_softmax_row<T: FastExp>(row: &mut [T], visible: usize, scale: T) {
-    let (seen, hidden) = row.split_at_mut(visible);
+    let span = visible.next_multiple_of(LANES).min(row.len());
+    let (active, hidden) = row.split_at_mut(span);
+    active[visible..].fill(T::neg_infinity());
     // scale > 0, so max(scale · s) = scale · max(s).
-    let max = max_lanes(seen) * scale;
-    for v in seen.iter_mut() {
+    let max = max_lanes(active) * scale;
+    for v in active.iter_mut() {
         *v = (*v * scale - max).fast_exp();
     }
-    let inv = T::one() / sum_lanes(seen);
-    for v in seen.iter_mut() {
+    // The fast exp of −∞ is the smallest normal float, not 0.
+    active[visible..].fill(T::zero());
+    let inv = T::one() / sum_lanes(active);
+    for v in active.iter_mut() {
         *v = *v * inv;
     }
     hidden.fill(T::zero());
@@ -113,15 +122,17 @@ multiversioned! {
 
 multiversioned! {
     /// Rows `r0..r1` of dP (in `ds`, row stride t) into dS = scale · P ⊙ (dP − Σⱼ P ⊙ dP), in
-    /// place, with zeros above the diagonal.
+    /// place, with zeros above the diagonal. As in the forward, the loops run over whole lane
+    /// chunks: P is zero above the diagonal, so the extra entries add nothing and come out zero.
     fn softmax_grad_rows<T: FastExp>(p: &[T], ds: &mut [T], t: usize, r0: usize, r1: usize, scale: T) {
         for i in r0..r1 {
-            let (pr, dr) = (&p[i * t..i * t + r1], &mut ds[i * t..i * t + r1]);
-            let dot = dot_lanes(&pr[..=i], &dr[..=i]);
-            for (g, &y) in dr[..=i].iter_mut().zip(&pr[..=i]) {
+            let span = (i + 1).next_multiple_of(LANES).min(r1);
+            let (pr, dr) = (&p[i * t..i * t + span], &mut ds[i * t..i * t + r1]);
+            let dot = dot_lanes(pr, &dr[..span]);
+            for (g, &y) in dr[..span].iter_mut().zip(pr) {
                 *g = scale * y * (*g - dot);
             }
-            dr[i + 1..].fill(T::zero());
+            dr[span..].fill(T::zero());
         }
     }
 }

@@ -6,7 +6,7 @@
 //! ([`super::lm_head_loss`]); this kernel serves CUDA and callers with logits in hand.
 
 use super::cpu::contiguous;
-use super::simd::{max_lanes, multiversioned, sum_lanes, FastExp, LANES};
+use super::simd::{max_lanes, multiversioned, reduce_lanes, sum_lanes, FastExp, LANES};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -36,7 +36,7 @@ fn sum_exp_lanes<T: FastExp>(row: &[T], shift: T) -> T {
             acc[j] = acc[j] + (c[j] - shift).fast_exp();
         }
     }
-    let total = acc.iter().fold(T::zero(), |s, &a| s + a);
+    let total = reduce_lanes(acc, |a, b| a + b);
     rest.iter().fold(total, |s, &x| s + (x - shift).fast_exp())
 }
 

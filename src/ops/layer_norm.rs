@@ -1,7 +1,7 @@
 //! LayerNorm over the last dimension with its backward, fused (CPU f32/f64, CUDA f32).
 
 use super::cpu::contiguous;
-use super::simd::{multiversioned, sum_lanes, LANES};
+use super::simd::{multiversioned, reduce_lanes, sum_lanes, LANES};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -42,7 +42,7 @@ fn sum_pairs_lanes<T: Float>(xs: &[T], ys: &[T], f: impl Fn(T, T) -> T) -> T {
             acc[j] = acc[j] + f(x[j], y[j]);
         }
     }
-    let total = acc.iter().fold(T::zero(), |s, &a| s + a);
+    let total = reduce_lanes(acc, |a, b| a + b);
     x_rest
         .iter()
         .zip(y_rest)
@@ -92,7 +92,7 @@ multiversioned! {
                     acc[j] = acc[j] + d[j] * w[j] * (x[j] - mean);
                 }
             }
-            let sum_gx = (split..c).fold(acc.iter().fold(T::zero(), |s, &a| s + a), |s, j| {
+            let sum_gx = (split..c).fold(reduce_lanes(acc, |a, b| a + b), |s, j| {
                 s + dyr[j] * w[j] * (xr[j] - mean)
             });
             let mean_gx = sum_gx * rstd / n;
