@@ -59,11 +59,33 @@ pub(crate) fn softmax_minus_one_hot<T: FastExp>(row: &mut [T], max: T, target: u
     for x in row.iter_mut() {
         *x = (*x - max).fast_exp();
     }
-    let k = scale / sum_lanes(row);
+    scale_minus_one_hot(row, sum_lanes(row), target, scale);
+}
+
+/// A row of e^(logit − max) with sum `sum_exp`, in place, to (softmax − one-hot(target)) · scale.
+#[inline(always)]
+fn scale_minus_one_hot<T: FastExp>(row: &mut [T], sum_exp: T, target: usize, scale: T) {
+    let k = scale / sum_exp;
     for x in row.iter_mut() {
         *x = *x * k;
     }
     row[target] = row[target] - scale;
+}
+
+/// A row of logits' loss (log-sum-exp − the target's logit), and the row, in place, turned
+/// into its gradient (softmax − one-hot(target)) · scale: each exponential computed once, where
+/// [`max_and_log_sum_exp`] then [`softmax_minus_one_hot`] compute it twice. Both results are
+/// bitwise theirs: the sums add the same values in the same lanes and order.
+#[inline(always)]
+pub(crate) fn loss_and_gradient_in_place<T: FastExp>(row: &mut [T], target: usize, scale: T) -> T {
+    let max = max_lanes(row);
+    let target_logit = row[target];
+    for x in row.iter_mut() {
+        *x = (*x - max).fast_exp();
+    }
+    let sum_exp = sum_lanes(row);
+    scale_minus_one_hot(row, sum_exp, target, scale);
+    max + sum_exp.ln() - target_logit
 }
 
 multiversioned! {

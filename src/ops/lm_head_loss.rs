@@ -15,7 +15,7 @@
 //! ([`LossGradients::None`]) and does only the first matmul.
 
 use super::cpu::{contiguous, matmul, strided_matmul, MatmulPrecision, Operand};
-use super::cross_entropy::{max_and_log_sum_exp, softmax_minus_one_hot};
+use super::cross_entropy::{loss_and_gradient_in_place, max_and_log_sum_exp};
 use super::simd::{multiversioned, FastExp};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -75,11 +75,13 @@ multiversioned! {
     /// and, with `grad`, in place to (softmax − one-hot(target)) · scale.
     fn loss_rows<T: FastExp>(z: &mut [T], targets: &[u32], v: usize, scale: T, grad: bool, losses: &mut [f64]) {
         for ((row, &t), loss) in z.chunks_mut(v).zip(targets).zip(losses.iter_mut()) {
-            let (max, lse) = max_and_log_sum_exp(row);
-            *loss = (lse - row[t as usize]).to_f64().unwrap_or(f64::NAN);
-            if grad {
-                softmax_minus_one_hot(row, max, t as usize, scale);
-            }
+            let loss_value = if grad {
+                loss_and_gradient_in_place(row, t as usize, scale)
+            } else {
+                let (_, lse) = max_and_log_sum_exp(row);
+                lse - row[t as usize]
+            };
+            *loss = loss_value.to_f64().unwrap_or(f64::NAN);
         }
     }
 }
