@@ -9,7 +9,7 @@
 //! its head's columns of the output directly.
 //!
 //! When gradients are wanted and all heads' `T×T` probabilities of a call fit in
-//! [`KEEP_PROBABILITIES_MAX_BYTES`], the forward writes them there instead of the scratch buffer
+//! 64 MB, the forward writes them there instead of the scratch buffer
 //! and the backward reads them. Above that (long contexts), the backward recomputes them (as
 //! flash attention does), so the graph holds only `qkv`: one extra `Q·Kᵀ` and softmax per head.
 //! Both give the same gradients bit for bit. Keeping them made `tiny` (T = 128) about 8% faster
