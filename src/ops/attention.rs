@@ -9,7 +9,7 @@
 //! its head's columns of the output directly.
 //!
 //! When gradients are wanted and all heads' `T×T` probabilities of a call fit in
-//! 64 MB, the forward writes them there instead of the scratch buffer
+//! 16 MB, the forward writes them there instead of the scratch buffer
 //! and the backward reads them. Above that (long contexts), the backward recomputes them (as
 //! flash attention does), so the graph holds only `qkv`: one extra `Q·Kᵀ` and softmax per head.
 //! Both give the same gradients bit for bit. Keeping them made `tiny` (T = 128) about 8% faster
@@ -299,9 +299,11 @@ fn attention_backward<T: FastExp>(qkv: &[T], dy: &[T], d: Dims, kept: Option<&[T
 }
 
 /// The forward's probabilities are kept for the backward when all heads' T×T blocks of one call
-/// take at most this many bytes (`baby`: 12.6 MB; GPT-2 small at batch 8 × 1024 would take 400
-/// MB a layer, and recomputes them instead).
-const KEEP_PROBABILITIES_MAX_BYTES: usize = 64 << 20;
+/// take at most this many bytes: `tiny` 4 MB and `baby` 12.6 MB a layer are kept; GPT-2 small at
+/// 1 × 1024 (50 MB a layer) recomputes them. So keeping adds at most 16 MB a layer to a step's
+/// memory, and to an evaluation's (parameters are variables there too, so the forward cannot tell
+/// that no backward will come).
+const KEEP_PROBABILITIES_MAX_BYTES: usize = 16 << 20;
 
 /// softmax(q·kᵀ/√head_dim + causal mask)·v per head, from packed qkv.
 struct CausalAttention {
@@ -407,7 +409,7 @@ impl CustomOp2 for CausalAttentionGrad {
 /// to the heads' outputs side by side (B, T, C): for each head,
 /// softmax(q·kᵀ/√head_dim + causal mask)·v. CPU f32/f64, differentiable; see the module docs.
 ///
-/// When gradients are tracked and the probabilities of the call's heads fit in 64 MB, the forward
+/// When gradients are tracked and the probabilities of the call's heads fit in 16 MB, the forward
 /// keeps them for the backward, which otherwise recomputes them (as flash attention does); the
 /// gradients are the same either way, bit for bit.
 pub fn fused_causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
