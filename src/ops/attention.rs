@@ -16,7 +16,10 @@
 //! and `baby` (T = 256, 12.6 MB of probabilities a layer, read back from memory) no faster (AMD
 //! Zen 4, 2 threads, interleaved pairs, 2026-12-03). The f32 softmax uses [`FastExp`], vectorized.
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
+    Tensor, WithDType,
+};
 use gemm::Parallelism;
 use num_traits::Float;
 use rayon::prelude::*;
@@ -320,6 +323,39 @@ struct CausalAttentionGrad {
     kept: Option<CpuStorage>,
 }
 
+/// [`attention_forward`] on CPU storage of element type T: the output and the kept
+/// probabilities, as storage.
+fn forward_storage<T: FastExp + WithDType>(
+    s: &CpuStorage,
+    l: &Layout,
+    d: Dims,
+    keep_probabilities: bool,
+) -> Result<(CpuStorage, Option<CpuStorage>)> {
+    let qkv = contiguous(T::cpu_storage_as_slice(s)?, l, "qkv")?;
+    let (y, kept) = attention_forward(qkv, d, keep_probabilities);
+    Ok((
+        T::to_cpu_storage_owned(y),
+        kept.map(T::to_cpu_storage_owned),
+    ))
+}
+
+/// [`attention_backward`] on CPU storage of element type T (the kept probabilities, when there
+/// are, are of the same type, as the forward made them).
+fn backward_storage<T: FastExp + WithDType>(
+    (qkv, l_qkv): (&CpuStorage, &Layout),
+    (dy, l_dy): (&CpuStorage, &Layout),
+    d: Dims,
+    kept: &Option<CpuStorage>,
+) -> Result<CpuStorage> {
+    let kept = kept.as_ref().map(T::cpu_storage_as_slice).transpose()?;
+    Ok(T::to_cpu_storage_owned(attention_backward(
+        contiguous(T::cpu_storage_as_slice(qkv)?, l_qkv, "qkv")?,
+        contiguous(T::cpu_storage_as_slice(dy)?, l_dy, "dy")?,
+        d,
+        kept,
+    )))
+}
+
 impl CustomOp1 for CausalAttention {
     fn name(&self) -> &'static str {
         "fused-causal-attention"
@@ -327,17 +363,9 @@ impl CustomOp1 for CausalAttention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of_qkv(l, self.n_head)?;
-        let (out, kept) = match s {
-            CpuStorage::F32(x) => {
-                let (y, p) =
-                    attention_forward(contiguous(x, l, "qkv")?, d, self.keep_probabilities);
-                (CpuStorage::F32(y), p.map(CpuStorage::F32))
-            }
-            CpuStorage::F64(x) => {
-                let (y, p) =
-                    attention_forward(contiguous(x, l, "qkv")?, d, self.keep_probabilities);
-                (CpuStorage::F64(y), p.map(CpuStorage::F64))
-            }
+        let (out, kept) = match s.dtype() {
+            DType::F32 => forward_storage::<f32>(s, l, d, self.keep_probabilities)?,
+            DType::F64 => forward_storage::<f64>(s, l, d, self.keep_probabilities)?,
             _ => bail!("fused attention on CPU: qkv must be f32 or f64"),
         };
         *self.kept.lock().expect("attention probabilities") = kept;
@@ -373,31 +401,9 @@ impl CustomOp2 for CausalAttentionGrad {
                 [d.batch, d.t, d.c]
             );
         }
-        let out = match (s1, s2, &self.kept) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), kept @ (None | Some(CpuStorage::F32(_)))) => {
-                let kept = match kept {
-                    Some(CpuStorage::F32(p)) => Some(p.as_slice()),
-                    _ => None,
-                };
-                CpuStorage::F32(attention_backward(
-                    contiguous(x, l1, "qkv")?,
-                    contiguous(g, l2, "dy")?,
-                    d,
-                    kept,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g), kept @ (None | Some(CpuStorage::F64(_)))) => {
-                let kept = match kept {
-                    Some(CpuStorage::F64(p)) => Some(p.as_slice()),
-                    _ => None,
-                };
-                CpuStorage::F64(attention_backward(
-                    contiguous(x, l1, "qkv")?,
-                    contiguous(g, l2, "dy")?,
-                    d,
-                    kept,
-                ))
-            }
+        let out = match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => backward_storage::<f32>((s1, l1), (s2, l2), d, &self.kept)?,
+            (DType::F64, DType::F64) => backward_storage::<f64>((s1, l1), (s2, l2), d, &self.kept)?,
             _ => bail!("fused attention gradient on CPU: qkv and dy must both be f32 or f64"),
         };
         Ok((out, l1.shape().clone()))

@@ -56,10 +56,17 @@ pub(crate) fn max_and_log_sum_exp<T: FastExp>(row: &[T]) -> (T, T) {
 /// the cross-entropy's gradient with respect to the row.
 #[inline(always)]
 pub(crate) fn softmax_minus_one_hot<T: FastExp>(row: &mut [T], max: T, target: usize, scale: T) {
+    let sum_exp = exp_shifted_in_place(row, max);
+    scale_minus_one_hot(row, sum_exp, target, scale);
+}
+
+/// A row of logits, in place, to e^(logit − max); returns their sum.
+#[inline(always)]
+fn exp_shifted_in_place<T: FastExp>(row: &mut [T], max: T) -> T {
     for x in row.iter_mut() {
         *x = (*x - max).fast_exp();
     }
-    scale_minus_one_hot(row, sum_lanes(row), target, scale);
+    sum_lanes(row)
 }
 
 /// A row of e^(logit − max) with sum `sum_exp`, in place, to (softmax − one-hot(target)) · scale.
@@ -80,10 +87,7 @@ fn scale_minus_one_hot<T: FastExp>(row: &mut [T], sum_exp: T, target: usize, sca
 pub(crate) fn loss_and_gradient_in_place<T: FastExp>(row: &mut [T], target: usize, scale: T) -> T {
     let max = max_lanes(row);
     let target_logit = row[target];
-    for x in row.iter_mut() {
-        *x = (*x - max).fast_exp();
-    }
-    let sum_exp = sum_lanes(row);
+    let sum_exp = exp_shifted_in_place(row, max);
     scale_minus_one_hot(row, sum_exp, target, scale);
     max + sum_exp.ln() - target_logit
 }

@@ -1,7 +1,7 @@
 //! LayerNorm over the last dimension with its backward, fused (CPU f32/f64, CUDA f32).
 
 use super::cpu::contiguous;
-use super::simd::{multiversioned, reduce_lanes, sum_lanes, LANES};
+use super::simd::{dot_lanes, multiversioned, reduce_lanes, sum_lanes, sum_zip_lanes, LANES};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -30,32 +30,13 @@ const LAYER_NORM_ROWS_PER_CHUNK: usize = 64;
 /// (C = 128) is too little work to be worth a task of its own.
 const LAYER_NORM_ROWS_PER_TASK: usize = 16;
 
-/// Σ f(x, y) over a row pair, with [`LANES`] independent partial sums (which vectorize; one
-/// running sum cannot), so the result is the same on every run.
-#[inline(always)]
-fn sum_pairs_lanes<T: Float>(xs: &[T], ys: &[T], f: impl Fn(T, T) -> T) -> T {
-    let mut acc = [T::zero(); LANES];
-    let (xc, yc) = (xs.chunks_exact(LANES), ys.chunks_exact(LANES));
-    let (x_rest, y_rest) = (xc.remainder(), yc.remainder());
-    for (x, y) in xc.zip(yc) {
-        for j in 0..LANES {
-            acc[j] = acc[j] + f(x[j], y[j]);
-        }
-    }
-    let total = reduce_lanes(acc, |a, b| a + b);
-    x_rest
-        .iter()
-        .zip(y_rest)
-        .fold(total, |s, (&x, &y)| s + f(x, y))
-}
-
 /// Mean and 1/sqrt(var + eps) of a row (the variance of the centred values, as the composed
 /// version computes it).
 #[inline(always)]
 fn row_mean_rstd<T: Float>(row: &[T], eps: T) -> (T, T) {
     let c = T::from(row.len()).expect("row length");
     let mean = sum_lanes(row) / c;
-    let var = sum_pairs_lanes(row, row, |x, _| (x - mean) * (x - mean)) / c;
+    let var = sum_zip_lanes(row, row, |x, _| (x - mean) * (x - mean)) / c;
     (mean, T::one() / (var + eps).sqrt())
 }
 
@@ -79,7 +60,7 @@ multiversioned! {
         let n = T::from(c).expect("width");
         for ((dxr, xr), dyr) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(dy.chunks_exact(c)) {
             let (mean, rstd) = row_mean_rstd(xr, eps);
-            let mean_g = sum_pairs_lanes(dyr, w, |dy, w| dy * w) / n;
+            let mean_g = dot_lanes(dyr, w) / n;
             // Σ g·x̂ = rstd · Σ g·(x − mean); w is the third factor, taken from the first sum.
             let mut acc = [T::zero(); LANES];
             let split = c - c % LANES;

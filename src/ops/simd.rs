@@ -118,26 +118,30 @@ pub(crate) fn sum_lanes<T: Float>(xs: &[T]) -> T {
     rest.iter().fold(total, |s, &r| s + r)
 }
 
-/// Σ xs·ys with [`LANES`] independent partial sums, as [`sum_lanes`].
+/// Σ f(xᵢ, yᵢ) over two equally long slices, with [`LANES`] independent partial sums, as
+/// [`sum_lanes`].
 #[inline(always)]
-pub(crate) fn dot_lanes<T: Float>(xs: &[T], ys: &[T]) -> T {
-    let n = xs.len().min(ys.len());
-    let (xs, ys) = (&xs[..n], &ys[..n]);
+pub(crate) fn sum_zip_lanes<T: Float>(xs: &[T], ys: &[T], f: impl Fn(T, T) -> T) -> T {
     let mut acc = [T::zero(); LANES];
-    let split = n - n % LANES;
-    for (c, d) in xs[..split]
-        .chunks_exact(LANES)
-        .zip(ys[..split].chunks_exact(LANES))
-    {
+    let (xc, yc) = (xs.chunks_exact(LANES), ys.chunks_exact(LANES));
+    let (x_rest, y_rest) = (xc.remainder(), yc.remainder());
+    for (x, y) in xc.zip(yc) {
         for j in 0..LANES {
-            acc[j] = acc[j] + c[j] * d[j];
+            acc[j] = acc[j] + f(x[j], y[j]);
         }
     }
     let total = reduce_lanes(acc, |a, b| a + b);
-    xs[split..]
+    x_rest
         .iter()
-        .zip(&ys[split..])
-        .fold(total, |s, (&x, &y)| s + x * y)
+        .zip(y_rest)
+        .fold(total, |s, (&x, &y)| s + f(x, y))
+}
+
+/// Σ xs·ys over the shorter length, with [`LANES`] independent partial sums, as [`sum_lanes`].
+#[inline(always)]
+pub(crate) fn dot_lanes<T: Float>(xs: &[T], ys: &[T]) -> T {
+    let n = xs.len().min(ys.len());
+    sum_zip_lanes(&xs[..n], &ys[..n], |x, y| x * y)
 }
 
 /// max(xs) (−∞ when empty) with [`LANES`] independent partial maxima.
