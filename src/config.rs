@@ -115,7 +115,8 @@ pub enum Precision {
     /// On CUDA, mixed precision as nanoGPT's `torch.autocast(dtype=torch.bfloat16)`: bf16
     /// matmuls, attention and MLP activations; f32 master weights, optimizer state, LayerNorm,
     /// softmax, residual stream and loss. On CPU (with oneDNN), bf16 operands in the linear
-    /// layers' and the lm_head's matmuls, accumulated in f32, and f32 everywhere else.
+    /// layers' and the lm_head's matmuls and (with AVX512-BF16) the attention's products,
+    /// accumulated in f32, and f32 everywhere else.
     Bf16,
 }
 

@@ -160,7 +160,11 @@ impl CausalSelfAttention {
         // (and draws its masks in the same order as always).
         let attention_dropout = self.dropout > 0.0 && rng.is_some();
         if !attention_dropout && crate::ops::attention::fused_causal_attention_applies(&qkv) {
-            let y = crate::ops::attention::fused_causal_attention(&qkv, self.n_head)?;
+            let y = crate::ops::attention::fused_causal_attention_in(
+                &qkv,
+                self.n_head,
+                self.c_attn.cpu_precision,
+            )?;
             return dropout(&self.c_proj.forward(&y)?, self.dropout, rng);
         }
         // (B, T, C) → (B, n_head, T, head_dim)
@@ -291,7 +295,8 @@ impl Gpt {
     /// loss, and the parameters and their gradients in the parameters' own dtype (f32).
     ///
     /// On CPU, bf16 means bf16 operands in the linear layers' and the lm_head's matmuls (oneDNN:
-    /// AMX, AVX512-BF16), f32 everywhere else, attention included ([`crate::ops::linear`]);
+    /// AMX, AVX512-BF16) and, where the CPU has AVX512-BF16, in the attention's six products
+    /// ([`crate::ops::attention::fused_causal_attention_in`]), f32 everywhere else;
     /// it needs oneDNN and f32 parameters.
     pub fn with_compute_dtype(cfg: &GptConfig, params: &Params, compute: DType) -> Result<Self> {
         cfg.validate()?;

@@ -15,6 +15,8 @@
 //! Both give the same gradients bit for bit. Keeping them made `tiny` (T = 128) about 8% faster
 //! and `baby` (T = 256, 12.6 MB of probabilities a layer, read back from memory) no faster (AMD
 //! Zen 4, 2 threads, interleaved pairs, 2026-12-03). The f32 softmax uses [`FastExp`], vectorized.
+//! With bf16 precision on a CPU with AVX512-BF16, the six products run in
+//! `attention_bf16` instead.
 
 use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
@@ -25,6 +27,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 use std::sync::Mutex;
 
+pub use super::cpu::MatmulPrecision;
 use super::cpu::{contiguous, strided_matmul, View};
 use super::simd::{dot_lanes, max_lanes, multiversioned, sum_lanes, FastExp, LANES};
 
@@ -34,18 +37,18 @@ const BLOCK: usize = 64;
 
 /// The shape of one attention call.
 #[derive(Clone, Copy)]
-struct Dims {
-    batch: usize,
-    t: usize,
+pub(super) struct Dims {
+    pub(super) batch: usize,
+    pub(super) t: usize,
     /// Model width C (qkv is 3C wide).
-    c: usize,
-    n_head: usize,
-    head_dim: usize,
+    pub(super) c: usize,
+    pub(super) n_head: usize,
+    pub(super) head_dim: usize,
 }
 
 impl Dims {
     /// The scores' scale, 1/√head_dim.
-    fn scale(&self) -> f64 {
+    pub(super) fn scale(&self) -> f64 {
         1.0 / (self.head_dim as f64).sqrt()
     }
 
@@ -67,14 +70,14 @@ impl Dims {
 
 /// A pointer shared across tasks; each task touches only its own (batch, head) columns.
 #[derive(Clone, Copy)]
-struct SharedPtr<T>(*mut T);
+pub(super) struct SharedPtr<T>(pub(super) *mut T);
 // SAFETY: tasks write disjoint elements (see each use), and the buffer outlives the parallel loop.
 unsafe impl<T> Send for SharedPtr<T> {}
 unsafe impl<T> Sync for SharedPtr<T> {}
 
 impl<T> SharedPtr<T> {
     /// The pointer (a method, so closures capture the `Sync` wrapper rather than its field).
-    fn get(self) -> *mut T {
+    pub(super) fn get(self) -> *mut T {
         self.0
     }
 }
@@ -101,7 +104,7 @@ unsafe fn matmul<T: Float + 'static>(
 /// causal block average 32-128 entries, and their 0-15 leftover entries, each a scalar exp,
 /// made up much of the softmax's time.
 #[inline(always)]
-fn causal_softmax_row<T: FastExp>(row: &mut [T], visible: usize, scale: T) {
+pub(super) fn causal_softmax_row<T: FastExp>(row: &mut [T], visible: usize, scale: T) {
     let span = visible.next_multiple_of(LANES).min(row.len());
     let (active, hidden) = row.split_at_mut(span);
     active[visible..].fill(T::neg_infinity());
@@ -128,18 +131,25 @@ multiversioned! {
     }
 }
 
+/// A row of dP (`ds`) into dS = scale · P ⊙ (dP − Σⱼ P ⊙ dP) in place, over the row's
+/// probabilities `p` (as long as `ds`), which are zero past its visible entries, so that the
+/// entries there add nothing and come out zero.
+#[inline(always)]
+pub(super) fn softmax_grad_row<T: FastExp>(p: &[T], ds: &mut [T], scale: T) {
+    let dot = dot_lanes(p, ds);
+    for (g, &y) in ds.iter_mut().zip(p) {
+        *g = scale * y * (*g - dot);
+    }
+}
+
 multiversioned! {
-    /// Rows `r0..r1` of dP (in `ds`, row stride t) into dS = scale · P ⊙ (dP − Σⱼ P ⊙ dP), in
-    /// place, with zeros above the diagonal. As in the forward, the loops run over whole lane
-    /// chunks: P is zero above the diagonal, so the extra entries add nothing and come out zero.
+    /// Rows `r0..r1` of dP (in `ds`, row stride t) into dS ([`softmax_grad_row`]), with zeros
+    /// above the diagonal. As in the forward, the loops run over whole lane chunks.
     fn softmax_grad_rows<T: FastExp>(p: &[T], ds: &mut [T], t: usize, r0: usize, r1: usize, scale: T) {
         for i in r0..r1 {
             let span = (i + 1).next_multiple_of(LANES).min(r1);
-            let (pr, dr) = (&p[i * t..i * t + span], &mut ds[i * t..i * t + r1]);
-            let dot = dot_lanes(pr, &dr[..span]);
-            for (g, &y) in dr[..span].iter_mut().zip(pr) {
-                *g = scale * y * (*g - dot);
-            }
+            let dr = &mut ds[i * t..i * t + r1];
+            softmax_grad_row(&p[i * t..i * t + span], &mut dr[..span], scale);
             dr[span..].fill(T::zero());
         }
     }
@@ -311,6 +321,8 @@ const KEEP_PROBABILITIES_MAX_BYTES: usize = 16 << 20;
 /// softmax(q·kᵀ/√head_dim + causal mask)·v per head, from packed qkv.
 struct CausalAttention {
     n_head: usize,
+    /// Whether the products take bf16 operands (the kernels of [`super::attention_bf16`]).
+    bf16: bool,
     /// Whether to keep the probabilities for the backward (gradients wanted, and small enough).
     keep_probabilities: bool,
     /// The probabilities the forward kept (f32 or f64, as qkv), taken by the backward.
@@ -320,6 +332,7 @@ struct CausalAttention {
 /// Its backward: dqkv from (qkv, dy), and the forward's probabilities when it kept them.
 struct CausalAttentionGrad {
     n_head: usize,
+    bf16: bool,
     kept: Option<CpuStorage>,
 }
 
@@ -363,6 +376,15 @@ impl CustomOp1 for CausalAttention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of_qkv(l, self.n_head)?;
+        #[cfg(target_arch = "x86_64")]
+        if self.bf16 {
+            let qkv = contiguous(f32::cpu_storage_as_slice(s)?, l, "qkv")?;
+            // SAFETY: `bf16` is set only where the CPU has AVX512-BF16; qkv has d's shape.
+            let (y, kept) =
+                unsafe { super::attention_bf16::forward(qkv, d, self.keep_probabilities) };
+            *self.kept.lock().expect("attention probabilities") = kept.map(CpuStorage::F32);
+            return Ok((CpuStorage::F32(y), Shape::from((d.batch, d.t, d.c))));
+        }
         let (out, kept) = match s.dtype() {
             DType::F32 => forward_storage::<f32>(s, l, d, self.keep_probabilities)?,
             DType::F64 => forward_storage::<f64>(s, l, d, self.keep_probabilities)?,
@@ -375,6 +397,7 @@ impl CustomOp1 for CausalAttention {
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let grad = CausalAttentionGrad {
             n_head: self.n_head,
+            bf16: self.bf16,
             kept: self.kept.lock().expect("attention probabilities").take(),
         };
         Ok(Some(qkv.apply_op2_no_bwd(&grad_res.contiguous()?, &grad)?))
@@ -401,6 +424,32 @@ impl CustomOp2 for CausalAttentionGrad {
                 [d.batch, d.t, d.c]
             );
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.bf16 {
+            let qkv = contiguous(f32::cpu_storage_as_slice(s1)?, l1, "qkv")?;
+            let dy = contiguous(f32::cpu_storage_as_slice(s2)?, l2, "dy")?;
+            let kept = match &self.kept {
+                Some(kept) => {
+                    let kept = f32::cpu_storage_as_slice(kept)?;
+                    let expected = d.batch
+                        * d.n_head
+                        * d.t
+                        * super::attention_bf16::probability_row_stride(d.t);
+                    if kept.len() != expected {
+                        bail!(
+                            "fused attention gradient: {} kept probabilities, expected {expected}",
+                            kept.len()
+                        );
+                    }
+                    Some(kept)
+                }
+                None => None,
+            };
+            // SAFETY: as in the forward; dy's shape was checked above, the kept probabilities'
+            // length just now.
+            let dqkv = unsafe { super::attention_bf16::backward(qkv, dy, d, kept) };
+            return Ok((CpuStorage::F32(dqkv), l1.shape().clone()));
+        }
         let out = match (s1.dtype(), s2.dtype()) {
             (DType::F32, DType::F32) => backward_storage::<f32>((s1, l1), (s2, l2), d, &self.kept)?,
             (DType::F64, DType::F64) => backward_storage::<f64>((s1, l1), (s2, l2), d, &self.kept)?,
@@ -419,10 +468,47 @@ impl CustomOp2 for CausalAttentionGrad {
 /// keeps them for the backward, which otherwise recomputes them (as flash attention does); the
 /// gradients are the same either way, bit for bit.
 pub fn fused_causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+    fused_causal_attention_in(qkv, n_head, MatmulPrecision::F32)
+}
+
+/// Whether this CPU runs [`fused_causal_attention_in`]'s bf16 products (AVX512-BF16).
+pub fn bf16_attention_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::attention_bf16::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`fused_causal_attention`] with its six products (Q·Kᵀ and P·V, and the four of the backward)
+/// in `precision`. In bf16 their operands are rounded to bf16 and multiplied with f32 sums
+/// (AVX512-BF16), while the softmax, its statistics, the probabilities and every output stay f32,
+/// as under PyTorch's CPU autocast; qkv must be f32. Where the CPU lacks AVX512-BF16
+/// ([`bf16_attention_supported`]) the products stay f32.
+pub fn fused_causal_attention_in(
+    qkv: &Tensor,
+    n_head: usize,
+    precision: MatmulPrecision,
+) -> Result<Tensor> {
     let (batch, t, _) = qkv.dims3()?;
-    let probability_bytes = batch * n_head * t * t * qkv.dtype().size_in_bytes();
+    let bf16 = precision == MatmulPrecision::Bf16 && bf16_attention_supported();
+    if bf16 && qkv.dtype() != DType::F32 {
+        bail!(
+            "fused attention with bf16 products: qkv must be f32, not {:?}",
+            qkv.dtype()
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    let row_stride = if bf16 {
+        super::attention_bf16::probability_row_stride(t)
+    } else {
+        t
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let row_stride = t;
+    let probability_bytes = batch * n_head * t * row_stride * qkv.dtype().size_in_bytes();
     qkv.contiguous()?.apply_op1(CausalAttention {
         n_head,
+        bf16,
         keep_probabilities: qkv.track_op() && probability_bytes <= KEEP_PROBABILITIES_MAX_BYTES,
         kept: Mutex::new(None),
     })

@@ -3,7 +3,8 @@
 //! Each has a plain candle-op twin (used where the kernel does not apply) and is tested against
 //! it, values and gradients.
 //!
-//! - [`attention`]: the whole causal self-attention on CPU (packed qkv in, heads out).
+//! - [`attention`]: the whole causal self-attention on CPU (packed qkv in, heads out), in f32,
+//!   or with bf16 products (`attention_bf16`, AVX512-BF16).
 //! - [`softmax`]: the causal attention softmax (CUDA, and CPU when the composed attention runs).
 //! - [`layer_norm`], [`gelu`]: LayerNorm and GPT-2's tanh-GELU.
 //! - [`cross_entropy`]: softmax cross-entropy of logits; [`lm_head_loss`]: the lm_head matmul and
@@ -14,6 +15,8 @@
 //!   AVX-512/AVX2 dispatch, strided gemm); `cuda`: what the CUDA launchers share.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_bf16;
 pub mod cpu;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
