@@ -61,15 +61,28 @@ impl LinearForward {
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
-    fn backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// (dx, dW, and with `bias` db).
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        bias: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let grad = LinearGrad {
             precision: self.precision,
             rounded: self.rounded.lock().expect("linear stash").take(),
-            dw: Mutex::new(None),
+            bias,
+            dw_db: Mutex::new(None),
         };
         let dx = dy.contiguous()?.apply_op3_no_bwd(w, x, &grad)?;
-        let dw = grad.dw.lock().expect("linear dw").take();
-        Ok((dx, dw.expect("the gradient op computed dw")))
+        let (dw, db) = grad
+            .dw_db
+            .lock()
+            .expect("linear dw")
+            .take()
+            .expect("the gradient op computed dw");
+        Ok((dx, dw, db))
     }
 }
 
@@ -95,7 +108,7 @@ impl CustomOp2 for LinearForward {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.backward(x, w, dy)?;
+        let (dx, dw, _) = self.backward(x, w, dy, false)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -125,20 +138,20 @@ impl CustomOp3 for LinearForward {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.backward(x, w, dy)?;
-        // Rows summed in order, in f32, as candle sums a broadcast add's gradient.
-        let db = dy.sum(0)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let (dx, dw, db) = self.backward(x, w, dy, true)?;
+        Ok((Some(dx), Some(dw), db))
     }
 }
 
 /// The backward of [`LinearForward`] on (dy (M, N), W (N, K), x (M, K)): returns dx = dy·W
-/// (M, K) and leaves dW = dyᵀ·x (N, K) in `dw`, so that dy is rounded once for both.
+/// (M, K) and leaves dW = dyᵀ·x (N, K), and with `bias` db = Σ_rows dy (N), in `dw_db`, so that
+/// dy is rounded once for both products.
 struct LinearGrad {
     precision: MatmulPrecision,
     /// x and W as the forward pass rounded them (bf16), when it kept them.
     rounded: Option<(Operand<'static>, Operand<'static>)>,
-    dw: Mutex<Option<Tensor>>,
+    bias: bool,
+    dw_db: Mutex<Option<(Tensor, Option<Tensor>)>>,
 }
 
 impl CustomOp3 for LinearGrad {
@@ -161,7 +174,10 @@ impl CustomOp3 for LinearGrad {
         if n != n_w || m != m_x || k != k_x {
             bail!("fused linear backward: gradient {m}×{n}, weight {n_w}×{k}, x {m_x}×{k_x}");
         }
-        let dy = Operand::new(f32_input(s1, l1, "output gradient")?, self.precision);
+        let dy_f32 = f32_input(s1, l1, "output gradient")?;
+        // Rows summed in order, in f32, as candle sums a broadcast add's gradient.
+        let db = self.bias.then(|| super::simd::column_sums(dy_f32, n));
+        let dy = Operand::new(dy_f32, self.precision);
         let computed;
         let (x, w) = match &self.rounded {
             Some((x, w)) => (x, w),
@@ -177,8 +193,9 @@ impl CustomOp3 for LinearGrad {
         let dx = matmul_new((m, k, n), dy.view(n, 1), w.view(k, 1), None)?;
         // dW = dyᵀ · x, dyᵀ (N×M) being dy read with row stride 1 and column stride N.
         let dw = matmul_new((n, k, m), dy.view(1, n), x.view(k, 1), None)?;
-        *self.dw.lock().expect("linear dw") =
-            Some(Tensor::from_vec(dw, (n, k), &candle_core::Device::Cpu)?);
+        let cpu = candle_core::Device::Cpu;
+        let db = db.map(|db| Tensor::from_vec(db, n, &cpu)).transpose()?;
+        *self.dw_db.lock().expect("linear dw") = Some((Tensor::from_vec(dw, (n, k), &cpu)?, db));
         Ok((CpuStorage::F32(dx), Shape::from((m, k))))
     }
 }
