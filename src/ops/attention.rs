@@ -15,8 +15,11 @@
 //! Both give the same gradients bit for bit. Keeping them made `tiny` (T = 128) about 8% faster
 //! and `baby` (T = 256, 12.6 MB of probabilities a layer, read back from memory) no faster (AMD
 //! Zen 4, 2 threads, interleaved pairs, 2026-12-03). The f32 softmax uses [`FastExp`], vectorized.
-//! With bf16 precision on a CPU with AVX512-BF16, the six products run in
-//! `attention_bf16` instead.
+//!
+//! Three kernels compute the six products: on CPUs with AVX-512, f32 runs register tiles of FMAs
+//! (`attention_avx512`) instead of gemm; with bf16 precision on CPUs with AVX512-BF16, bf16
+//! operands go through `vdpbf16ps` (`attention_bf16`); gemm serves f64 (the tests' reference)
+//! and f32 elsewhere. The tiles keep the probabilities with rows padded to 16.
 
 use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
@@ -318,11 +321,50 @@ fn attention_backward<T: FastExp>(qkv: &[T], dy: &[T], d: Dims, kept: Option<&[T
 /// that no backward will come).
 const KEEP_PROBABILITIES_MAX_BYTES: usize = 16 << 20;
 
+/// Which kernels compute a call's six products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// gemm, per block of [`BLOCK`] query rows: f64, and f32 on CPUs without AVX-512.
+    Gemm,
+    /// f32 register tiles of FMAs (`attention_avx512`), on CPUs with AVX-512F.
+    F32Tiles,
+    /// bf16 operands and `vdpbf16ps` (`attention_bf16`), on CPUs with AVX512-BF16.
+    Bf16,
+}
+
+impl Kernel {
+    /// The kernel for qkv of this dtype with products in `precision`, on this CPU.
+    fn choose(dtype: DType, precision: MatmulPrecision) -> Result<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if precision == MatmulPrecision::Bf16 && super::attention_bf16::available() {
+                if dtype != DType::F32 {
+                    bail!("fused attention with bf16 products: qkv must be f32, not {dtype:?}");
+                }
+                return Ok(Kernel::Bf16);
+            }
+            if dtype == DType::F32 && super::attention_avx512::available() {
+                return Ok(Kernel::F32Tiles);
+            }
+        }
+        let _ = (dtype, precision);
+        Ok(Kernel::Gemm)
+    }
+
+    /// The row stride of the probabilities it keeps: T, or for the tiles T rounded up to a
+    /// whole panel of 16.
+    fn probability_row_stride(self, t: usize) -> usize {
+        match self {
+            Kernel::Gemm => t,
+            Kernel::F32Tiles | Kernel::Bf16 => t.next_multiple_of(16),
+        }
+    }
+}
+
 /// softmax(q·kᵀ/√head_dim + causal mask)·v per head, from packed qkv.
 struct CausalAttention {
     n_head: usize,
-    /// Whether the products take bf16 operands (the kernels of [`super::attention_bf16`]).
-    bf16: bool,
+    kernel: Kernel,
     /// Whether to keep the probabilities for the backward (gradients wanted, and small enough).
     keep_probabilities: bool,
     /// The probabilities the forward kept (f32 or f64, as qkv), taken by the backward.
@@ -332,7 +374,7 @@ struct CausalAttention {
 /// Its backward: dqkv from (qkv, dy), and the forward's probabilities when it kept them.
 struct CausalAttentionGrad {
     n_head: usize,
-    bf16: bool,
+    kernel: Kernel,
     kept: Option<CpuStorage>,
 }
 
@@ -377,11 +419,16 @@ impl CustomOp1 for CausalAttention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of_qkv(l, self.n_head)?;
         #[cfg(target_arch = "x86_64")]
-        if self.bf16 {
+        if self.kernel != Kernel::Gemm {
             let qkv = contiguous(f32::cpu_storage_as_slice(s)?, l, "qkv")?;
-            // SAFETY: `bf16` is set only where the CPU has AVX512-BF16; qkv has d's shape.
-            let (y, kept) =
-                unsafe { super::attention_bf16::forward(qkv, d, self.keep_probabilities) };
+            let keep = self.keep_probabilities;
+            // SAFETY: the kernel was chosen for this CPU's instructions; qkv has d's shape.
+            let (y, kept) = unsafe {
+                match self.kernel {
+                    Kernel::Bf16 => super::attention_bf16::forward(qkv, d, keep),
+                    _ => super::attention_avx512::forward(qkv, d, keep),
+                }
+            };
             *self.kept.lock().expect("attention probabilities") = kept.map(CpuStorage::F32);
             return Ok((CpuStorage::F32(y), Shape::from((d.batch, d.t, d.c))));
         }
@@ -397,7 +444,7 @@ impl CustomOp1 for CausalAttention {
     fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let grad = CausalAttentionGrad {
             n_head: self.n_head,
-            bf16: self.bf16,
+            kernel: self.kernel,
             kept: self.kept.lock().expect("attention probabilities").take(),
         };
         Ok(Some(qkv.apply_op2_no_bwd(&grad_res.contiguous()?, &grad)?))
@@ -425,16 +472,14 @@ impl CustomOp2 for CausalAttentionGrad {
             );
         }
         #[cfg(target_arch = "x86_64")]
-        if self.bf16 {
+        if self.kernel != Kernel::Gemm {
             let qkv = contiguous(f32::cpu_storage_as_slice(s1)?, l1, "qkv")?;
             let dy = contiguous(f32::cpu_storage_as_slice(s2)?, l2, "dy")?;
             let kept = match &self.kept {
                 Some(kept) => {
                     let kept = f32::cpu_storage_as_slice(kept)?;
-                    let expected = d.batch
-                        * d.n_head
-                        * d.t
-                        * super::attention_bf16::probability_row_stride(d.t);
+                    let expected =
+                        d.batch * d.n_head * d.t * self.kernel.probability_row_stride(d.t);
                     if kept.len() != expected {
                         bail!(
                             "fused attention gradient: {} kept probabilities, expected {expected}",
@@ -447,7 +492,12 @@ impl CustomOp2 for CausalAttentionGrad {
             };
             // SAFETY: as in the forward; dy's shape was checked above, the kept probabilities'
             // length just now.
-            let dqkv = unsafe { super::attention_bf16::backward(qkv, dy, d, kept) };
+            let dqkv = unsafe {
+                match self.kernel {
+                    Kernel::Bf16 => super::attention_bf16::backward(qkv, dy, d, kept),
+                    _ => super::attention_avx512::backward(qkv, dy, d, kept),
+                }
+            };
             return Ok((CpuStorage::F32(dqkv), l1.shape().clone()));
         }
         let out = match (s1.dtype(), s2.dtype()) {
@@ -490,25 +540,12 @@ pub fn fused_causal_attention_in(
     precision: MatmulPrecision,
 ) -> Result<Tensor> {
     let (batch, t, _) = qkv.dims3()?;
-    let bf16 = precision == MatmulPrecision::Bf16 && bf16_attention_supported();
-    if bf16 && qkv.dtype() != DType::F32 {
-        bail!(
-            "fused attention with bf16 products: qkv must be f32, not {:?}",
-            qkv.dtype()
-        );
-    }
-    #[cfg(target_arch = "x86_64")]
-    let row_stride = if bf16 {
-        super::attention_bf16::probability_row_stride(t)
-    } else {
-        t
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let row_stride = t;
-    let probability_bytes = batch * n_head * t * row_stride * qkv.dtype().size_in_bytes();
+    let kernel = Kernel::choose(qkv.dtype(), precision)?;
+    let probability_bytes =
+        batch * n_head * t * kernel.probability_row_stride(t) * qkv.dtype().size_in_bytes();
     qkv.contiguous()?.apply_op1(CausalAttention {
         n_head,
-        bf16,
+        kernel,
         keep_probabilities: qkv.track_op() && probability_bytes <= KEEP_PROBABILITIES_MAX_BYTES,
         kept: Mutex::new(None),
     })
@@ -521,14 +558,52 @@ pub fn fused_causal_attention_applies(qkv: &Tensor) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{attention_backward, attention_forward, Dims};
+    use super::{attention_backward, attention_forward, Dims, Kernel};
     use rand::{Rng, SeedableRng};
 
+    /// (y, dqkv) of one kernel, keeping the probabilities or recomputing them.
+    fn run(kernel: Kernel, qkv: &[f32], dy: &[f32], d: Dims, keep: bool) -> (Vec<f32>, Vec<f32>) {
+        match kernel {
+            Kernel::Gemm => {
+                let (y, kept) = attention_forward(qkv, d, keep);
+                assert_eq!(kept.is_some(), keep);
+                (y, attention_backward(qkv, dy, d, kept.as_deref()))
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::F32Tiles => unsafe {
+                let (y, kept) = super::super::attention_avx512::forward(qkv, d, keep);
+                assert_eq!(kept.is_some(), keep);
+                let dqkv = super::super::attention_avx512::backward(qkv, dy, d, kept.as_deref());
+                (y, dqkv)
+            },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16 => unsafe {
+                let (y, kept) = super::super::attention_bf16::forward(qkv, d, keep);
+                assert_eq!(kept.is_some(), keep);
+                let dqkv = super::super::attention_bf16::backward(qkv, dy, d, kept.as_deref());
+                (y, dqkv)
+            },
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("{kernel:?} is x86-64 only"),
+        }
+    }
+
     #[test]
-    fn kept_and_recomputed_probabilities_give_the_same_gradients_bit_for_bit() {
+    fn every_kernel_gives_the_same_gradients_kept_or_recomputed_and_f32_ones_match_f64() {
+        let mut kernels = vec![Kernel::Gemm];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::super::attention_avx512::available() {
+                kernels.push(Kernel::F32Tiles);
+            }
+            if super::super::attention_bf16::available() {
+                kernels.push(Kernel::Bf16);
+            }
+        }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        // A partial last block; several heads over one short block.
-        for (batch, t, n_head, head_dim) in [(2, 150, 2, 16), (1, 40, 3, 8)] {
+        // A partial last block and key panel; several heads over one short block; a head width
+        // that is not a whole panel.
+        for (batch, t, n_head, head_dim) in [(2, 150, 2, 16), (1, 40, 3, 8), (2, 33, 2, 20)] {
             let c = n_head * head_dim;
             let d = Dims {
                 batch,
@@ -543,16 +618,30 @@ mod tests {
             let dy: Vec<f32> = (0..batch * t * c)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            let (y_keeping, kept) = attention_forward(&qkv, d, true);
-            let (y, none) = attention_forward(&qkv, d, false);
-            assert_eq!(y_keeping, y);
-            assert!(none.is_none());
-            let kept = kept.expect("the forward kept its probabilities");
-            assert_eq!(kept.len(), batch * n_head * t * t);
-            assert_eq!(
-                attention_backward(&qkv, &dy, d, Some(&kept)),
-                attention_backward(&qkv, &dy, d, None)
-            );
+            let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+            let (y64, kept64) = attention_forward(&wide(&qkv), d, true);
+            let dqkv64 = attention_backward(&wide(&qkv), &wide(&dy), d, kept64.as_deref());
+            for &kernel in &kernels {
+                let (y, dqkv) = run(kernel, &qkv, &dy, d, true);
+                let (y_again, dqkv_again) = run(kernel, &qkv, &dy, d, false);
+                assert_eq!(y, y_again, "{kernel:?}");
+                assert_eq!(dqkv, dqkv_again, "{kernel:?}: kept and recomputed differ");
+                if kernel == Kernel::Bf16 {
+                    continue;
+                }
+                for (name, ours, reference) in [("y", &y, &y64), ("dqkv", &dqkv, &dqkv64)] {
+                    let scale = reference.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+                    let worst = ours
+                        .iter()
+                        .zip(reference.iter())
+                        .map(|(&a, &b)| (a as f64 - b).abs())
+                        .fold(0.0, f64::max);
+                    assert!(
+                        worst < 2e-5 * scale,
+                        "{kernel:?} {name}: {worst:e} off (of {scale:e})"
+                    );
+                }
+            }
         }
     }
 }

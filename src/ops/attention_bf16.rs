@@ -23,9 +23,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use super::attention::{causal_softmax_row, softmax_grad_row, Dims, SharedPtr};
-
-/// Lanes of a panel: one zmm of f32 sums.
-const PANEL: usize = 16;
+use super::attention_tiles::{panel_ceil, product, span, Bf16PairStep, Left, Out, Right, PANEL};
 
 /// Whether this CPU has the instructions these kernels use.
 pub(super) fn available() -> bool {
@@ -34,159 +32,19 @@ pub(super) fn available() -> bool {
         && std::arch::is_x86_feature_detected!("avx512bf16")
 }
 
-/// x rounded up to whole panels.
-fn panel_ceil(x: usize) -> usize {
-    x.next_multiple_of(PANEL)
-}
-
-/// A left operand: the u32 pair `p` of row `r` lies at
-/// `base + (r / 16)·group + (r % 16)·lane + p·step`.
-#[derive(Clone, Copy)]
-struct Left {
-    base: *const u32,
-    group: usize,
-    lane: usize,
-    step: usize,
-}
-
-impl Left {
-    /// Rows of bf16 pairs, `width` pairs a row.
-    fn rows(base: *const u32, width: usize) -> Self {
-        Self {
-            base,
-            group: PANEL * width,
-            lane: width,
-            step: 1,
-        }
-    }
-
-    /// Panels of `pairs` pairs (rows are the panels' lanes).
-    fn panels(base: *const u32, pairs: usize) -> Self {
-        Self {
-            base,
-            group: PANEL * pairs,
-            lane: 1,
-            step: PANEL,
-        }
-    }
-
-    /// # Safety
-    /// (r, p) lies inside the operand.
-    unsafe fn at(&self, r: usize, p: usize) -> *const u32 {
-        self.base
-            .add((r / PANEL) * self.group + (r % PANEL) * self.lane + p * self.step)
-    }
-}
-
-/// C rows `r0..r0+MR`, columns from panel `v0` on (at most `cols` of them), =
-/// Σ over pairs `p0..p0+pairs` of A(r, p)·B(p, ·), where B's panel v starts at
-/// `b + v·b_group`. MR × NR zmm sums stay in registers (up to 8 × 4 of the 32).
+/// [`product`] of bf16 pairs, compiled for AVX512-BF16.
 ///
 /// # Safety
-/// The CPU has AVX512-BF16; every address read or written lies inside its buffer.
+/// As [`product`]; the CPU has AVX512-BF16.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<const MR: usize, const NR: usize>(
-    a: Left,
-    (r0, p0, pairs): (usize, usize, usize),
-    (b, b_group, v0): (*const u32, usize, usize),
-    (c, c_rs, cols): (*mut f32, usize, usize),
-) {
-    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-    let rows: [*const u32; MR] = std::array::from_fn(|r| a.at(r0 + r, p0));
-    let b = b.add(v0 * b_group + p0 * PANEL);
-    for p in 0..pairs {
-        let mut bv = [_mm512_setzero_si512(); NR];
-        for (v, bv) in bv.iter_mut().enumerate() {
-            *bv = _mm512_loadu_si512(b.add(v * b_group + p * PANEL).cast());
-        }
-        for r in 0..MR {
-            let av = _mm512_set1_epi32(*rows[r].add(p * a.step) as i32);
-            for v in 0..NR {
-                acc[r][v] = _mm512_dpbf16_ps(
-                    acc[r][v],
-                    std::mem::transmute::<__m512i, __m512bh>(av),
-                    std::mem::transmute::<__m512i, __m512bh>(bv[v]),
-                );
-            }
-        }
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        let row = c.add((r0 + r) * c_rs + v0 * PANEL);
-        for (v, &sum) in acc.iter().enumerate() {
-            let n = cols.saturating_sub(v * PANEL).min(PANEL);
-            if n == PANEL {
-                _mm512_storeu_ps(row.add(v * PANEL), sum);
-            } else if n > 0 {
-                _mm512_mask_storeu_ps(row.add(v * PANEL), ((1u32 << n) - 1) as u16, sum);
-            }
-        }
-    }
-}
-
-/// [`tile`] with MR fixed and NR (1 to 4) chosen at run time.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn tile_nr<const MR: usize>(
-    nr: usize,
-    a: Left,
-    at: (usize, usize, usize),
-    b: (*const u32, usize, usize),
-    c: (*mut f32, usize, usize),
-) {
-    match nr {
-        1 => tile::<MR, 1>(a, at, b, c),
-        2 => tile::<MR, 2>(a, at, b, c),
-        3 => tile::<MR, 3>(a, at, b, c),
-        _ => tile::<MR, 4>(a, at, b, c),
-    }
-}
-
-/// The rows of C = A·B, in groups of `height` rows (4, or 8 when C is at most two panels wide,
-/// so that a group keeps 16 sums going); `extent(r, mr)` gives the group at row r (of mr rows)
-/// its pair range `p0..p1` and its number of output columns.
-///
-/// # Safety
-/// As [`tile`]; `height` divides 16.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn product(
-    a: Left,
-    (b, b_group): (*const u32, usize),
-    (c, c_rs): (*mut f32, usize),
-    (rows, height): (usize, usize),
+unsafe fn bf16_product(
+    a: Left<u32>,
+    b: Right<u32>,
+    c: Out,
+    shape: (usize, usize),
     extent: impl Fn(usize, usize) -> (usize, usize, usize),
 ) {
-    for r in (0..rows).step_by(height) {
-        let mr = height.min(rows - r);
-        let (p0, p1, cols) = extent(r, mr);
-        let panels = cols.div_ceil(PANEL);
-        for v0 in (0..panels).step_by(4) {
-            let nr = (panels - v0).min(4);
-            let (at, b, c) = (
-                (r, p0, p1 - p0),
-                (b, b_group, v0),
-                (c, c_rs, cols - v0 * PANEL),
-            );
-            match mr {
-                1 => tile_nr::<1>(nr, a, at, b, c),
-                2 => tile_nr::<2>(nr, a, at, b, c),
-                3 => tile_nr::<3>(nr, a, at, b, c),
-                4 => tile_nr::<4>(nr, a, at, b, c),
-                5 => tile_nr::<5>(nr, a, at, b, c),
-                6 => tile_nr::<6>(nr, a, at, b, c),
-                7 => tile_nr::<7>(nr, a, at, b, c),
-                _ => tile_nr::<8>(nr, a, at, b, c),
-            }
-        }
-    }
-}
-
-/// Row groups of 8 when the output is at most two panels wide, else 4.
-fn height_for(cols: usize) -> usize {
-    if cols <= 2 * PANEL {
-        8
-    } else {
-        4
-    }
+    product::<Bf16PairStep>(a, b, c, shape, extent)
 }
 
 /// The first `n` (≤ 16) values at `src` (reading no further), rounded to bf16 by the CPU's
@@ -355,16 +213,6 @@ impl Scratch {
     }
 }
 
-/// The probabilities' padded row stride: T rounded up to a whole panel.
-pub(super) fn probability_row_stride(t: usize) -> usize {
-    panel_ceil(t)
-}
-
-/// Row i of the probabilities holds keys 0..span(i): i + 1 rounded up to a whole panel.
-fn span(i: usize) -> usize {
-    panel_ceil(i + 1)
-}
-
 /// One head's probabilities into `p` (T rows, row stride padded T; row i's entries from span(i)
 /// on are not written), from its q and k in qkv.
 ///
@@ -391,11 +239,11 @@ unsafe fn probabilities(s: &mut Scratch, (q, k): (*const f32, *const f32), p: *m
     );
     panels_of_rows(s.staging.as_ptr(), t, hp, s.keys.as_mut_ptr());
     // A group of rows sees keys up to its last row: whole panels of them.
-    product(
+    bf16_product(
         Left::rows(s.rows.as_ptr(), hp),
-        (s.keys.as_ptr(), PANEL * hp),
-        (p, tp),
-        (t, 4),
+        Right::panels(s.keys.as_ptr(), hp),
+        Out { base: p, rs: tp },
+        (t, t),
         |r, mr| (0, hp, panel_ceil(r + mr)),
     );
     for i in 0..t {
@@ -435,11 +283,11 @@ unsafe fn causal_rows_times(
     let (t, tp, hd) = (d.t, panel_ceil(d.t), d.head_dim);
     panels_down(x.0, x.1, (t, hd), false, s.columns.as_mut_ptr());
     // A group of rows needs the keys up to its last row (row i of M is zero past i).
-    product(
+    bf16_product(
         Left::rows(s.square_rows.as_ptr().cast(), tp / 2),
-        (s.columns.as_ptr(), PANEL * t.div_ceil(2)),
-        c,
-        (t, height_for(hd)),
+        Right::panels(s.columns.as_ptr(), t.div_ceil(2)),
+        Out { base: c.0, rs: c.1 },
+        (t, hd),
         |r, mr| (0, (r + mr).div_ceil(2), hd),
     );
 }
@@ -464,11 +312,11 @@ unsafe fn causal_transposed_times(
     panels_down(x.0, x.1, (t, hd), false, s.columns.as_mut_ptr());
     // Key row j meets the queries at or after it: a group starting at an even row r needs the
     // pairs from r / 2 on.
-    product(
+    bf16_product(
         Left::panels(s.square_panels.as_ptr(), pairs),
-        (s.columns.as_ptr(), PANEL * pairs),
-        c,
-        (t, height_for(hd)),
+        Right::panels(s.columns.as_ptr(), pairs),
+        Out { base: c.0, rs: c.1 },
+        (t, hd),
         |r, _| (r / 2, pairs, hd),
     );
 }
@@ -554,11 +402,11 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
                 );
                 panels_of_rows(s.staging.as_ptr(), t, hp, s.keys.as_mut_ptr());
                 let ds = s.grad.as_mut_ptr();
-                product(
+                bf16_product(
                     Left::rows(s.rows.as_ptr(), hp),
-                    (s.keys.as_ptr(), PANEL * hp),
-                    (ds, tp),
-                    (t, 4),
+                    Right::panels(s.keys.as_ptr(), hp),
+                    Out { base: ds, rs: tp },
+                    (t, t),
                     |r, mr| (0, hp, panel_ceil(r + mr)),
                 );
                 for i in 0..t {

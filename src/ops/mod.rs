@@ -16,7 +16,11 @@
 
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
+mod attention_avx512;
+#[cfg(target_arch = "x86_64")]
 mod attention_bf16;
+#[cfg(target_arch = "x86_64")]
+mod attention_tiles;
 pub mod cpu;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]

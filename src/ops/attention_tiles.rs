@@ -1,0 +1,288 @@
+//! What the AVX-512 attention kernels share ([`super::attention_bf16`], [`super::attention_avx512`]):
+//! register tiles of 16-lane f32 sums over products whose operands the caller lays out in
+//! 16-lane panels, and the causal row extents.
+//!
+//! A product C = A·B runs over row groups of C: each group keeps MR rows × NR panels of 16
+//! columns in zmm registers (up to 8 × 4 of the 32) while it walks the reduction, one step at a
+//! time: an f32 (FMA) or a pair of bf16 (`vdpbf16ps`) per lane. The left operand is read one
+//! element (or pair) at a time and broadcast, the right one 16 lanes at a time, both through
+//! strides, so that a row-major matrix, its transpose and a packed panel all serve.
+
+use std::arch::x86_64::*;
+
+/// Lanes of a panel: one zmm of f32 sums.
+pub(super) const PANEL: usize = 16;
+
+/// x rounded up to whole panels.
+pub(super) fn panel_ceil(x: usize) -> usize {
+    x.next_multiple_of(PANEL)
+}
+
+/// Row i of a causal T × T matrix (probabilities, dP, dS) holds keys 0..span(i): i + 1 rounded
+/// up to a whole panel (its row stride is T rounded up likewise).
+pub(super) fn span(i: usize) -> usize {
+    panel_ceil(i + 1)
+}
+
+/// One step of a reduction in 16 lanes: what an operand's element is, how it is broadcast and
+/// loaded, and how a step's products are added into the f32 sums.
+pub(super) trait Step {
+    /// An element of an operand: one f32, or one u32 holding a pair of bf16.
+    type Elem: Copy;
+    /// 16 of them in a register.
+    type Lanes: Copy;
+    /// # Safety
+    /// The CPU has the step's instructions; x is readable.
+    unsafe fn splat(x: *const Self::Elem) -> Self::Lanes;
+    /// The first `n` lanes from x (the rest zero), reading no further.
+    ///
+    /// # Safety
+    /// As [`Step::splat`], for n elements.
+    unsafe fn load(x: *const Self::Elem, n: usize) -> Self::Lanes;
+    /// acc + the lane-wise products of a and b (of the pair's two products, with bf16).
+    ///
+    /// # Safety
+    /// As [`Step::splat`].
+    unsafe fn add_products(acc: __m512, a: Self::Lanes, b: Self::Lanes) -> __m512;
+}
+
+/// f32 operands, one FMA a step (AVX-512F).
+pub(super) struct F32Step;
+
+impl Step for F32Step {
+    type Elem = f32;
+    type Lanes = __m512;
+    #[inline(always)]
+    unsafe fn splat(x: *const f32) -> __m512 {
+        _mm512_set1_ps(*x)
+    }
+    #[inline(always)]
+    unsafe fn load(x: *const f32, n: usize) -> __m512 {
+        if n >= PANEL {
+            _mm512_loadu_ps(x)
+        } else {
+            _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, x)
+        }
+    }
+    #[inline(always)]
+    unsafe fn add_products(acc: __m512, a: __m512, b: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, acc)
+    }
+}
+
+/// Pairs of bf16 in u32s, two products a step (AVX512-BF16's `vdpbf16ps`).
+pub(super) struct Bf16PairStep;
+
+impl Step for Bf16PairStep {
+    type Elem = u32;
+    type Lanes = __m512i;
+    #[inline(always)]
+    unsafe fn splat(x: *const u32) -> __m512i {
+        _mm512_set1_epi32(*x as i32)
+    }
+    #[inline(always)]
+    unsafe fn load(x: *const u32, n: usize) -> __m512i {
+        if n >= PANEL {
+            _mm512_loadu_si512(x.cast())
+        } else {
+            _mm512_maskz_loadu_epi32(((1u32 << n) - 1) as u16, x.cast())
+        }
+    }
+    #[inline(always)]
+    unsafe fn add_products(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
+        _mm512_dpbf16_ps(
+            acc,
+            std::mem::transmute::<__m512i, __m512bh>(a),
+            std::mem::transmute::<__m512i, __m512bh>(b),
+        )
+    }
+}
+
+/// A left operand: step `p` of row `r` lies at `base + (r / 16)·group + (r % 16)·lane + p·step`.
+#[derive(Clone, Copy)]
+pub(super) struct Left<E> {
+    pub(super) base: *const E,
+    pub(super) group: usize,
+    pub(super) lane: usize,
+    pub(super) step: usize,
+}
+
+impl<E> Left<E> {
+    /// A row-major matrix with row stride `rs`.
+    pub(super) fn rows(base: *const E, rs: usize) -> Self {
+        Self {
+            base,
+            group: PANEL * rs,
+            lane: rs,
+            step: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with row stride `rs`: row r of the operand is column
+    /// r of the matrix.
+    pub(super) fn columns(base: *const E, rs: usize) -> Self {
+        Self {
+            base,
+            group: PANEL,
+            lane: 1,
+            step: rs,
+        }
+    }
+
+    /// Panels of `steps` steps each, rows being the panels' lanes (`[group][step][lane]`).
+    pub(super) fn panels(base: *const E, steps: usize) -> Self {
+        Self {
+            base,
+            group: PANEL * steps,
+            lane: 1,
+            step: PANEL,
+        }
+    }
+
+    /// # Safety
+    /// (r, p) lies inside the operand.
+    #[inline(always)]
+    unsafe fn at(&self, r: usize, p: usize) -> *const E {
+        self.base
+            .add((r / PANEL) * self.group + (r % PANEL) * self.lane + p * self.step)
+    }
+}
+
+/// A right operand: the 16 lanes of panel `v` (columns 16v..16v + 16) at step `p` start at
+/// `base + v·group + p·step`.
+#[derive(Clone, Copy)]
+pub(super) struct Right<E> {
+    pub(super) base: *const E,
+    pub(super) group: usize,
+    pub(super) step: usize,
+}
+
+impl<E> Right<E> {
+    /// A row-major matrix with row stride `rs` (steps are its rows).
+    pub(super) fn rows(base: *const E, rs: usize) -> Self {
+        Self {
+            base,
+            group: PANEL,
+            step: rs,
+        }
+    }
+
+    /// Panels of `steps` steps each (`[panel][step][lane]`).
+    pub(super) fn panels(base: *const E, steps: usize) -> Self {
+        Self {
+            base,
+            group: PANEL * steps,
+            step: PANEL,
+        }
+    }
+}
+
+/// An f32 output: row-major with row stride `rs`.
+#[derive(Clone, Copy)]
+pub(super) struct Out {
+    pub(super) base: *mut f32,
+    pub(super) rs: usize,
+}
+
+/// C rows `r0..r0+MR`, columns from panel `v0` on (`cols` of them from there, at most NR
+/// panels), = Σ over steps `p0..p0+steps` of A(r, p)·B(p, ·). Partial panels of B are read
+/// and of C written only as far as `cols` reaches.
+///
+/// # Safety
+/// The CPU has S's instructions; every address read or written lies inside its buffer.
+#[inline(always)]
+unsafe fn tile<S: Step, const MR: usize, const NR: usize>(
+    a: Left<S::Elem>,
+    (r0, p0, steps): (usize, usize, usize),
+    (b, v0): (Right<S::Elem>, usize),
+    (c, cols): (Out, usize),
+) {
+    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+    let rows: [*const S::Elem; MR] = std::array::from_fn(|r| a.at(r0 + r, p0));
+    let lanes: [usize; NR] = std::array::from_fn(|v| cols.saturating_sub(v * PANEL).min(PANEL));
+    let b0 = b.base.add(v0 * b.group + p0 * b.step);
+    for p in 0..steps {
+        let bv: [S::Lanes; NR] =
+            std::array::from_fn(|v| S::load(b0.add(v * b.group + p * b.step), lanes[v]));
+        for r in 0..MR {
+            let av = S::splat(rows[r].add(p * a.step));
+            for v in 0..NR {
+                acc[r][v] = S::add_products(acc[r][v], av, bv[v]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let row = c.base.add((r0 + r) * c.rs + v0 * PANEL);
+        for (v, &sum) in acc.iter().enumerate() {
+            if lanes[v] == PANEL {
+                _mm512_storeu_ps(row.add(v * PANEL), sum);
+            } else if lanes[v] > 0 {
+                _mm512_mask_storeu_ps(row.add(v * PANEL), ((1u32 << lanes[v]) - 1) as u16, sum);
+            }
+        }
+    }
+}
+
+/// [`tile`] with MR fixed and NR (1 to 4) chosen at run time.
+#[inline(always)]
+unsafe fn tile_nr<S: Step, const MR: usize>(
+    nr: usize,
+    a: Left<S::Elem>,
+    at: (usize, usize, usize),
+    b: (Right<S::Elem>, usize),
+    c: (Out, usize),
+) {
+    match nr {
+        1 => tile::<S, MR, 1>(a, at, b, c),
+        2 => tile::<S, MR, 2>(a, at, b, c),
+        3 => tile::<S, MR, 3>(a, at, b, c),
+        _ => tile::<S, MR, 4>(a, at, b, c),
+    }
+}
+
+/// The rows `0..rows` of C = A·B, in groups of [`height_for`] the widest output; `extent(r,
+/// mr)` gives the group at row r (of mr rows) its step range `p0..p1` and its number of output
+/// columns. Callers wrap it in a function compiled for S's instructions.
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+pub(super) unsafe fn product<S: Step>(
+    a: Left<S::Elem>,
+    b: Right<S::Elem>,
+    c: Out,
+    (rows, widest): (usize, usize),
+    extent: impl Fn(usize, usize) -> (usize, usize, usize),
+) {
+    let height = height_for(widest);
+    for r in (0..rows).step_by(height) {
+        let mr = height.min(rows - r);
+        let (p0, p1, cols) = extent(r, mr);
+        let panels = cols.div_ceil(PANEL);
+        for v0 in (0..panels).step_by(4) {
+            let nr = (panels - v0).min(4);
+            let (at, b, c) = ((r, p0, p1 - p0), (b, v0), (c, cols - v0 * PANEL));
+            match mr {
+                1 => tile_nr::<S, 1>(nr, a, at, b, c),
+                2 => tile_nr::<S, 2>(nr, a, at, b, c),
+                3 => tile_nr::<S, 3>(nr, a, at, b, c),
+                4 => tile_nr::<S, 4>(nr, a, at, b, c),
+                5 => tile_nr::<S, 5>(nr, a, at, b, c),
+                6 => tile_nr::<S, 6>(nr, a, at, b, c),
+                7 => tile_nr::<S, 7>(nr, a, at, b, c),
+                _ => tile_nr::<S, 8>(nr, a, at, b, c),
+            }
+        }
+    }
+}
+
+/// Row groups of 8 when the output is at most two panels wide (so that a group keeps 16 sums
+/// going), else 4. Both divide 16, so a group's rows share a panel of a transposed left
+/// operand, and a group starting at row r ends by span(r).
+fn height_for(widest: usize) -> usize {
+    if widest <= 2 * PANEL {
+        8
+    } else {
+        4
+    }
+}
