@@ -3,8 +3,9 @@
 //! Each has a plain candle-op twin (used where the kernel does not apply) and is tested against
 //! it, values and gradients.
 //!
-//! - [`attention`]: the whole causal self-attention on CPU (packed qkv in, heads out), in f32,
-//!   or with bf16 products (`attention_bf16`, AVX512-BF16).
+//! - [`attention`]: the whole causal self-attention on CPU (packed qkv in, heads out); on
+//!   AVX-512 its products run in register tiles (`attention_tiles`), of f32 FMAs
+//!   (`attention_avx512`) or of bf16 pairs (`attention_bf16`, AVX512-BF16).
 //! - [`softmax`]: the causal attention softmax (CUDA, and CPU when the composed attention runs).
 //! - [`layer_norm`], [`gelu`]: LayerNorm and GPT-2's tanh-GELU.
 //! - [`cross_entropy`]: softmax cross-entropy of logits; [`lm_head_loss`]: the lm_head matmul and
