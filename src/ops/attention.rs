@@ -50,6 +50,16 @@ pub(super) struct Dims {
 }
 
 impl Dims {
+    /// Where task `task` (batch row · heads + head) finds its head: the offset of its first
+    /// query in qkv, and of its first column in a (B, T, C) tensor (y, dy).
+    pub(super) fn head_offsets(&self, task: usize) -> (usize, usize) {
+        let (bi, h) = (task / self.n_head, task % self.n_head);
+        (
+            bi * self.t * 3 * self.c + h * self.head_dim,
+            bi * self.t * self.c + h * self.head_dim,
+        )
+    }
+
     /// The scores' scale, 1/√head_dim.
     pub(super) fn scale(&self) -> f64 {
         1.0 / (self.head_dim as f64).sqrt()
@@ -83,6 +93,25 @@ impl<T> SharedPtr<T> {
     pub(super) fn get(self) -> *mut T {
         self.0
     }
+}
+
+/// A head's q, k and v in a packed (B, T, 3C) buffer, from the buffer and the head's offset
+/// ([`Dims::head_offsets`]): k and v lie C and 2C after q.
+///
+/// # Safety
+/// The head lies inside the buffer.
+pub(super) unsafe fn head_parts<T>(qkv: *const T, offset: usize, c: usize) -> [*const T; 3] {
+    let q = qkv.add(offset);
+    [q, q.add(c), q.add(2 * c)]
+}
+
+/// [`head_parts`] of a buffer to write (dq, dk, dv in dqkv).
+///
+/// # Safety
+/// As [`head_parts`].
+pub(super) unsafe fn head_parts_mut<T>(qkv: *mut T, offset: usize, c: usize) -> [*mut T; 3] {
+    let q = qkv.add(offset);
+    [q, q.add(c), q.add(2 * c)]
 }
 
 /// dst (m×n) = lhs (m×k) · rhs (k×n) on this thread (see [`strided_matmul`]).
@@ -208,9 +237,9 @@ fn attention_forward<T: FastExp>(
             }
         },
         |scratch, task| {
-            let (bi, h) = (task / d.n_head, task % d.n_head);
-            // SAFETY: q, k and v of (bi, h) lie inside qkv; this task writes only rows of batch
-            // bi and the columns of head h of y, and only its own T×T block of the kept
+            let (at_qkv, at_out) = d.head_offsets(task);
+            // SAFETY: q, k and v of the task's head lie inside qkv; this task writes only rows of its
+            // batch row and the columns of its head of y, and only its own T×T block of the kept
             // probabilities, which no other task writes.
             unsafe {
                 let p = match kept_ptr {
@@ -219,9 +248,8 @@ fn attention_forward<T: FastExp>(
                     }
                     None => scratch.as_mut_slice(),
                 };
-                let q = qkv.as_ptr().add(bi * t * 3 * c + h * d.head_dim);
-                let (k, v) = (q.add(c), q.add(2 * c));
-                let y = y_ptr.get().add(bi * t * c + h * d.head_dim);
+                let [q, k, v] = head_parts(qkv.as_ptr(), at_qkv, c);
+                let y = y_ptr.get().add(at_out);
                 for (r0, r1) in blocks(t) {
                     probabilities_block(p, (q, k), (r0, r1), &d, scale);
                     matmul(
@@ -255,15 +283,13 @@ fn attention_backward<T: FastExp>(qkv: &[T], dy: &[T], d: Dims, kept: Option<&[T
             (p, vec![T::zero(); t * t])
         },
         |(scratch, ds), task| {
-            let (bi, h) = (task / d.n_head, task % d.n_head);
-            // SAFETY: as in the forward; this task writes only rows of batch bi and the columns
-            // of head h in each of dq, dk and dv.
+            let (at_qkv, at_out) = d.head_offsets(task);
+            // SAFETY: as in the forward; this task writes only rows of its batch row and the
+            // columns of its head in each of dq, dk and dv.
             unsafe {
-                let q = qkv.as_ptr().add(bi * t * 3 * c + h * hd);
-                let (k, v) = (q.add(c), q.add(2 * c));
-                let dy = dy.as_ptr().add(bi * t * c + h * hd);
-                let dq = dqkv_ptr.get().add(bi * t * 3 * c + h * hd);
-                let (dk, dv) = (dq.add(c), dq.add(2 * c));
+                let [q, k, v] = head_parts(qkv.as_ptr(), at_qkv, c);
+                let dy = dy.as_ptr().add(at_out);
+                let [dq, dk, dv] = head_parts_mut(dqkv_ptr.get(), at_qkv, c);
                 let p: &[T] = match kept {
                     Some(kept) => &kept[task * t * t..(task + 1) * t * t],
                     None => {

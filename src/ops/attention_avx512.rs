@@ -14,7 +14,9 @@
 
 use rayon::prelude::*;
 
-use super::attention::{causal_softmax_row, softmax_grad_row, Dims, SharedPtr};
+use super::attention::{
+    causal_softmax_row, head_parts, head_parts_mut, softmax_grad_row, Dims, SharedPtr,
+};
 use super::attention_tiles::{panel_ceil, product, span, F32Step, Left, Out, Right, PANEL};
 
 /// Whether this CPU has the instructions these kernels use.
@@ -138,12 +140,11 @@ pub(super) unsafe fn forward(
     let kept_ptr = kept.as_mut().map(|p| SharedPtr(p.as_mut_ptr()));
     (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
         Scratch::with(&d, kept_ptr.is_none(), false, |s| {
-            let (bi, h) = (task / d.n_head, task % d.n_head);
-            // SAFETY: as the gemm kernel's forward: this task writes only rows of batch bi and
-            // the columns of head h of y, and only its own block of the kept probabilities.
+            let (at_qkv, at_out) = d.head_offsets(task);
+            // SAFETY: as the gemm kernel's forward: this task writes only rows of its batch row and
+            // the columns of its head of y, and only its own block of the kept probabilities.
             unsafe {
-                let q = qkv.as_ptr().add(bi * t * 3 * c + h * hd);
-                let (k, v) = (q.add(c), q.add(2 * c));
+                let [q, k, v] = head_parts(qkv.as_ptr(), at_qkv, c);
                 let p = match kept_ptr {
                     Some(kept) => kept.get().add(task * t * tp),
                     None => s.recomputed.as_mut_ptr(),
@@ -155,7 +156,7 @@ pub(super) unsafe fn forward(
                     Left::rows(p, tp),
                     Right::rows(v, 3 * c),
                     Out {
-                        base: y_ptr.get().add(bi * t * c + h * hd),
+                        base: y_ptr.get().add(at_out),
                         rs: c,
                     },
                     (t, hd),
@@ -179,15 +180,13 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
     let dqkv_ptr = SharedPtr(dqkv.as_mut_ptr());
     (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
         Scratch::with(&d, kept.is_none(), true, |s| {
-            let (bi, h) = (task / d.n_head, task % d.n_head);
-            // SAFETY: as the gemm kernel's backward: this task writes only rows of batch bi and
-            // the columns of head h in each of dq, dk and dv.
+            let (at_qkv, at_out) = d.head_offsets(task);
+            // SAFETY: as the gemm kernel's backward: this task writes only rows of its batch row and
+            // the columns of its head in each of dq, dk and dv.
             unsafe {
-                let q = qkv.as_ptr().add(bi * t * 3 * c + h * hd);
-                let (k, v) = (q.add(c), q.add(2 * c));
-                let dy = dy.as_ptr().add(bi * t * c + h * hd);
-                let dq = dqkv_ptr.get().add(bi * t * 3 * c + h * hd);
-                let (dk, dv) = (dq.add(c), dq.add(2 * c));
+                let [q, k, v] = head_parts(qkv.as_ptr(), at_qkv, c);
+                let dy = dy.as_ptr().add(at_out);
+                let [dq, dk, dv] = head_parts_mut(dqkv_ptr.get(), at_qkv, c);
                 let p: *const f32 = match kept {
                     Some(kept) => kept.as_ptr().add(task * t * tp),
                     None => {
