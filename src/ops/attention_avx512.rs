@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::attention::{
     causal_softmax_row, head_parts, head_parts_mut, softmax_grad_row, Dims, SharedPtr,
 };
-use super::attention_tiles::{panel_ceil, product, span, F32Step, Left, Out, Right, PANEL};
+use super::attention_tiles::{panel_ceil, product, row_panels, span, F32Step, Left, Out, Right};
 
 /// Whether this CPU has the instructions these kernels use.
 pub(super) fn available() -> bool {
@@ -37,28 +37,6 @@ unsafe fn f32_product(
     extent: impl Fn(usize, usize) -> (usize, usize, usize),
 ) {
     product::<F32Step>(a, b, c, shape, extent)
-}
-
-/// `rows` rows of x (`cols` wide, row stride `rs`) into panels of 16 rows:
-/// `dst[(g·cols + d)·16 + l] = x[(16g + l)·rs + d]`, zeros for rows ≥ `rows`.
-///
-/// # Safety
-/// x's rows are readable; dst holds ⌈rows/16⌉·16·cols f32.
-#[target_feature(enable = "avx512f")]
-unsafe fn row_panels(x: *const f32, rs: usize, (rows, cols): (usize, usize), dst: *mut f32) {
-    for g in 0..rows.div_ceil(PANEL) {
-        let panel = dst.add(g * cols * PANEL);
-        for l in 0..PANEL {
-            let row = g * PANEL + l;
-            for d in 0..cols {
-                *panel.add(d * PANEL + l) = if row < rows {
-                    *x.add(row * rs + d)
-                } else {
-                    0.0
-                };
-            }
-        }
-    }
 }
 
 /// One thread's buffers for one head at a time, kept between calls (every kernel writes what it

@@ -25,7 +25,9 @@ use rayon::prelude::*;
 use super::attention::{
     causal_softmax_row, head_parts, head_parts_mut, softmax_grad_row, Dims, SharedPtr,
 };
-use super::attention_tiles::{panel_ceil, product, span, Bf16PairStep, Left, Out, Right, PANEL};
+use super::attention_tiles::{
+    panel_ceil, product, row_panels, span, Bf16PairStep, Left, Out, Right, PANEL,
+};
 
 /// Whether this CPU has the instructions these kernels use.
 pub(super) fn available() -> bool {
@@ -86,28 +88,6 @@ unsafe fn round_rows(
         }
         if zero_to > cols {
             std::ptr::write_bytes(to.add(cols), 0, zero_to - cols);
-        }
-    }
-}
-
-/// Panels with lanes along rows from rows of bf16 pairs: `dst[(g·width + p)·16 + l]` =
-/// `rows[(16g + l)·width + p]`, zero for rows ≥ n.
-///
-/// # Safety
-/// As [`round_rows`]; dst holds ⌈n/16⌉·16·width u32s.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn panels_of_rows(rows: *const u32, n: usize, width: usize, dst: *mut u32) {
-    for g in 0..n.div_ceil(PANEL) {
-        let lanes = PANEL.min(n - g * PANEL);
-        for p in 0..width {
-            let out = std::slice::from_raw_parts_mut(dst.add((g * width + p) * PANEL), PANEL);
-            for (l, o) in out.iter_mut().enumerate() {
-                *o = if l < lanes {
-                    *rows.add((g * PANEL + l) * width + p)
-                } else {
-                    0
-                };
-            }
         }
     }
 }
@@ -239,7 +219,7 @@ unsafe fn probabilities(s: &mut Scratch, (q, k): (*const f32, *const f32), p: *m
         s.staging.as_mut_ptr().cast(),
         (2 * hp, 2 * hp),
     );
-    panels_of_rows(s.staging.as_ptr(), t, hp, s.keys.as_mut_ptr());
+    row_panels(s.staging.as_ptr(), hp, (t, hp), s.keys.as_mut_ptr());
     // A group of rows sees keys up to its last row: whole panels of them.
     bf16_product(
         Left::rows(s.rows.as_ptr(), hp),
@@ -399,7 +379,7 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
                     s.staging.as_mut_ptr().cast(),
                     (2 * hp, 2 * hp),
                 );
-                panels_of_rows(s.staging.as_ptr(), t, hp, s.keys.as_mut_ptr());
+                row_panels(s.staging.as_ptr(), hp, (t, hp), s.keys.as_mut_ptr());
                 let ds = s.grad.as_mut_ptr();
                 bf16_product(
                     Left::rows(s.rows.as_ptr(), hp),

@@ -24,6 +24,34 @@ pub(super) fn span(i: usize) -> usize {
     panel_ceil(i + 1)
 }
 
+/// `rows` rows of x (`cols` wide, row stride `rs`) into panels of 16 rows, the operand layout
+/// that puts 16 rows (keys) in a register's lanes: `dst[(g·cols + d)·16 + l] = x[(16g + l)·rs +
+/// d]`, zeros for rows ≥ `rows`. For K in the scores and V in dP, whose keys are rows.
+///
+/// # Safety
+/// x's rows are readable; dst holds ⌈rows/16⌉·16·cols elements.
+#[inline(always)]
+pub(super) unsafe fn row_panels<T: Copy + Default>(
+    x: *const T,
+    rs: usize,
+    (rows, cols): (usize, usize),
+    dst: *mut T,
+) {
+    for g in 0..rows.div_ceil(PANEL) {
+        let panel = dst.add(g * cols * PANEL);
+        for l in 0..PANEL {
+            let row = g * PANEL + l;
+            for d in 0..cols {
+                *panel.add(d * PANEL + l) = if row < rows {
+                    *x.add(row * rs + d)
+                } else {
+                    T::default()
+                };
+            }
+        }
+    }
+}
+
 /// One step of a reduction in 16 lanes: what an operand's element is, how it is broadcast and
 /// loaded, and how a step's products are added into the f32 sums.
 pub(super) trait Step {
