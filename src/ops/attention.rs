@@ -238,9 +238,9 @@ fn attention_forward<T: FastExp>(
         },
         |scratch, task| {
             let (at_qkv, at_out) = d.head_offsets(task);
-            // SAFETY: q, k and v of the task's head lie inside qkv; this task writes only rows of its
-            // batch row and the columns of its head of y, and only its own T×T block of the kept
-            // probabilities, which no other task writes.
+            // SAFETY: q, k and v of the task's head lie inside qkv; this task writes only rows
+            // of its batch row and the columns of its head of y, and only its own T×T block of
+            // the kept probabilities, which no other task writes.
             unsafe {
                 let p = match kept_ptr {
                     Some(kept) => {

@@ -159,8 +159,8 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
     (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
         Scratch::with(&d, kept.is_none(), true, |s| {
             let (at_qkv, at_out) = d.head_offsets(task);
-            // SAFETY: as the gemm kernel's backward: this task writes only rows of its batch row and
-            // the columns of its head in each of dq, dk and dv.
+            // SAFETY: as the gemm kernel's backward: this task writes only rows of its batch
+            // row and the columns of its head in each of dq, dk and dv.
             unsafe {
                 let [q, k, v] = head_parts(qkv.as_ptr(), at_qkv, c);
                 let dy = dy.as_ptr().add(at_out);

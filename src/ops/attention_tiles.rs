@@ -1,6 +1,6 @@
-//! What the AVX-512 attention kernels share ([`super::attention_bf16`], [`super::attention_avx512`]):
-//! register tiles of 16-lane f32 sums over products whose operands the caller lays out in
-//! 16-lane panels, and the causal row extents.
+//! What the AVX-512 attention kernels share ([`super::attention_bf16`],
+//! [`super::attention_avx512`]): register tiles of 16-lane f32 sums over products whose operands
+//! the caller lays out in 16-lane panels, and the causal row extents.
 //!
 //! A product C = A·B runs over row groups of C: each group keeps MR rows × NR panels of 16
 //! columns in zmm registers (up to 8 × 4 of the 32) while it walks the reduction, one step at a
