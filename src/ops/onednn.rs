@@ -289,25 +289,6 @@ impl OneDnn {
         Ok(unsafe { self.primitive(key)? }.implementation.clone())
     }
 
-    /// The implementation oneDNN chooses for a matmul whose left operand is transposed (row
-    /// stride 1, column stride m) and whose right operand is row-major.
-    pub fn implementation_transposed_left(
-        &self,
-        mnk: (usize, usize, usize),
-        elem: Elem,
-    ) -> Result<String> {
-        let (m, n, _) = mnk;
-        let key = Key {
-            mnk,
-            a: (elem, 1, m as isize),
-            b: (elem, n as isize, 1),
-            bias: false,
-            accumulate: false,
-        };
-        // SAFETY: compiling a primitive reads only the descriptors built here.
-        Ok(unsafe { self.primitive(key)? }.implementation.clone())
-    }
-
     /// dst (m×n, row-major, f32) = a (m×k) · b (k×n) [+ bias (n, f32) on every row], or
     /// dst += … with `accumulate`; `a` and `b` are strided, in f32 or bf16 (both the same), and
     /// the products are accumulated in f32. Runs on `threads` OpenMP threads; callers that split
