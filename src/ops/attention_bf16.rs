@@ -314,7 +314,8 @@ pub(super) unsafe fn forward(
     keep_probabilities: bool,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let (t, c, tp) = (d.t, d.c, panel_ceil(d.t));
-    let mut y = vec![0.0f32; d.batch * t * c];
+    // Not cleared first: the heads' products write every row of their columns.
+    let mut y = Vec::<f32>::with_capacity(d.batch * t * c);
     let y_ptr = SharedPtr(y.as_mut_ptr());
     let mut kept = keep_probabilities.then(|| vec![0.0f32; d.batch * d.n_head * t * tp]);
     let kept_ptr = kept.as_mut().map(|p| SharedPtr(p.as_mut_ptr()));
@@ -338,6 +339,8 @@ pub(super) unsafe fn forward(
             }
         })
     });
+    // SAFETY: every task wrote all T rows of its head's columns of its batch row.
+    unsafe { y.set_len(d.batch * t * c) };
     (y, kept)
 }
 
@@ -350,7 +353,8 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
     let (t, c, hd, tp) = (d.t, d.c, d.head_dim, panel_ceil(d.t));
     let hp = hd.div_ceil(2);
     let scale = d.scale() as f32;
-    let mut dqkv = vec![0.0f32; qkv.len()];
+    // Not cleared first: the heads' products write every row of their dq, dk and dv columns.
+    let mut dqkv = Vec::<f32>::with_capacity(qkv.len());
     let dqkv_ptr = SharedPtr(dqkv.as_mut_ptr());
     (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
         Scratch::with(&d, kept.is_none(), true, |s| {
@@ -403,5 +407,7 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
             }
         })
     });
+    // SAFETY: every task wrote all T rows of its head's dq, dk and dv columns of its batch row.
+    unsafe { dqkv.set_len(qkv.len()) };
     dqkv
 }

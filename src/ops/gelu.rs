@@ -1,10 +1,11 @@
 //! GPT-2's tanh-approximated GELU with its backward, fused (CPU and CUDA).
 
-use super::cpu::contiguous;
+use super::cpu::{contiguous, written_vec};
 use super::simd::multiversioned;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// √(2/π), GPT-2's tanh-GELU constant, computed as the composed version computes it.
 fn gelu_c() -> f64 {
@@ -84,19 +85,19 @@ fn gelu_derivative<T: GeluFloat>(x: T) -> T {
 multiversioned! {
     /// out[i] = gelu(x[i]) (`grad` None) or gelu'(x[i])·grad[i], with the widest vector
     /// instructions this CPU has (the loop is the same code in every version).
-    fn gelu_slices<T: GeluFloat>(x: &[T], grad: Option<&[T]>, out: &mut [T]) {
+    fn gelu_slices<T: GeluFloat>(x: &[T], grad: Option<&[T]>, out: &mut [MaybeUninit<T>]) {
         let n = out.len();
         let x = &x[..n];
         match grad {
             None => {
                 for i in 0..n {
-                    out[i] = gelu_value(x[i]);
+                    out[i].write(gelu_value(x[i]));
                 }
             }
             Some(g) => {
                 let g = &g[..n];
                 for i in 0..n {
-                    out[i] = gelu_derivative(x[i]) * g[i];
+                    out[i].write(gelu_derivative(x[i]) * g[i]);
                 }
             }
         }
@@ -106,18 +107,19 @@ multiversioned! {
 /// [`gelu_slices`] over chunks in parallel.
 fn gelu_parallel<T: GeluFloat>(x: &[T], grad: Option<&[T]>) -> Vec<T> {
     const CHUNK: usize = 1 << 14;
-    let mut out = vec![T::zero(); x.len()];
-    match grad {
-        None => out
-            .par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| gelu_slices(x, None, o)),
-        Some(g) => out
-            .par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(o, (x, g))| gelu_slices(x, Some(g), o)),
+    // SAFETY: the chunks cover every element, and gelu_slices writes each of its chunk's.
+    unsafe {
+        written_vec(x.len(), |out| match grad {
+            None => out
+                .par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(o, x)| gelu_slices(x, None, o)),
+            Some(g) => out
+                .par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                .for_each(|(o, (x, g))| gelu_slices(x, Some(g), o)),
+        })
     }
-    out
 }
 
 impl candle_core::CustomOp1 for Gelu {

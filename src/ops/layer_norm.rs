@@ -1,10 +1,11 @@
 //! LayerNorm over the last dimension with its backward, fused (CPU f32/f64, CUDA f32).
 
-use super::cpu::contiguous;
+use super::cpu::{contiguous, written_vec};
 use super::simd::{dot_lanes, multiversioned, reduce_lanes, sum_lanes, sum_zip_lanes, LANES};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// LayerNorm over the last dimension of x with weight w and bias b (zeros when the model has
 /// none), as `torch.nn.LayerNorm`: y = (x − mean) / sqrt(var + eps) · w + b.
@@ -42,12 +43,12 @@ fn row_mean_rstd<T: Float>(row: &[T], eps: T) -> (T, T) {
 
 multiversioned! {
     /// y = (x − mean)·rstd·w + b for whole rows of x and y.
-    fn layer_norm_row_group<T: Float>(x: &[T], w: &[T], b: &[T], y: &mut [T], eps: T) {
+    fn layer_norm_row_group<T: Float>(x: &[T], w: &[T], b: &[T], y: &mut [MaybeUninit<T>], eps: T) {
         let c = w.len();
         for (yr, xr) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
             let (mean, rstd) = row_mean_rstd(xr, eps);
             for ((y, &x), (&w, &b)) in yr.iter_mut().zip(xr).zip(w.iter().zip(b)) {
-                *y = (x - mean) * rstd * w + b;
+                y.write((x - mean) * rstd * w + b);
             }
         }
     }
@@ -55,7 +56,13 @@ multiversioned! {
 
 multiversioned! {
     /// dx = (g − mean(g) − x̂·mean(g·x̂))·rstd with g = dy·w, for whole rows.
-    fn layer_norm_grad_input_row_group<T: Float>(x: &[T], w: &[T], dy: &[T], dx: &mut [T], eps: T) {
+    fn layer_norm_grad_input_row_group<T: Float>(
+        x: &[T],
+        w: &[T],
+        dy: &[T],
+        dx: &mut [MaybeUninit<T>],
+        eps: T,
+    ) {
         let c = w.len();
         let n = T::from(c).expect("width");
         for ((dxr, xr), dyr) in dx.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(dy.chunks_exact(c)) {
@@ -79,7 +86,7 @@ multiversioned! {
             let mean_gx = sum_gx * rstd / n;
             for (((dx, &x), &dy), &w) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
                 let xhat = (x - mean) * rstd;
-                *dx = (dy * w - mean_g - xhat * mean_gx) * rstd;
+                dx.write((dy * w - mean_g - xhat * mean_gx) * rstd);
             }
         }
     }
@@ -102,11 +109,14 @@ multiversioned! {
 fn layer_norm_rows<T: Float + Send + Sync>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
     let (c, eps) = (w.len(), T::from(eps).expect("finite eps"));
     let rows = LAYER_NORM_ROWS_PER_TASK * c;
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(rows)
-        .zip(x.par_chunks(rows))
-        .for_each(|(y, x)| layer_norm_row_group(x, w, b, y, eps));
-    y
+    // SAFETY: the groups cover every row, and each group writes all of its rows.
+    unsafe {
+        written_vec(x.len(), |y| {
+            y.par_chunks_mut(rows)
+                .zip(x.par_chunks(rows))
+                .for_each(|(y, x)| layer_norm_row_group(x, w, b, y, eps))
+        })
+    }
 }
 
 fn layer_norm_grad_input_rows<T: Float + Send + Sync>(
@@ -117,11 +127,14 @@ fn layer_norm_grad_input_rows<T: Float + Send + Sync>(
 ) -> Vec<T> {
     let (c, eps) = (w.len(), T::from(eps).expect("finite eps"));
     let rows = LAYER_NORM_ROWS_PER_TASK * c;
-    let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(rows)
-        .zip(x.par_chunks(rows).zip(dy.par_chunks(rows)))
-        .for_each(|(dx, (x, dy))| layer_norm_grad_input_row_group(x, w, dy, dx, eps));
-    dx
+    // SAFETY: as in layer_norm_rows.
+    unsafe {
+        written_vec(x.len(), |dx| {
+            dx.par_chunks_mut(rows)
+                .zip(x.par_chunks(rows).zip(dy.par_chunks(rows)))
+                .for_each(|(dx, (x, dy))| layer_norm_grad_input_row_group(x, w, dy, dx, eps))
+        })
+    }
 }
 
 fn layer_norm_grad_params_rows<T: Float + Send + Sync>(

@@ -200,14 +200,14 @@ multiversioned! {
 pub(crate) fn to_bf16_parallel(x: &[f32]) -> Vec<u16> {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
-    let mut out = Vec::with_capacity(x.len());
-    out.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| round_to_bf16(x, o));
-    // SAFETY: the loop above wrote every one of the first x.len() elements.
-    unsafe { out.set_len(x.len()) };
-    out
+    // SAFETY: the chunks cover every element, and round_to_bf16 writes each of its chunk's.
+    unsafe {
+        super::cpu::written_vec(x.len(), |out| {
+            out.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(o, x)| round_to_bf16(x, o))
+        })
+    }
 }
 
 multiversioned! {
