@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use std::sync::Mutex;
 
 pub use super::cpu::MatmulPrecision;
-use super::cpu::{contiguous, strided_matmul, View};
+use super::cpu::{contiguous, strided_matmul, SharedPtr, View};
 use super::simd::{dot_lanes, max_lanes, multiversioned, sum_lanes, FastExp, LANES};
 
 /// Query rows per block. The blocks above the diagonal are skipped: at T = 256 the scores cost
@@ -78,20 +78,6 @@ impl Dims {
             n_head,
             head_dim: c / n_head,
         })
-    }
-}
-
-/// A pointer shared across tasks; each task touches only its own (batch, head) columns.
-#[derive(Clone, Copy)]
-pub(super) struct SharedPtr<T>(pub(super) *mut T);
-// SAFETY: tasks write disjoint elements (see each use), and the buffer outlives the parallel loop.
-unsafe impl<T> Send for SharedPtr<T> {}
-unsafe impl<T> Sync for SharedPtr<T> {}
-
-impl<T> SharedPtr<T> {
-    /// The pointer (a method, so closures capture the `Sync` wrapper rather than its field).
-    pub(super) fn get(self) -> *mut T {
-        self.0
     }
 }
 

@@ -14,10 +14,9 @@
 
 use rayon::prelude::*;
 
-use super::attention::{
-    causal_softmax_row, head_parts, head_parts_mut, softmax_grad_row, Dims, SharedPtr,
-};
+use super::attention::{causal_softmax_row, head_parts, head_parts_mut, softmax_grad_row, Dims};
 use super::attention_tiles::{panel_ceil, product, row_panels, span, F32Step, Left, Out, Right};
+use super::cpu::SharedPtr;
 
 /// Whether this CPU has the instructions these kernels use.
 pub(super) fn available() -> bool {

@@ -22,12 +22,11 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::attention::{
-    causal_softmax_row, head_parts, head_parts_mut, softmax_grad_row, Dims, SharedPtr,
-};
+use super::attention::{causal_softmax_row, head_parts, head_parts_mut, softmax_grad_row, Dims};
 use super::attention_tiles::{
     panel_ceil, product, row_panels, span, Bf16PairStep, Left, Out, Right, PANEL,
 };
+use super::cpu::SharedPtr;
 
 /// Whether this CPU has the instructions these kernels use.
 pub(super) fn available() -> bool {

@@ -124,6 +124,21 @@ impl Matrix<'_> {
     }
 }
 
+/// A pointer shared across parallel tasks that each write their own, disjoint elements of one
+/// buffer (the attention's heads, a matrix's column blocks).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedPtr<T>(pub(crate) *mut T);
+// SAFETY: tasks write disjoint elements (see each use), and the buffer outlives the parallel loop.
+unsafe impl<T> Send for SharedPtr<T> {}
+unsafe impl<T> Sync for SharedPtr<T> {}
+
+impl<T> SharedPtr<T> {
+    /// The pointer (a method, so closures capture the `Sync` wrapper rather than its field).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// Rows of the output per oneDNN call, at least: below it one thread does the whole matmul.
 const MIN_ROWS_PER_TASK: usize = 64;
 

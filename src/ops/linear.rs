@@ -175,9 +175,18 @@ impl CustomOp3 for LinearGrad {
             bail!("fused linear backward: gradient {m}×{n}, weight {n_w}×{k}, x {m_x}×{k_x}");
         }
         let dy_f32 = f32_input(s1, l1, "output gradient")?;
-        // Rows summed in order, in f32, as candle sums a broadcast add's gradient.
-        let db = self.bias.then(|| super::simd::column_sums(dy_f32, n));
-        let dy = Operand::new(dy_f32, self.precision);
+        // Rows summed in order, in f32, as candle sums a broadcast add's gradient; in bf16 in the
+        // pass that rounds dy.
+        let (db, dy) = match (self.bias, self.precision) {
+            (true, MatmulPrecision::Bf16) => {
+                let (db, dy) = super::simd::column_sums_and_bf16(dy_f32, n);
+                (Some(db), Operand::Bf16(dy))
+            }
+            (bias, precision) => (
+                bias.then(|| super::simd::column_sums(dy_f32, n)),
+                Operand::new(dy_f32, precision),
+            ),
+        };
         let computed;
         let (x, w) = match &self.rounded {
             Some((x, w)) => (x, w),
