@@ -126,6 +126,120 @@ fn fused_linear_matches_f64_ops_in_value_and_gradient() {
     }
 }
 
+/// LayerNorm and GELU storing their output in bf16 for a bf16 linear layer that alone reads it
+/// (`fused_linear_takes_bf16`): the stored values are the f32 outputs rounded as `half` rounds
+/// them, and the layer's output and every gradient (the producer's input and parameters, the
+/// layer's weight and bias) are bitwise those of the f32 output the layer rounds itself.
+#[test]
+fn producers_storing_bf16_for_a_bf16_linear_change_no_value_or_gradient() {
+    use gpt_pretrain::ops::gelu::{fused_gelu_tanh, fused_gelu_tanh_rounded};
+    use gpt_pretrain::ops::layer_norm::{fused_layer_norm, fused_layer_norm_rounded};
+    use gpt_pretrain::ops::linear::{fused_linear, fused_linear_takes_bf16, MatmulPrecision};
+    if !require_onednn() {
+        return;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    // (rows, width in, width out): one LayerNorm row group and less, several and a partial one;
+    // GELU chunks whole and partial.
+    for (m, k, n) in [(3, 8, 5), (37, 64, 24), (300, 384, 96)] {
+        let mut random = |shape: &[usize], scale: f64| {
+            let len: usize = shape.iter().product();
+            let v: Vec<f32> = (0..len)
+                .map(|_| (rng.random_range(-1.0..1.0) * scale) as f32)
+                .collect();
+            Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+        };
+        let (x, ln_w, ln_b) = (random(&[m, k], 3.0), random(&[k], 1.0), random(&[k], 0.5));
+        let (w, b, up) = (
+            random(&[n, k], 0.2),
+            random(&[n], 0.1),
+            random(&[m, n], 1.0),
+        );
+        assert!(fused_linear_takes_bf16(
+            w.as_tensor(),
+            MatmulPrecision::Bf16
+        ));
+        assert!(!fused_linear_takes_bf16(
+            w.as_tensor(),
+            MatmulPrecision::F32
+        ));
+        type Producer<'a> = Box<dyn Fn(bool) -> Tensor + 'a>;
+        let producers: [(&str, Producer); 2] = [
+            (
+                "layer norm",
+                Box::new(|rounded| {
+                    let (x, w, b) = (x.as_tensor(), ln_w.as_tensor(), Some(ln_b.as_tensor()));
+                    match rounded {
+                        true => fused_layer_norm_rounded(x, w, b, 1e-5).unwrap(),
+                        false => fused_layer_norm(x, w, b, 1e-5).unwrap(),
+                    }
+                }),
+            ),
+            (
+                "gelu",
+                Box::new(|rounded| match rounded {
+                    true => fused_gelu_tanh_rounded(x.as_tensor()).unwrap(),
+                    false => fused_gelu_tanh(x.as_tensor()).unwrap(),
+                }),
+            ),
+        ];
+        for (name, produce) in producers {
+            let run = |rounded: bool| {
+                let h = produce(rounded);
+                let y = fused_linear(
+                    &h,
+                    w.as_tensor(),
+                    Some(b.as_tensor()),
+                    MatmulPrecision::Bf16,
+                )
+                .unwrap();
+                let grads = (&y * up.as_tensor())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let flat = |t: &Tensor| t.flatten_all().unwrap();
+                let grads: Vec<Option<Vec<f32>>> = [&x, &ln_w, &ln_b, &w, &b]
+                    .into_iter()
+                    .map(|v| grads.get(v.as_tensor()).map(|g| flat(g).to_vec1().unwrap()))
+                    .collect();
+                (h, flat(&y).to_vec1::<f32>().unwrap(), grads)
+            };
+            let (h_f32, y_f32, grads_f32) = run(false);
+            let (h_bf16, y_bf16, grads_bf16) = run(true);
+            assert_eq!(h_bf16.dtype(), DType::BF16, "{name}");
+            let stored: Vec<u16> = flat_bits(&h_bf16);
+            let rounded: Vec<u16> = h_f32
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            assert_eq!(stored, rounded, "({m}, {k}, {n}) {name}: stored values");
+            assert_eq!(y_bf16, y_f32, "({m}, {k}, {n}) {name}: the layer's output");
+            assert_eq!(grads_bf16, grads_f32, "({m}, {k}, {n}) {name}: gradients");
+            assert!(
+                grads_f32[0].is_some() && grads_f32[3].is_some(),
+                "{name}: no gradients"
+            );
+        }
+    }
+}
+
+/// The bits of a bf16 tensor, flattened.
+fn flat_bits(t: &Tensor) -> Vec<u16> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<half::bf16>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
 #[test]
 fn fused_cross_entropy_matches_candle_ops_in_value_and_gradient() {
     use gpt_pretrain::ops::cross_entropy::cross_entropy_ops;

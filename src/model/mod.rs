@@ -21,7 +21,9 @@ mod params;
 pub use config::{GptConfig, Init, ParamSpec};
 pub use params::Params;
 
-use crate::ops::linear::{fused_linear, fused_linear_applies, MatmulPrecision};
+use crate::ops::linear::{
+    fused_linear, fused_linear_applies, fused_linear_takes_bf16, MatmulPrecision,
+};
 use crate::ops::lm_head_loss::{
     fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
 };
@@ -53,6 +55,12 @@ impl Linear {
             compute: precision.compute,
             cpu_precision: precision.cpu_matmuls,
         })
+    }
+
+    /// Whether this layer rounds its input to bf16 first thing ([`fused_linear_takes_bf16`]), so
+    /// that the op producing an input for it alone may store it so.
+    fn takes_bf16(&self) -> bool {
+        fused_linear_takes_bf16(&self.weight, self.cpu_precision)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -91,6 +99,24 @@ impl LayerNorm {
             weight: lin.weight,
             bias: lin.bias,
         })
+    }
+
+    /// [`Self::forward`] for an input that `consumer` alone reads: stored in bf16, rounded, when
+    /// the consumer would round it to bf16 first thing anyway (the values it sees are the same).
+    fn forward_into(&self, x: &Tensor, consumer: &Linear) -> Result<Tensor> {
+        if consumer.takes_bf16()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && crate::ops::layer_norm::fused_layer_norm_applies(x, &self.weight)
+        {
+            return Ok(crate::ops::layer_norm::fused_layer_norm_rounded(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                1e-5,
+            )?);
+        }
+        self.forward(x)
     }
 
     /// Normalises in the weights' dtype whatever the input's (autocast keeps LayerNorm in f32).
@@ -202,7 +228,13 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        let h = crate::ops::gelu::gelu_tanh(&self.c_fc.forward(x)?)?;
+        let u = self.c_fc.forward(x)?;
+        // c_proj alone reads h: stored in bf16 when c_proj rounds its input to bf16 anyway.
+        let h = if self.c_proj.takes_bf16() && u.device().is_cpu() && u.dtype() == DType::F32 {
+            crate::ops::gelu::fused_gelu_tanh_rounded(&u)?
+        } else {
+            crate::ops::gelu::gelu_tanh(&u)?
+        };
         dropout(&self.c_proj.forward(&h)?, self.dropout, rng)
     }
 }
@@ -241,11 +273,12 @@ impl Block {
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         // The residual stream stays in the parameters' dtype; branch outputs are cast back to it.
-        let attn = self
-            .attn
-            .forward(&self.ln_1.forward(x)?, mask, rng.as_deref_mut())?;
+        let h = self.ln_1.forward_into(x, &self.attn.c_attn)?;
+        let attn = self.attn.forward(&h, mask, rng.as_deref_mut())?;
         let x = (x + attn.to_dtype(x.dtype())?)?;
-        let mlp = self.mlp.forward(&self.ln_2.forward(&x)?, rng)?;
+        let mlp = self
+            .mlp
+            .forward(&self.ln_2.forward_into(&x, &self.mlp.c_fc)?, rng)?;
         Ok((&x + mlp.to_dtype(x.dtype())?)?)
     }
 }

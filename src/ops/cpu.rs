@@ -1,7 +1,8 @@
 //! CPU storage access and the strided gemm shared by the CPU kernels.
 
-use candle_core::{bail, Layout, Result};
+use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result};
 use num_traits::Float;
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 /// Runs `f` on one of rayon's worker threads and waits for it (directly, when called from one).
@@ -300,26 +301,49 @@ pub enum MatmulPrecision {
     Bf16,
 }
 
-/// An f32 matrix in the precision its matmuls want: borrowed as f32, or rounded to bf16 once
-/// for all the matmuls that read it.
+/// A matrix in the precision its matmuls want: f32 borrowed, f32 rounded to bf16 once for all
+/// the matmuls that read it, or bf16 borrowed from a tensor its producer stored rounded already.
 pub(crate) enum Operand<'a> {
     F32(&'a [f32]),
-    Bf16(Vec<u16>),
+    Bf16(Cow<'a, [u16]>),
 }
 
 impl<'a> Operand<'a> {
     pub(crate) fn new(values: &'a [f32], precision: MatmulPrecision) -> Self {
         match precision {
             MatmulPrecision::F32 => Operand::F32(values),
-            MatmulPrecision::Bf16 => Operand::Bf16(super::simd::to_bf16_parallel(values)),
+            MatmulPrecision::Bf16 => {
+                Operand::Bf16(Cow::Owned(super::simd::to_bf16_parallel(values)))
+            }
         }
     }
 
-    /// The rounded copy, when there is one (an f32 operand only borrows).
+    /// The operand held in contiguous CPU storage: f32 in `precision`, or bf16 as it is (bf16
+    /// storage only with bf16 precision: rounding is not undone).
+    pub(crate) fn of_storage(
+        storage: &'a CpuStorage,
+        layout: &Layout,
+        precision: MatmulPrecision,
+        what: &str,
+    ) -> Result<Self> {
+        use half::slice::HalfFloatSliceExt;
+        match (storage, precision) {
+            (CpuStorage::F32(v), _) => Ok(Operand::new(contiguous(v, layout, what)?, precision)),
+            (CpuStorage::BF16(v), MatmulPrecision::Bf16) => Ok(Operand::Bf16(Cow::Borrowed(
+                contiguous(v, layout, what)?.reinterpret_cast(),
+            ))),
+            (s, _) => bail!(
+                "CPU matmul: {what} is {:?}, which {precision:?} matmuls do not take",
+                s.dtype()
+            ),
+        }
+    }
+
+    /// The rounded copy, when there is one (f32 and stored bf16 operands only borrow).
     pub(crate) fn into_owned(self) -> Option<Operand<'static>> {
         match self {
-            Operand::F32(_) => None,
-            Operand::Bf16(v) => Some(Operand::Bf16(v)),
+            Operand::Bf16(Cow::Owned(v)) => Some(Operand::Bf16(Cow::Owned(v))),
+            Operand::F32(_) | Operand::Bf16(Cow::Borrowed(_)) => None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! GPT-2's tanh-approximated GELU with its backward, fused (CPU and CUDA).
 
 use super::cpu::{contiguous, written_vec};
-use super::simd::multiversioned;
+use super::simd::{multiversioned, rounded_by_chunks};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -15,7 +15,13 @@ const GELU_A: f64 = 0.044715;
 
 /// GPT-2's tanh-approximated GELU, fused: one pass forward, one pass backward (the composed
 /// version makes about eight temporaries each way over the 4·C-wide MLP activations).
-struct Gelu;
+struct Gelu {
+    /// Store the output in bf16, rounded (CPU, f32 input): see [`fused_gelu_tanh_rounded`].
+    rounded: bool,
+}
+
+/// Elements per chunk of the rounded output: their f32 values stay in L1 until rounded.
+const ROUNDED_CHUNK: usize = 1 << 12;
 
 /// Its backward: grad_in = gelu'(x) · grad_out.
 struct GeluGrad;
@@ -129,6 +135,16 @@ impl candle_core::CustomOp1 for Gelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s {
+            CpuStorage::F32(x) if self.rounded => {
+                let x = contiguous(x, l, "input")?;
+                // SAFETY: gelu_slices writes every element of its output.
+                CpuStorage::BF16(unsafe {
+                    rounded_by_chunks(x.len(), ROUNDED_CHUNK, |start, out| {
+                        gelu_slices(&x[start..start + out.len()], None, out)
+                    })
+                })
+            }
+            _ if self.rounded => bail!("fused gelu: a rounded output needs f32 input on CPU"),
             CpuStorage::F32(x) => CpuStorage::F32(gelu_parallel(contiguous(x, l, "input")?, None)),
             CpuStorage::F64(x) => CpuStorage::F64(gelu_parallel(contiguous(x, l, "input")?, None)),
             _ => bail!("fused gelu: input must be f32 or f64"),
@@ -142,6 +158,9 @@ impl candle_core::CustomOp1 for Gelu {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.rounded {
+            bail!("fused gelu: a rounded output needs f32 input on CPU");
+        }
         cuda_kernels::gelu_fwd(s, l)
     }
 
@@ -195,7 +214,15 @@ impl CustomOp2 for GeluGrad {
 
 /// GPT-2's tanh-GELU with the fused kernel (CPU f32/f64; CUDA f32/bf16/f16).
 pub fn fused_gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Gelu)
+    x.contiguous()?.apply_op1(Gelu { rounded: false })
+}
+
+/// [`fused_gelu_tanh`] of a CPU f32 tensor, for an output that only a bf16 matmul reads
+/// ([`crate::ops::linear::fused_linear_takes_bf16`]): stored in bf16, each value rounded as the
+/// matmul would round the f32 output, so the matmul's result is the same. The backward pass is
+/// the same as `fused_gelu_tanh`'s, in f32 (the gradient arriving at the output is f32).
+pub fn fused_gelu_tanh_rounded(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu { rounded: true })
 }
 
 /// Whether [`fused_gelu_tanh`] serves this tensor.

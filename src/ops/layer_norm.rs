@@ -1,7 +1,9 @@
 //! LayerNorm over the last dimension with its backward, fused (CPU f32/f64, CUDA f32).
 
 use super::cpu::{contiguous, written_vec};
-use super::simd::{dot_lanes, multiversioned, reduce_lanes, sum_lanes, sum_zip_lanes, LANES};
+use super::simd::{
+    dot_lanes, multiversioned, reduce_lanes, rounded_by_chunks, sum_lanes, sum_zip_lanes, LANES,
+};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -11,6 +13,8 @@ use std::mem::MaybeUninit;
 /// none), as `torch.nn.LayerNorm`: y = (x − mean) / sqrt(var + eps) · w + b.
 struct LayerNorm {
     eps: f64,
+    /// Store the output in bf16, rounded (CPU, f32): see [`fused_layer_norm_rounded`].
+    rounded: bool,
 }
 
 /// dx of [`LayerNorm`] from (x, w, dy): (g − mean(g) − x̂·mean(g·x̂)) / std with g = dy·w.
@@ -180,6 +184,21 @@ impl candle_core::CustomOp3 for LayerNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) if self.rounded => {
+                let (x, w, b) = (
+                    contiguous(x, l1, "input")?,
+                    contiguous(w, l2, "weight")?,
+                    contiguous(b, l3, "bias")?,
+                );
+                let eps = self.eps as f32;
+                // SAFETY: whole groups of rows, each of which layer_norm_row_group writes.
+                CpuStorage::BF16(unsafe {
+                    rounded_by_chunks(x.len(), LAYER_NORM_ROWS_PER_TASK * w.len(), |start, y| {
+                        layer_norm_row_group(&x[start..start + y.len()], w, b, y, eps)
+                    })
+                })
+            }
+            _ if self.rounded => bail!("fused layer norm: a rounded output needs f32 on CPU"),
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 CpuStorage::F32(layer_norm_rows(
                     contiguous(x, l1, "input")?,
@@ -211,6 +230,9 @@ impl candle_core::CustomOp3 for LayerNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.rounded {
+            bail!("fused layer norm: a rounded output needs f32 on CPU");
+        }
         cuda_kernels::layer_norm_fwd(s1, l1, s2, l2, s3, l3, self.eps as f32)
     }
 
@@ -346,6 +368,36 @@ pub fn fused_layer_norm(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    layer_norm_op(
+        x,
+        weight,
+        bias,
+        LayerNorm {
+            eps,
+            rounded: false,
+        },
+    )
+}
+
+/// [`fused_layer_norm`] of CPU f32 tensors, for an output that only a bf16 matmul reads
+/// ([`crate::ops::linear::fused_linear_takes_bf16`]): stored in bf16, each value rounded as the
+/// matmul would round the f32 output, so the matmul's result is the same. The backward pass is
+/// the same as `fused_layer_norm`'s, in f32 (it reads x, not the output).
+pub fn fused_layer_norm_rounded(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    layer_norm_op(x, weight, bias, LayerNorm { eps, rounded: true })
+}
+
+fn layer_norm_op(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    op: LayerNorm,
+) -> Result<Tensor> {
     let zeros;
     let bias = match bias {
         Some(b) => b,
@@ -354,11 +406,8 @@ pub fn fused_layer_norm(
             &zeros
         }
     };
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &bias.contiguous()?,
-        LayerNorm { eps },
-    )
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
 }
 
 /// Whether [`fused_layer_norm`] serves this input and weight: CPU f32/f64, CUDA f32.

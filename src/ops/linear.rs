@@ -19,12 +19,16 @@ fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     }
 }
 
-/// Forward: x (M, K), W (N, K) [, b (N)] → y (M, N). In bf16 it keeps the rounded x and W for
-/// its backward pass, which then rounds only the output gradient.
+/// Forward: x (M, K), W (N, K) [, b (N)] → y (M, N). In bf16 it keeps the rounded W, and x when
+/// it rounded it (not when x came as bf16), for its backward pass, which then rounds only the
+/// output gradient.
 struct LinearForward {
     precision: MatmulPrecision,
-    rounded: Mutex<Option<(Operand<'static>, Operand<'static>)>>,
+    rounded: Mutex<Option<Rounded>>,
 }
+
+/// The operands a bf16 forward rounded: x (None when it came rounded) and W.
+type Rounded = (Option<Operand<'static>>, Operand<'static>);
 
 impl LinearForward {
     fn run(
@@ -38,7 +42,6 @@ impl LinearForward {
         if k != k_w {
             bail!("fused linear: x is {k} wide, the weight {k_w}");
         }
-        let (x, w) = (f32_input(x, lx, "x")?, f32_input(w, lw, "weight")?);
         let bias = match bias {
             Some((b, lb)) => {
                 let b = f32_input(b, lb, "bias")?;
@@ -49,14 +52,12 @@ impl LinearForward {
             }
             None => None,
         };
-        let (x, w) = (
-            Operand::new(x, self.precision),
-            Operand::new(w, self.precision),
-        );
+        let x = Operand::of_storage(x, lx, self.precision, "x")?;
+        let w = Operand::new(f32_input(w, lw, "weight")?, self.precision);
         // y = x · Wᵀ: Wᵀ (K×N) is W read with row stride 1 and column stride K.
         let y = matmul_new((m, n, k), x.view(k, 1), w.view(1, k), bias)?;
-        if let (Some(x), Some(w)) = (x.into_owned(), w.into_owned()) {
-            *self.rounded.lock().expect("linear stash") = Some((x, w));
+        if let Some(w) = w.into_owned() {
+            *self.rounded.lock().expect("linear stash") = Some((x.into_owned(), w));
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
@@ -149,7 +150,7 @@ impl CustomOp3 for LinearForward {
 struct LinearGrad {
     precision: MatmulPrecision,
     /// x and W as the forward pass rounded them (bf16), when it kept them.
-    rounded: Option<(Operand<'static>, Operand<'static>)>,
+    rounded: Option<Rounded>,
     bias: bool,
     dw_db: Mutex<Option<(Tensor, Option<Tensor>)>>,
 }
@@ -180,22 +181,26 @@ impl CustomOp3 for LinearGrad {
         let (db, dy) = match (self.bias, self.precision) {
             (true, MatmulPrecision::Bf16) => {
                 let (db, dy) = super::simd::column_sums_and_bf16(dy_f32, n);
-                (Some(db), Operand::Bf16(dy))
+                (Some(db), Operand::Bf16(dy.into()))
             }
             (bias, precision) => (
                 bias.then(|| super::simd::column_sums(dy_f32, n)),
                 Operand::new(dy_f32, precision),
             ),
         };
-        let computed;
-        let (x, w) = match &self.rounded {
-            Some((x, w)) => (x, w),
+        let (computed_x, computed_w);
+        let x = match &self.rounded {
+            Some((Some(x), _)) => x,
+            _ => {
+                computed_x = Operand::of_storage(s3, l3, self.precision, "x")?;
+                &computed_x
+            }
+        };
+        let w = match &self.rounded {
+            Some((_, w)) => w,
             None => {
-                computed = (
-                    Operand::new(f32_input(s3, l3, "x")?, self.precision),
-                    Operand::new(f32_input(s2, l2, "weight")?, self.precision),
-                );
-                (&computed.0, &computed.1)
+                computed_w = Operand::new(f32_input(s2, l2, "weight")?, self.precision);
+                &computed_w
             }
         };
         // dx = dy · W
@@ -229,11 +234,22 @@ pub fn fused_linear(
 }
 
 /// Whether [`fused_linear`] serves these tensors: f32 on CPU, with oneDNN loaded (without it,
-/// candle's own matmul, the same gemm, serves f32).
+/// candle's own matmul, the same gemm, serves f32). x may also be bf16, stored so by the op
+/// that produced it for a layer that [`fused_linear_takes_bf16`].
 pub fn fused_linear_applies(x: &Tensor, w: &Tensor) -> bool {
     x.device().is_cpu()
-        && w.device().is_cpu()
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && super::onednn::onednn().is_some()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && fused_linear_weight_applies(w)
+}
+
+fn fused_linear_weight_applies(w: &Tensor) -> bool {
+    w.device().is_cpu() && w.dtype() == DType::F32 && super::onednn::onednn().is_some()
+}
+
+/// Whether [`fused_linear`] with this weight and precision rounds its input to bf16 before
+/// anything else reads it: then the op that produces the input may store it in bf16 already
+/// rounded (`fused_layer_norm_rounded`, `fused_gelu_tanh_rounded`), which leaves the values as
+/// they were and saves writing the f32 output and reading it back to round it.
+pub fn fused_linear_takes_bf16(w: &Tensor, precision: MatmulPrecision) -> bool {
+    precision == MatmulPrecision::Bf16 && fused_linear_weight_applies(w)
 }

@@ -211,6 +211,40 @@ pub(crate) fn to_bf16_parallel(x: &[f32]) -> Vec<u16> {
     }
 }
 
+/// A bf16 vector of `n` values computed in f32 by `compute(start, chunk)`, one chunk of `chunk`
+/// elements from `start` at a time (the last one shorter), and rounded as [`round_to_bf16`]
+/// rounds: the f32 values only pass through a per-task buffer in cache. For ops whose output
+/// only a bf16 matmul reads, which would round it first thing: the values are the same, and the
+/// f32 output's write and the rounding's read of it are saved.
+///
+/// # Safety
+/// `compute` writes every element of the chunk it is given.
+pub(crate) unsafe fn rounded_by_chunks(
+    n: usize,
+    chunk: usize,
+    compute: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<half::bf16> {
+    use rayon::prelude::*;
+    // SAFETY: the chunks cover every element, and round_to_bf16 writes each of its chunk's.
+    unsafe {
+        super::cpu::written_vec(n, |out: &mut [MaybeUninit<half::bf16>]| {
+            out.par_chunks_mut(chunk).enumerate().for_each_init(
+                || Vec::<f32>::with_capacity(chunk),
+                |buffer, (i, out)| {
+                    let values = &mut buffer.spare_capacity_mut()[..out.len()];
+                    compute(i * chunk, values);
+                    // SAFETY: the caller's promise: `compute` wrote the whole chunk; half::bf16
+                    // is a transparent u16.
+                    let values = &*(values as *const [MaybeUninit<f32>] as *const [f32]);
+                    let bits =
+                        &mut *(out as *mut [MaybeUninit<half::bf16>] as *mut [MaybeUninit<u16>]);
+                    round_to_bf16(values, bits);
+                },
+            )
+        })
+    }
+}
+
 multiversioned! {
     /// out[j] += Σ_r src[r·cols + lo + j] for r = 0, 1, … in order: a block of column sums of a
     /// row-major matrix, vectorized across the columns (each column's additions keep their order).
