@@ -91,9 +91,11 @@ unsafe fn probabilities(keys: &mut [f32], (q, k): (*const f32, *const f32), p: *
         |r, mr| (0, hd, panel_ceil(r + mr)),
     );
     let scale = d.scale() as f32;
+    // Whole padded rows: the entries past each row's span are zeroed, so that a kept block is
+    // written all through (and never cleared first).
     for i in 0..t {
         causal_softmax_row(
-            std::slice::from_raw_parts_mut(p.add(i * tp), span(i)),
+            std::slice::from_raw_parts_mut(p.add(i * tp), tp),
             i + 1,
             scale,
         );
@@ -101,7 +103,7 @@ unsafe fn probabilities(keys: &mut [f32], (q, k): (*const f32, *const f32), p: *
 }
 
 /// The attention's output and, with `keep_probabilities`, every head's probabilities (B·H
-/// blocks of T rows, row stride T rounded up to 16; entries past each row's span unset).
+/// blocks of T rows, row stride T rounded up to 16; zero past each row's span).
 ///
 /// # Safety
 /// The CPU has AVX-512F ([`available`]); qkv holds B·T·3C values.
@@ -114,7 +116,8 @@ pub(super) unsafe fn forward(
     // Not cleared first: the heads' products write every row of their columns.
     let mut y = Vec::<f32>::with_capacity(d.batch * t * c);
     let y_ptr = SharedPtr(y.as_mut_ptr());
-    let mut kept = keep_probabilities.then(|| vec![0.0f32; d.batch * d.n_head * t * tp]);
+    let kept_len = d.batch * d.n_head * t * tp;
+    let mut kept = keep_probabilities.then(|| Vec::<f32>::with_capacity(kept_len));
     let kept_ptr = kept.as_mut().map(|p| SharedPtr(p.as_mut_ptr()));
     (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
         Scratch::with(&d, kept_ptr.is_none(), false, |s| {
@@ -143,8 +146,14 @@ pub(super) unsafe fn forward(
             }
         })
     });
-    // SAFETY: every task wrote all T rows of its head's columns of its batch row.
-    unsafe { y.set_len(d.batch * t * c) };
+    // SAFETY: every task wrote all T rows of its head's columns of its batch row, and, when they
+    // are kept, its whole block of probabilities (padded rows included).
+    unsafe {
+        y.set_len(d.batch * t * c);
+        if let Some(kept) = kept.as_mut() {
+            kept.set_len(kept_len);
+        }
+    }
     (y, kept)
 }
 

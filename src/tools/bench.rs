@@ -241,7 +241,14 @@ fn onednn_peak(setup: &BenchSetup, precision: MatmulPrecision) -> Result<f64> {
     let mut c = vec![0f32; m * n];
     matmul((m, n, k), &mut c, a.view(k, 1), b.view(n, 1), None, false)?;
     let best = best_time(CPU_PEAK_CALLS, CPU_PEAK_SECS, || {
-        Ok(matmul((m, n, k), &mut c, a.view(k, 1), b.view(n, 1), None, false)?)
+        Ok(matmul(
+            (m, n, k),
+            &mut c,
+            a.view(k, 1),
+            b.view(n, 1),
+            None,
+            false,
+        )?)
     })?;
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
 }
@@ -257,7 +264,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn matmul_peak(setup: &BenchSetup, device: &Device, dtype: DType) -> Result<f64> {
     let (m, k, n, calls, secs) = if device.is_cpu() {
         let m = setup.batch_size * setup.block_size;
-        (m, setup.n_embd, 4 * setup.n_embd, CPU_PEAK_CALLS, CPU_PEAK_SECS)
+        (
+            m,
+            setup.n_embd,
+            4 * setup.n_embd,
+            CPU_PEAK_CALLS,
+            CPU_PEAK_SECS,
+        )
     } else {
         (8192, 8192, 8192, 10, 0.0)
     };
