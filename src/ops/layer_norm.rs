@@ -4,7 +4,7 @@ use super::cpu::{contiguous, written_vec};
 use super::simd::{
     dot_lanes, multiversioned, reduce_lanes, rounded_by_chunks, sum_lanes, sum_zip_lanes, LANES,
 };
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -17,13 +17,22 @@ struct LayerNorm {
     rounded: bool,
 }
 
-/// dx of [`LayerNorm`] from (x, w, dy): (g − mean(g) − x̂·mean(g·x̂)) / std with g = dy·w.
+/// The backward of [`LayerNorm`] on CPU, from (x, w, dy) in one pass over them: dx =
+/// (g − mean(g) − x̂·mean(g·x̂)) / std with g = dy·w, and per-chunk column sums (Σ dy·x̂, Σ dy),
+/// summed over chunks afterwards, in order, so the result is the same on every run. One flat
+/// output: dx (rows·c) then the sums (2, chunks, c).
+struct LayerNormGrad {
+    eps: f64,
+}
+
+/// dx of [`LayerNorm`] on CUDA, as [`LayerNormGrad`].
+#[cfg(feature = "cuda")]
 struct LayerNormGradInput {
     eps: f64,
 }
 
-/// Per-chunk column sums (Σ dy·x̂, Σ dy) of [`LayerNorm`] from (x, dy), shape (2, chunks, c):
-/// summed over chunks afterwards, in order, so the result is the same on every run.
+/// The per-chunk column sums of [`LayerNorm`] on CUDA, as [`LayerNormGrad`], shape (2, chunks, c).
+#[cfg(feature = "cuda")]
 struct LayerNormGradParams {
     eps: f64,
 }
@@ -59,12 +68,16 @@ multiversioned! {
 }
 
 multiversioned! {
-    /// dx = (g − mean(g) − x̂·mean(g·x̂))·rstd with g = dy·w, for whole rows.
-    fn layer_norm_grad_input_row_group<T: Float>(
+    /// The backward for a chunk of whole rows: their dx rows, and their column sums Σ dy·x̂ into
+    /// `dw` and Σ dy into `db`, row by row in order. dx = (g − mean(g) − x̂·mean(g·x̂))·rstd with
+    /// g = dy·w.
+    fn layer_norm_grad_rows<T: Float>(
         x: &[T],
         w: &[T],
         dy: &[T],
         dx: &mut [MaybeUninit<T>],
+        dw: &mut [T],
+        db: &mut [T],
         eps: T,
     ) {
         let c = w.len();
@@ -92,16 +105,6 @@ multiversioned! {
                 let xhat = (x - mean) * rstd;
                 dx.write((dy * w - mean_g - xhat * mean_gx) * rstd);
             }
-        }
-    }
-}
-
-multiversioned! {
-    /// Adds Σ dy·x̂ to `dw` and Σ dy to `db` over whole rows, column by column.
-    fn layer_norm_grad_params_row_group<T: Float>(x: &[T], dy: &[T], dw: &mut [T], db: &mut [T], eps: T) {
-        let c = dw.len();
-        for (xr, dyr) in x.chunks_exact(c).zip(dy.chunks_exact(c)) {
-            let (mean, rstd) = row_mean_rstd(xr, eps);
             for (((dw, db), &x), &dy) in dw.iter_mut().zip(db.iter_mut()).zip(xr).zip(dyr) {
                 *dw = *dw + dy * ((x - mean) * rstd);
                 *db = *db + dy;
@@ -123,50 +126,35 @@ fn layer_norm_rows<T: Float + Send + Sync>(x: &[T], w: &[T], b: &[T], eps: f64) 
     }
 }
 
-fn layer_norm_grad_input_rows<T: Float + Send + Sync>(
-    x: &[T],
-    w: &[T],
-    dy: &[T],
-    eps: f64,
-) -> Vec<T> {
-    let (c, eps) = (w.len(), T::from(eps).expect("finite eps"));
-    let rows = LAYER_NORM_ROWS_PER_TASK * c;
-    // SAFETY: as in layer_norm_rows.
-    unsafe {
-        written_vec(x.len(), |dx| {
-            dx.par_chunks_mut(rows)
-                .zip(x.par_chunks(rows).zip(dy.par_chunks(rows)))
-                .for_each(|(dx, (x, dy))| layer_norm_grad_input_row_group(x, w, dy, dx, eps))
-        })
-    }
+/// Chunks of rows of the weight and bias gradients' sums, for n values of rows c wide.
+fn grad_chunks(n: usize, c: usize) -> usize {
+    n.div_ceil(LAYER_NORM_ROWS_PER_CHUNK * c.max(1)).max(1)
 }
 
-fn layer_norm_grad_params_rows<T: Float + Send + Sync>(
-    x: &[T],
-    dy: &[T],
-    c: usize,
-    eps: f64,
-) -> (Vec<T>, usize) {
-    let eps = T::from(eps).expect("finite eps");
+/// [`LayerNormGrad`] of rows of width c: dx, then the per-chunk sums (2, chunks, c), in one
+/// buffer.
+fn layer_norm_grad<T: Float + Send + Sync>(x: &[T], w: &[T], dy: &[T], eps: f64) -> Vec<T> {
+    let (c, eps) = (w.len(), T::from(eps).expect("finite eps"));
     let chunk = LAYER_NORM_ROWS_PER_CHUNK * c;
-    let chunks = x.len().div_ceil(chunk).max(1);
-    // [chunk][0: Σ dy·x̂, 1: Σ dy][column], rearranged below to (2, chunks, c).
-    let mut partials = vec![T::zero(); 2 * chunks * c];
-    partials
-        .par_chunks_mut(2 * c)
-        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-        .for_each(|(out, (xs, dys))| {
-            let (dw, db) = out.split_at_mut(c);
-            layer_norm_grad_params_row_group(xs, dys, dw, db, eps);
-        });
-    let mut out = vec![T::zero(); 2 * chunks * c];
-    for k in 0..chunks {
-        for which in 0..2 {
-            let src = &partials[(2 * k + which) * c..(2 * k + which + 1) * c];
-            out[(which * chunks + k) * c..(which * chunks + k + 1) * c].copy_from_slice(src);
-        }
+    let chunks = grad_chunks(x.len(), c);
+    let mut out = Vec::with_capacity(x.len() + 2 * chunks * c);
+    let (dx, sums) = out.spare_capacity_mut()[..x.len() + 2 * chunks * c].split_at_mut(x.len());
+    let (dw, db) = sums.split_at_mut(chunks * c);
+    // Zeros to add each chunk's rows to.
+    for s in dw.iter_mut().chain(db.iter_mut()) {
+        s.write(T::zero());
     }
-    (out, chunks)
+    // SAFETY: written just above; MaybeUninit<T> has T's layout.
+    let init = |s: &mut [MaybeUninit<T>]| unsafe { &mut *(s as *mut [MaybeUninit<T>] as *mut [T]) };
+    let (dw, db) = (init(dw), init(db));
+    dx.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+        .zip(dw.par_chunks_mut(c).zip(db.par_chunks_mut(c)))
+        .for_each(|((dx, (x, dy)), (dw, db))| layer_norm_grad_rows(x, w, dy, dx, dw, db, eps));
+    // SAFETY: the chunks cover every row of dx, each writing all of its rows; the sums were
+    // written above.
+    unsafe { out.set_len(x.len() + 2 * chunks * c) };
+    out
 }
 
 impl candle_core::CustomOp3 for LayerNorm {
@@ -245,16 +233,25 @@ impl candle_core::CustomOp3 for LayerNorm {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = grad_res.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &dy, &LayerNormGradInput { eps: self.eps })?;
-        let partials = x.apply_op2_no_bwd(&dy, &LayerNormGradParams { eps: self.eps })?;
+        let (dx, partials) = if x.device().is_cpu() {
+            let (n, c) = (x.elem_count(), w.elem_count());
+            let out = x.apply_op3_no_bwd(w, &dy, &LayerNormGrad { eps: self.eps })?;
+            let chunks = grad_chunks(n, c);
+            (
+                out.narrow(0, 0, n)?.reshape(x.shape())?,
+                out.narrow(0, n, 2 * chunks * c)?.reshape((2, chunks, c))?,
+            )
+        } else {
+            self.cuda_grads(x, w, &dy)?
+        };
         let sums = partials.sum(1)?; // (2, c)
         Ok((Some(dx), Some(sums.get(0)?), Some(sums.get(1)?)))
     }
 }
 
-impl candle_core::CustomOp3 for LayerNormGradInput {
+impl candle_core::CustomOp3 for LayerNormGrad {
     fn name(&self) -> &'static str {
-        "fused-layer-norm-grad-input"
+        "fused-layer-norm-grad"
     }
 
     fn cpu_fwd(
@@ -268,7 +265,7 @@ impl candle_core::CustomOp3 for LayerNormGradInput {
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(layer_norm_grad_input_rows(
+                CpuStorage::F32(layer_norm_grad(
                     contiguous(x, l1, "input")?,
                     contiguous(w, l2, "weight")?,
                     contiguous(g, l3, "gradient")?,
@@ -276,7 +273,7 @@ impl candle_core::CustomOp3 for LayerNormGradInput {
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(layer_norm_grad_input_rows(
+                CpuStorage::F64(layer_norm_grad(
                     contiguous(x, l1, "input")?,
                     contiguous(w, l2, "weight")?,
                     contiguous(g, l3, "gradient")?,
@@ -285,10 +282,47 @@ impl candle_core::CustomOp3 for LayerNormGradInput {
             }
             _ => bail!("fused layer norm gradient on CPU: all must be f32 or f64"),
         };
-        Ok((out, l1.shape().clone()))
+        let (n, c) = (l1.shape().elem_count(), l2.shape().elem_count());
+        Ok((out, Shape::from(n + 2 * grad_chunks(n, c) * c)))
+    }
+}
+
+impl LayerNorm {
+    /// (dx, the per-chunk sums) on CUDA, by [`LayerNormGradInput`] and [`LayerNormGradParams`].
+    #[cfg(feature = "cuda")]
+    fn cuda_grads(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dx = x.apply_op3_no_bwd(w, dy, &LayerNormGradInput { eps: self.eps })?;
+        let partials = x.apply_op2_no_bwd(dy, &LayerNormGradParams { eps: self.eps })?;
+        Ok((dx, partials))
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(not(feature = "cuda"))]
+    fn cuda_grads(&self, x: &Tensor, _: &Tensor, _: &Tensor) -> Result<(Tensor, Tensor)> {
+        bail!(
+            "fused layer norm backward on {:?}: CPU or CUDA only",
+            x.device()
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp3 for LayerNormGradInput {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("fused layer norm: the CPU backward is one op (LayerNormGrad)")
+    }
+
     fn cuda_fwd(
         &self,
         s1: &candle_core::CudaStorage,
@@ -302,44 +336,22 @@ impl candle_core::CustomOp3 for LayerNormGradInput {
     }
 }
 
-impl CustomOp2 for LayerNormGradParams {
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for LayerNormGradParams {
     fn name(&self) -> &'static str {
         "fused-layer-norm-grad-params"
     }
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let c = l1.shape().dims().last().copied().unwrap_or(1).max(1);
-        let (out, chunks) = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                let (v, k) = layer_norm_grad_params_rows(
-                    contiguous(x, l1, "input")?,
-                    contiguous(g, l2, "gradient")?,
-                    c,
-                    self.eps,
-                );
-                (CpuStorage::F32(v), k)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                let (v, k) = layer_norm_grad_params_rows(
-                    contiguous(x, l1, "input")?,
-                    contiguous(g, l2, "gradient")?,
-                    c,
-                    self.eps,
-                );
-                (CpuStorage::F64(v), k)
-            }
-            _ => bail!("fused layer norm gradient on CPU: both must be f32 or f64"),
-        };
-        Ok((out, Shape::from((2, chunks, c))))
+        bail!("fused layer norm: the CPU backward is one op (LayerNormGrad)")
     }
 
-    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         s1: &candle_core::CudaStorage,
