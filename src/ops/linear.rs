@@ -176,8 +176,8 @@ impl CustomOp3 for LinearGrad {
             bail!("fused linear backward: gradient {m}×{n}, weight {n_w}×{k}, x {m_x}×{k_x}");
         }
         let dy_f32 = f32_input(s1, l1, "output gradient")?;
-        // Rows summed in order, in f32, as candle sums a broadcast add's gradient; in bf16 in the
-        // pass that rounds dy.
+        // db in f32: with f32 matmuls its rows added in order, as candle sums a broadcast add's
+        // gradient; with bf16 ones in the pass that rounds dy, by blocks of rows.
         let (db, dy) = match (self.bias, self.precision) {
             (true, MatmulPrecision::Bf16) => {
                 let (db, dy) = super::simd::column_sums_and_bf16(dy_f32, n);

@@ -386,17 +386,27 @@ mod tests {
         assert_eq!(to_bf16_parallel(&values[..1000]).len(), 1000);
     }
 
-    #[test]
-    fn column_sums_add_each_column_in_row_order_as_candle_does() {
-        use candle_core::{Device, Tensor};
-        let mut state = 0x2545_f491u32;
-        let mut next = || {
+    /// A xorshift stream of values of mixed sign and magnitude (so that the order of additions
+    /// shows in a sum), and with `ties`, every fifth one halfway between two bf16 values.
+    fn mixed_values(seed: u32, ties: bool) -> impl FnMut() -> f32 {
+        let mut state = seed;
+        move || {
             state ^= state << 13;
             state ^= state >> 17;
             state ^= state << 5;
-            // Values of mixed magnitude, so that the order of additions shows in the result.
-            (state % 2001) as f32 * 10f32.powi((state % 7) as i32 - 3) - 1.0
-        };
+            let x = (state % 2001) as f32 * 10f32.powi((state % 7) as i32 - 3) - 1.0;
+            if ties && state.is_multiple_of(5) {
+                f32::from_bits((x.to_bits() & 0xffff_0000) | 0x8000)
+            } else {
+                x
+            }
+        }
+    }
+
+    #[test]
+    fn column_sums_add_each_column_in_row_order_as_candle_does() {
+        use candle_core::{Device, Tensor};
+        let mut next = mixed_values(0x2545_f491, false);
         // Serial and parallel sizes; column counts that are and are not whole blocks.
         for (rows, cols) in [
             (3, 5),
@@ -428,19 +438,7 @@ mod tests {
 
     #[test]
     fn column_sums_and_bf16_round_every_value_and_sum_within_f32_rounding() {
-        let mut state = 0x9e37_79b9u32;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 17;
-            state ^= state << 5;
-            // Mixed signs and magnitudes, and values that sit halfway between two bf16 values.
-            let x = (state % 2001) as f32 * 10f32.powi((state % 7) as i32 - 3) - 1.0;
-            if state.is_multiple_of(5) {
-                f32::from_bits((x.to_bits() & 0xffff_0000) | 0x8000)
-            } else {
-                x
-            }
-        };
+        let mut next = mixed_values(0x9e37_79b9, true);
         // One block of rows and several, whole and partial; narrow and wide.
         for (rows, cols) in [
             (1, 7),
