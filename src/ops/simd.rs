@@ -264,9 +264,23 @@ multiversioned! {
 /// for baseline x86-64 (4 lanes) and was 3% of a `baby` bf16 step as the linear layers' bias
 /// gradients (AMD Zen 4, 2 threads, 2026-12-03).
 pub(crate) fn column_sums<T: Float + Send + Sync>(src: &[T], cols: usize) -> Vec<T> {
-    by_column_blocks(src.len(), cols, |lo, sums| {
-        add_rows_into(src, cols, lo, sums)
-    })
+    use rayon::prelude::*;
+    // Columns per task: two cache lines of f32 in every row.
+    const BLOCK: usize = 32;
+    // Below this many elements the pool's dispatch costs more than it saves.
+    const PARALLEL_MIN: usize = 1 << 16;
+    let mut out = vec![T::zero(); cols];
+    if cols == 0 {
+        return out;
+    }
+    if src.len() < PARALLEL_MIN {
+        add_rows_into(src, cols, 0, &mut out);
+    } else {
+        out.par_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(i, o)| add_rows_into(src, cols, i * BLOCK, o));
+    }
+    out
 }
 
 /// Column sums of an f32 matrix and the matrix rounded to bf16 ([`round_to_bf16`]), in one pass:
@@ -308,32 +322,6 @@ pub(crate) fn column_sums_and_bf16(src: &[f32], cols: usize) -> (Vec<f32>, Vec<u
         }
     }
     (sums, rounded)
-}
-
-/// Column sums (zeros to start) filled by `add(lo, block)` for each block of columns from `lo`,
-/// split over rayon's threads unless the matrix is small.
-fn by_column_blocks<T: Float + Send + Sync>(
-    len: usize,
-    cols: usize,
-    add: impl Fn(usize, &mut [T]) + Sync,
-) -> Vec<T> {
-    use rayon::prelude::*;
-    // Columns per task: two cache lines of f32 in every row.
-    const BLOCK: usize = 32;
-    // Below this many elements the pool's dispatch costs more than it saves.
-    const PARALLEL_MIN: usize = 1 << 16;
-    let mut out = vec![T::zero(); cols];
-    if cols == 0 {
-        return out;
-    }
-    if len < PARALLEL_MIN {
-        add(0, &mut out);
-    } else {
-        out.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(i, o)| add(i * BLOCK, o));
-    }
-    out
 }
 
 #[cfg(test)]

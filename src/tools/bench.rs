@@ -358,9 +358,10 @@ pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchRep
         ))
     };
     // The peaks before the steps, and again after them (below).
-    let peaks_before = match device.is_cpu() {
-        true => Some(CpuPeaks::measure(setup)?),
-        false => None,
+    let peaks_before = if device.is_cpu() {
+        Some(CpuPeaks::measure(setup)?)
+    } else {
+        None
     };
     let (mut fwd, mut bwd, mut upd) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..steps + 2 {
