@@ -12,11 +12,11 @@
 //! Each output is a plain sum over its reduction in order, one FMA a step, so the results differ
 //! from gemm's at rounding level (gemm splits and orders its sums its own way).
 
-use rayon::prelude::*;
-
-use super::attention::{causal_softmax_row, head_parts, head_parts_mut, softmax_grad_row, Dims};
-use super::attention_tiles::{panel_ceil, product, row_panels, span, F32Step, Left, Out, Right};
-use super::cpu::SharedPtr;
+use super::attention::{head_parts, head_parts_mut, Dims};
+use super::attention_tiles::{
+    backward_by_head, causal_softmax_padded, forward_by_head, panel_ceil, product, row_panels,
+    softmax_grad_padded, F32Step, Left, Out, Right,
+};
 
 /// Whether this CPU has the instructions these kernels use.
 pub(super) fn available() -> bool {
@@ -90,16 +90,7 @@ unsafe fn probabilities(keys: &mut [f32], (q, k): (*const f32, *const f32), p: *
         (t, t),
         |r, mr| (0, hd, panel_ceil(r + mr)),
     );
-    let scale = d.scale() as f32;
-    // Whole padded rows: the entries past each row's span are zeroed, so that a kept block is
-    // written all through (and never cleared first).
-    for i in 0..t {
-        causal_softmax_row(
-            std::slice::from_raw_parts_mut(p.add(i * tp), tp),
-            i + 1,
-            scale,
-        );
-    }
+    causal_softmax_padded(p, t, d.scale() as f32);
 }
 
 /// The attention's output and, with `keep_probabilities`, every head's probabilities (B·H
@@ -113,23 +104,15 @@ pub(super) unsafe fn forward(
     keep_probabilities: bool,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let (t, c, tp, hd) = (d.t, d.c, panel_ceil(d.t), d.head_dim);
-    // Not cleared first: the heads' products write every row of their columns.
-    let mut y = Vec::<f32>::with_capacity(d.batch * t * c);
-    let y_ptr = SharedPtr(y.as_mut_ptr());
-    let kept_len = d.batch * d.n_head * t * tp;
-    let mut kept = keep_probabilities.then(|| Vec::<f32>::with_capacity(kept_len));
-    let kept_ptr = kept.as_mut().map(|p| SharedPtr(p.as_mut_ptr()));
-    (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
-        Scratch::with(&d, kept_ptr.is_none(), false, |s| {
+    // SAFETY: each task writes all rows of its head's columns of y, and all of its kept block.
+    forward_by_head(&d, keep_probabilities, |task, y, kept| {
+        Scratch::with(&d, kept.is_none(), false, |s| {
             let (at_qkv, at_out) = d.head_offsets(task);
             // SAFETY: as the gemm kernel's forward: this task writes only rows of its batch row and
             // the columns of its head of y, and only its own block of the kept probabilities.
             unsafe {
                 let [q, k, v] = head_parts(qkv.as_ptr(), at_qkv, c);
-                let p = match kept_ptr {
-                    Some(kept) => kept.get().add(task * t * tp),
-                    None => s.recomputed.as_mut_ptr(),
-                };
+                let p = kept.unwrap_or(s.recomputed.as_mut_ptr());
                 probabilities(&mut s.keys, (q, k), p, &d);
                 // Y = P·V: a group of rows needs the keys up to its last row (P is zero past
                 // each row's diagonal, up to its span).
@@ -137,7 +120,7 @@ pub(super) unsafe fn forward(
                     Left::rows(p, tp),
                     Right::rows(v, 3 * c),
                     Out {
-                        base: y_ptr.get().add(at_out),
+                        base: y.add(at_out),
                         rs: c,
                     },
                     (t, hd),
@@ -145,16 +128,7 @@ pub(super) unsafe fn forward(
                 );
             }
         })
-    });
-    // SAFETY: every task wrote all T rows of its head's columns of its batch row, and, when they
-    // are kept, its whole block of probabilities (padded rows included).
-    unsafe {
-        y.set_len(d.batch * t * c);
-        if let Some(kept) = kept.as_mut() {
-            kept.set_len(kept_len);
-        }
-    }
-    (y, kept)
+    })
 }
 
 /// dqkv from (qkv, dy), with the forward's probabilities when it kept them (as [`forward`]
@@ -165,10 +139,8 @@ pub(super) unsafe fn forward(
 pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f32]>) -> Vec<f32> {
     let (t, c, hd, tp) = (d.t, d.c, d.head_dim, panel_ceil(d.t));
     let scale = d.scale() as f32;
-    // Not cleared first: the heads' products write every row of their dq, dk and dv columns.
-    let mut dqkv = Vec::<f32>::with_capacity(qkv.len());
-    let dqkv_ptr = SharedPtr(dqkv.as_mut_ptr());
-    (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
+    // SAFETY: each task writes all rows of its head's dq, dk and dv columns.
+    backward_by_head(&d, qkv.len(), |task, dqkv| {
         Scratch::with(&d, kept.is_none(), true, |s| {
             let (at_qkv, at_out) = d.head_offsets(task);
             // SAFETY: as the gemm kernel's backward: this task writes only rows of its batch
@@ -176,7 +148,7 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
             unsafe {
                 let [q, k, v] = head_parts(qkv.as_ptr(), at_qkv, c);
                 let dy = dy.as_ptr().add(at_out);
-                let [dq, dk, dv] = head_parts_mut(dqkv_ptr.get(), at_qkv, c);
+                let [dq, dk, dv] = head_parts_mut(dqkv, at_qkv, c);
                 let p: *const f32 = match kept {
                     Some(kept) => kept.as_ptr().add(task * t * tp),
                     None => {
@@ -195,13 +167,7 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
                     (t, t),
                     |r, mr| (0, hd, panel_ceil(r + mr)),
                 );
-                for i in 0..t {
-                    softmax_grad_row(
-                        std::slice::from_raw_parts(p.add(i * tp), span(i)),
-                        std::slice::from_raw_parts_mut(ds.add(i * tp), span(i)),
-                        scale,
-                    );
-                }
+                softmax_grad_padded(p, ds, t, scale);
                 // dQ = dS·K over the keys each row group sees.
                 f32_product(
                     Left::rows(ds, tp),
@@ -237,8 +203,5 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
                 );
             }
         })
-    });
-    // SAFETY: every task wrote all T rows of its head's dq, dk and dv columns of its batch row.
-    unsafe { dqkv.set_len(qkv.len()) };
-    dqkv
+    })
 }

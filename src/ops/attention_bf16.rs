@@ -20,13 +20,11 @@
 
 use std::arch::x86_64::*;
 
-use rayon::prelude::*;
-
-use super::attention::{causal_softmax_row, head_parts, head_parts_mut, softmax_grad_row, Dims};
+use super::attention::{head_parts, head_parts_mut, Dims};
 use super::attention_tiles::{
-    panel_ceil, product, row_panels, span, Bf16PairStep, Left, Out, Right, PANEL,
+    backward_by_head, causal_softmax_padded, forward_by_head, panel_ceil, product, row_panels,
+    softmax_grad_padded, span, Bf16PairStep, Left, Out, Right, PANEL,
 };
-use super::cpu::SharedPtr;
 
 /// Whether this CPU has the instructions these kernels use.
 pub(super) fn available() -> bool {
@@ -227,15 +225,7 @@ unsafe fn probabilities(s: &mut Scratch, (q, k): (*const f32, *const f32), p: *m
         (t, t),
         |r, mr| (0, hp, panel_ceil(r + mr)),
     );
-    // Whole padded rows: the entries past each row's span are zeroed, so that a kept block is
-    // written all through (and never cleared first).
-    for i in 0..t {
-        causal_softmax_row(
-            std::slice::from_raw_parts_mut(p.add(i * tp), tp),
-            i + 1,
-            scale,
-        );
-    }
+    causal_softmax_padded(p, t, scale);
 }
 
 /// Rows of a causal T × T matrix (P or dS, f32, row stride padded T, row i held up to span(i))
@@ -314,42 +304,24 @@ pub(super) unsafe fn forward(
     d: Dims,
     keep_probabilities: bool,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
-    let (t, c, tp) = (d.t, d.c, panel_ceil(d.t));
-    // Not cleared first: the heads' products write every row of their columns.
-    let mut y = Vec::<f32>::with_capacity(d.batch * t * c);
-    let y_ptr = SharedPtr(y.as_mut_ptr());
-    let kept_len = d.batch * d.n_head * t * tp;
-    let mut kept = keep_probabilities.then(|| Vec::<f32>::with_capacity(kept_len));
-    let kept_ptr = kept.as_mut().map(|p| SharedPtr(p.as_mut_ptr()));
-    (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
-        Scratch::with(&d, kept_ptr.is_none(), false, |s| {
+    let c = d.c;
+    // SAFETY: each task writes all rows of its head's columns of y, and all of its kept block.
+    forward_by_head(&d, keep_probabilities, |task, y, kept| {
+        Scratch::with(&d, kept.is_none(), false, |s| {
             let (at_qkv, at_out) = d.head_offsets(task);
             // SAFETY: as the gemm kernel's forward: this task writes only rows of its batch row and
             // the columns of its head of y, and only its own block of the kept probabilities.
             unsafe {
                 let [q, k, v] = head_parts(qkv.as_ptr(), at_qkv, c);
                 let mut recomputed = std::mem::take(&mut s.recomputed);
-                let p = match kept_ptr {
-                    Some(kept) => kept.get().add(task * t * tp),
-                    None => recomputed.as_mut_ptr(),
-                };
+                let p = kept.unwrap_or(recomputed.as_mut_ptr());
                 probabilities(s, (q, k), p, &d);
-                round_causal_rows(p, t, s.square_rows.as_mut_ptr());
-                let y = y_ptr.get().add(at_out);
-                causal_rows_times(s, (v, 3 * c), (y, c), &d);
+                round_causal_rows(p, d.t, s.square_rows.as_mut_ptr());
+                causal_rows_times(s, (v, 3 * c), (y.add(at_out), c), &d);
                 s.recomputed = recomputed;
             }
         })
-    });
-    // SAFETY: every task wrote all T rows of its head's columns of its batch row, and, when they
-    // are kept, its whole block of probabilities (padded rows included).
-    unsafe {
-        y.set_len(d.batch * t * c);
-        if let Some(kept) = kept.as_mut() {
-            kept.set_len(kept_len);
-        }
-    }
-    (y, kept)
+    })
 }
 
 /// dqkv of the bf16 attention from (qkv, dy), with the forward's probabilities when it kept them
@@ -361,10 +333,8 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
     let (t, c, hd, tp) = (d.t, d.c, d.head_dim, panel_ceil(d.t));
     let hp = hd.div_ceil(2);
     let scale = d.scale() as f32;
-    // Not cleared first: the heads' products write every row of their dq, dk and dv columns.
-    let mut dqkv = Vec::<f32>::with_capacity(qkv.len());
-    let dqkv_ptr = SharedPtr(dqkv.as_mut_ptr());
-    (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
+    // SAFETY: each task writes all rows of its head's dq, dk and dv columns.
+    backward_by_head(&d, qkv.len(), |task, dqkv| {
         Scratch::with(&d, kept.is_none(), true, |s| {
             let (at_qkv, at_out) = d.head_offsets(task);
             // SAFETY: as the gemm kernel's backward: this task writes only rows of its batch
@@ -372,7 +342,7 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
             unsafe {
                 let [q, k, v] = head_parts(qkv.as_ptr(), at_qkv, c);
                 let dy = dy.as_ptr().add(at_out);
-                let [dq, dk, dv] = head_parts_mut(dqkv_ptr.get(), at_qkv, c);
+                let [dq, dk, dv] = head_parts_mut(dqkv, at_qkv, c);
                 let mut recomputed = std::mem::take(&mut s.recomputed);
                 let p: *const f32 = match kept {
                     Some(kept) => kept.as_ptr().add(task * t * tp),
@@ -400,13 +370,7 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
                     (t, t),
                     |r, mr| (0, hp, panel_ceil(r + mr)),
                 );
-                for i in 0..t {
-                    softmax_grad_row(
-                        std::slice::from_raw_parts(p.add(i * tp), span(i)),
-                        std::slice::from_raw_parts_mut(ds.add(i * tp), span(i)),
-                        scale,
-                    );
-                }
+                softmax_grad_padded(p, ds, t, scale);
                 round_causal_rows(ds, t, s.square_rows.as_mut_ptr());
                 causal_rows_times(s, (k, 3 * c), (dq, 3 * c), &d);
                 causal_transposed_times(s, ds, (q, 3 * c), (dk, 3 * c), &d);
@@ -414,8 +378,5 @@ pub(super) unsafe fn backward(qkv: &[f32], dy: &[f32], d: Dims, kept: Option<&[f
                 s.recomputed = recomputed;
             }
         })
-    });
-    // SAFETY: every task wrote all T rows of its head's dq, dk and dv columns of its batch row.
-    unsafe { dqkv.set_len(qkv.len()) };
-    dqkv
+    })
 }

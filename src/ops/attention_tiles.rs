@@ -10,6 +10,11 @@
 
 use std::arch::x86_64::*;
 
+use rayon::prelude::*;
+
+use super::attention::{causal_softmax_row, softmax_grad_row, Dims};
+use super::cpu::SharedPtr;
+
 /// Lanes of a panel: one zmm of f32 sums.
 pub(super) const PANEL: usize = 16;
 
@@ -312,5 +317,95 @@ fn height_for(widest: usize) -> usize {
         8
     } else {
         4
+    }
+}
+
+/// A tile kernel's forward over every (batch, head) task, in parallel, into a new output y and,
+/// with `keep_probabilities`, new kept probabilities (B·H blocks of T rows, row stride
+/// [`panel_ceil`]`(T)`), neither cleared first. `head(task, y, kept)` gets y's start and its own
+/// block of the kept probabilities (None: it uses its own scratch).
+///
+/// # Safety
+/// `head` writes all T rows of its head's columns of its batch row of y and, given a block, all
+/// of that block (padded rows included), and nothing another task writes.
+pub(super) unsafe fn forward_by_head(
+    d: &Dims,
+    keep_probabilities: bool,
+    head: impl Fn(usize, *mut f32, Option<*mut f32>) + Sync,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let (y_len, block) = (d.batch * d.t * d.c, d.t * panel_ceil(d.t));
+    let kept_len = d.batch * d.n_head * block;
+    let mut y = Vec::<f32>::with_capacity(y_len);
+    let y_ptr = SharedPtr(y.as_mut_ptr());
+    let mut kept = keep_probabilities.then(|| Vec::<f32>::with_capacity(kept_len));
+    let kept_ptr = kept.as_mut().map(|p| SharedPtr(p.as_mut_ptr()));
+    (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
+        // SAFETY: the task's block lies inside the kept buffer.
+        let block = kept_ptr.map(|kept| unsafe { kept.get().add(task * block) });
+        head(task, y_ptr.get(), block)
+    });
+    // SAFETY: the caller's promise: the tasks wrote all of y and of the kept probabilities.
+    unsafe {
+        y.set_len(y_len);
+        if let Some(kept) = kept.as_mut() {
+            kept.set_len(kept_len);
+        }
+    }
+    (y, kept)
+}
+
+/// A tile kernel's backward over every (batch, head) task, in parallel, into a new dqkv of `len`
+/// values, not cleared first: `head(task, dqkv)` gets its start.
+///
+/// # Safety
+/// `head` writes all T rows of its head's dq, dk and dv columns of its batch row, and nothing
+/// another task writes.
+pub(super) unsafe fn backward_by_head(
+    d: &Dims,
+    len: usize,
+    head: impl Fn(usize, *mut f32) + Sync,
+) -> Vec<f32> {
+    let mut dqkv = Vec::<f32>::with_capacity(len);
+    let dqkv_ptr = SharedPtr(dqkv.as_mut_ptr());
+    (0..d.batch * d.n_head)
+        .into_par_iter()
+        .for_each(|task| head(task, dqkv_ptr.get()));
+    // SAFETY: the caller's promise: the tasks wrote all of dqkv.
+    unsafe { dqkv.set_len(len) };
+    dqkv
+}
+
+/// The scores of one head (T rows, row stride [`panel_ceil`]`(T)`) into probabilities, in place,
+/// whole padded rows: the entries past each row's span are zeroed, so that a kept block is
+/// written all through.
+///
+/// # Safety
+/// p holds T such rows.
+#[inline(always)]
+pub(super) unsafe fn causal_softmax_padded(p: *mut f32, t: usize, scale: f32) {
+    let tp = panel_ceil(t);
+    for i in 0..t {
+        causal_softmax_row(
+            std::slice::from_raw_parts_mut(p.add(i * tp), tp),
+            i + 1,
+            scale,
+        );
+    }
+}
+
+/// dP of one head into dS in place ([`softmax_grad_row`]), over each row's span, with the
+/// probabilities p; both T rows of row stride [`panel_ceil`]`(T)`.
+///
+/// # Safety
+/// p and ds hold T such rows.
+#[inline(always)]
+pub(super) unsafe fn softmax_grad_padded(p: *const f32, ds: *mut f32, t: usize, scale: f32) {
+    let tp = panel_ceil(t);
+    for i in 0..t {
+        softmax_grad_row(
+            std::slice::from_raw_parts(p.add(i * tp), span(i)),
+            std::slice::from_raw_parts_mut(ds.add(i * tp), span(i)),
+            scale,
+        );
     }
 }
