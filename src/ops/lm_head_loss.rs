@@ -14,7 +14,7 @@
 //! with no recomputation. Evaluation asks for no gradients
 //! ([`LossGradients::None`]) and does only the first matmul.
 
-use super::cpu::{contiguous, matmul, strided_matmul, MatmulPrecision, Operand};
+use super::cpu::{contiguous, matmul, matmul_by_columns, strided_matmul, MatmulPrecision, Operand};
 use super::cross_entropy::{loss_and_gradient_in_place, max_and_log_sum_exp};
 use super::simd::{multiversioned, FastExp};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -136,14 +136,7 @@ fn run<T: LossFloat>(
         if let Some((x, w)) = &onednn {
             // z = x·wᵀ
             let z = T::f32s_mut(z).expect("f32 logits");
-            matmul(
-                (m, v, c),
-                z,
-                x.view_at(g0 * c, c, 1),
-                w.view(1, c),
-                None,
-                false,
-            )?;
+            matmul_by_columns((m, v, c), z, x.view_at(g0 * c, c, 1), w.view(1, c))?;
         } else {
             // SAFETY: every view below lies inside its buffer: x rows g0..g0+m (C wide), w
             // (V×C), z (m×V); the destination overlaps no input.

@@ -115,6 +115,8 @@ struct Key {
     b: (Elem, isize, isize),
     bias: bool,
     accumulate: bool,
+    /// dst's row stride (elements).
+    dst_row_stride: isize,
 }
 
 /// A compiled matmul. Its scratchpad is ours to pass (oneDNN's own is shared between the threads
@@ -284,6 +286,7 @@ impl OneDnn {
             b: (elem, n as isize, 1),
             bias: false,
             accumulate: false,
+            dst_row_stride: n as isize,
         };
         // SAFETY: compiling a primitive reads only the descriptors built here.
         Ok(unsafe { self.primitive(key)? }.implementation.clone())
@@ -308,6 +311,31 @@ impl OneDnn {
         accumulate: bool,
         threads: usize,
     ) -> Result<()> {
+        self.matmul_strided_dst(mnk, (dst, mnk.1), a, b, bias, accumulate, threads)
+    }
+
+    /// [`Self::matmul`] into a dst whose rows lie `dst.1` (≥ n) elements apart: a block of
+    /// columns of a wider matrix.
+    ///
+    /// # Safety
+    /// As [`Self::matmul`], for an m×n dst with that row stride.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul_strided_dst(
+        &self,
+        mnk: (usize, usize, usize),
+        (dst, dst_row_stride): (*mut f32, usize),
+        a: Operand,
+        b: Operand,
+        bias: Option<*const f32>,
+        accumulate: bool,
+        threads: usize,
+    ) -> Result<()> {
+        if dst_row_stride < mnk.1 {
+            bail!(
+                "oneDNN matmul: dst rows overlap (row stride {dst_row_stride} < {} columns)",
+                mnk.1
+            );
+        }
         if a.1 != b.1 {
             bail!("oneDNN matmul: both operands must have the same element type");
         }
@@ -317,6 +345,7 @@ impl OneDnn {
             b: (b.1, b.2, b.3),
             bias: bias.is_some(),
             accumulate,
+            dst_row_stride: dst_row_stride as isize,
         };
         let stream = self.stream()?;
         BOUND.with_borrow_mut(|bound| {
@@ -460,7 +489,12 @@ impl OneDnn {
             key.b.0,
             [key.b.1 as i64, key.b.2 as i64],
         )?;
-        init(&mut descs[2], [m, n], Elem::F32, [n, 1])?;
+        init(
+            &mut descs[2],
+            [m, n],
+            Elem::F32,
+            [key.dst_row_stride as i64, 1],
+        )?;
         init(&mut descs[3], [1, n], Elem::F32, [n, 1])?;
         let mut op = MatmulDesc([0; 4096]);
         let bias_desc: *const MemoryDesc = if key.bias {
