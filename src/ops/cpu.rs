@@ -205,7 +205,7 @@ pub(crate) fn matmul_by_columns(
         // SAFETY: the views lie inside their slices (checked above, and this task's columns of
         // rhs are inside rhs); each task writes its own columns of dst, which overlaps no input.
         unsafe {
-            dnnl.matmul_strided_dst(
+            dnnl.matmul(
                 (m, width, k),
                 (dst.get().add(c0), n),
                 lhs.operand(),
@@ -312,7 +312,7 @@ fn matmul_uninit(
                 unsafe {
                     dnnl.matmul(
                         (dst.len() / n, n, k),
-                        dst.as_mut_ptr().cast(),
+                        (dst.as_mut_ptr().cast(), n),
                         lhs.operand(),
                         rhs.operand(),
                         bias.map(|b| b.as_ptr()),

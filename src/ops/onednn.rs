@@ -292,35 +292,17 @@ impl OneDnn {
         Ok(unsafe { self.primitive(key)? }.implementation.clone())
     }
 
-    /// dst (m×n, row-major, f32) = a (m×k) · b (k×n) [+ bias (n, f32) on every row], or
-    /// dst += … with `accumulate`; `a` and `b` are strided, in f32 or bf16 (both the same), and
-    /// the products are accumulated in f32. Runs on `threads` OpenMP threads; callers that split
-    /// the work over rayon's threads themselves pass 1 (one thread pool, not two competing).
+    /// dst (m×n, f32, rows `dst.1` ≥ n elements apart: a whole row-major matrix, or a block of
+    /// columns of a wider one) = a (m×k) · b (k×n) [+ bias (n, f32) on every row], or dst += …
+    /// with `accumulate`; `a` and `b` are strided, in f32 or bf16 (both the same), and the
+    /// products are accumulated in f32. Runs on `threads` OpenMP threads; callers that split the
+    /// work over rayon's threads themselves pass 1 (one thread pool, not two competing).
     ///
     /// # Safety
-    /// Every operand must cover its whole matrix, `dst` must hold m·n writable f32 that no input
-    /// overlaps, and `bias`, when given, n f32.
+    /// Every operand must cover its whole matrix, `dst` must hold m rows of n writable f32 (its
+    /// stride apart) that no input overlaps, and `bias`, when given, n f32.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn matmul(
-        &self,
-        mnk: (usize, usize, usize),
-        dst: *mut f32,
-        a: Operand,
-        b: Operand,
-        bias: Option<*const f32>,
-        accumulate: bool,
-        threads: usize,
-    ) -> Result<()> {
-        self.matmul_strided_dst(mnk, (dst, mnk.1), a, b, bias, accumulate, threads)
-    }
-
-    /// [`Self::matmul`] into a dst whose rows lie `dst.1` (≥ n) elements apart: a block of
-    /// columns of a wider matrix.
-    ///
-    /// # Safety
-    /// As [`Self::matmul`], for an m×n dst with that row stride.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn matmul_strided_dst(
         &self,
         mnk: (usize, usize, usize),
         (dst, dst_row_stride): (*mut f32, usize),
