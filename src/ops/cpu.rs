@@ -185,13 +185,12 @@ pub(crate) fn matmul_by_columns(
     rhs: Matrix,
 ) -> Result<()> {
     let threads = rayon::current_num_threads();
-    let onednn = super::onednn::onednn();
-    let transposed_f32 = matches!(lhs, Matrix::F32(_, _, cs) if cs != 1);
-    let (Some(dnnl), false, true, true) = (onednn, transposed_f32, threads > 1, k > 0 && m > 0)
-    else {
+    let Some(dnnl) = super::onednn::onednn() else {
         return matmul((m, n, k), dst, lhs, rhs, None, false);
     };
-    if n < 2 * COLUMN_BLOCK {
+    // What `matmul` sends to gemm (a transposed f32 lhs), and what it has no split to make.
+    let transposed_f32 = matches!(lhs, Matrix::F32(_, _, cs) if cs != 1);
+    if transposed_f32 || threads < 2 || m == 0 || k == 0 || n < 2 * COLUMN_BLOCK {
         return matmul((m, n, k), dst, lhs, rhs, None, false);
     }
     if dst.len() < m * n || !lhs.covers(m, k) || !rhs.covers(k, n) {
