@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use super::attention::{causal_softmax_row, softmax_grad_row, Dims};
-use super::cpu::SharedPtr;
+use super::cpu::{written_vec, SharedPtr};
 
 /// Lanes of a panel: one zmm of f32 sums.
 pub(super) const PANEL: usize = 16;
@@ -397,23 +397,27 @@ pub(super) unsafe fn forward_by_head(
     head: impl Fn(usize, *mut f32, Option<*mut f32>) + Sync,
 ) -> (Vec<f32>, Option<Vec<f32>>) {
     let (y_len, block) = (d.batch * d.t * d.c, d.t * panel_ceil(d.t));
-    let kept_len = d.batch * d.n_head * block;
-    let mut y = Vec::<f32>::with_capacity(y_len);
-    let y_ptr = SharedPtr(y.as_mut_ptr());
-    let mut kept = keep_probabilities.then(|| Vec::<f32>::with_capacity(kept_len));
-    let kept_ptr = kept.as_mut().map(|p| SharedPtr(p.as_mut_ptr()));
-    (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
-        // SAFETY: the task's block lies inside the kept buffer.
-        let block = kept_ptr.map(|kept| unsafe { kept.get().add(task * block) });
-        head(task, y_ptr.get(), block)
-    });
-    // SAFETY: the caller's promise: the tasks wrote all of y and of the kept probabilities.
-    unsafe {
-        y.set_len(y_len);
-        if let Some(kept) = kept.as_mut() {
-            kept.set_len(kept_len);
-        }
-    }
+    let tasks = |y: SharedPtr<f32>, kept: Option<SharedPtr<f32>>| {
+        (0..d.batch * d.n_head).into_par_iter().for_each(|task| {
+            // SAFETY: the task's block lies inside the kept buffer.
+            let block = kept.map(|kept| unsafe { kept.get().add(task * block) });
+            head(task, y.get(), block)
+        })
+    };
+    let mut kept = None;
+    // SAFETY: the caller's promise: the tasks write all of y and of the kept probabilities.
+    let y = unsafe {
+        written_vec(y_len, |y| {
+            let y = SharedPtr(y.as_mut_ptr().cast::<f32>());
+            if keep_probabilities {
+                kept = Some(written_vec(d.batch * d.n_head * block, |kept| {
+                    tasks(y, Some(SharedPtr(kept.as_mut_ptr().cast())))
+                }));
+            } else {
+                tasks(y, None);
+            }
+        })
+    };
     (y, kept)
 }
 
@@ -428,14 +432,15 @@ pub(super) unsafe fn backward_by_head(
     len: usize,
     head: impl Fn(usize, *mut f32) + Sync,
 ) -> Vec<f32> {
-    let mut dqkv = Vec::<f32>::with_capacity(len);
-    let dqkv_ptr = SharedPtr(dqkv.as_mut_ptr());
-    (0..d.batch * d.n_head)
-        .into_par_iter()
-        .for_each(|task| head(task, dqkv_ptr.get()));
-    // SAFETY: the caller's promise: the tasks wrote all of dqkv.
-    unsafe { dqkv.set_len(len) };
-    dqkv
+    // SAFETY: the caller's promise: the tasks write all of dqkv.
+    unsafe {
+        written_vec(len, |dqkv| {
+            let dqkv = SharedPtr(dqkv.as_mut_ptr().cast::<f32>());
+            (0..d.batch * d.n_head)
+                .into_par_iter()
+                .for_each(|task| head(task, dqkv.get()))
+        })
+    }
 }
 
 /// The scores of one head (T rows, row stride [`panel_ceil`]`(T)`) into probabilities, in place,
