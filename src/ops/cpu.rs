@@ -96,6 +96,14 @@ pub(crate) enum Matrix<'a> {
 }
 
 impl Matrix<'_> {
+    /// Whether [`matmul`] sends this left operand to gemm even with oneDNN loaded: f32 read
+    /// transposed (column stride ≠ 1), as dyᵀ in dW = dyᵀ·x. oneDNN 2.x has no brgemm kernel for
+    /// it and falls back to its reference "gemm:jit", at 79 GFLOP/s a thread against 106-130 for
+    /// its own row-major kernel (Intel Xeon, 2026-12-02); gemm takes any strides at full speed.
+    fn goes_to_gemm(&self) -> bool {
+        matches!(self, Matrix::F32(_, _, cs) if *cs != 1)
+    }
+
     /// Whether a (rows × cols) view with these strides stays inside the slice.
     fn covers(&self, rows: usize, cols: usize) -> bool {
         let (len, rs, cs) = match *self {
@@ -188,9 +196,8 @@ pub(crate) fn matmul_by_columns(
     let Some(dnnl) = super::onednn::onednn() else {
         return matmul((m, n, k), dst, lhs, rhs, None, false);
     };
-    // What `matmul` sends to gemm (a transposed f32 lhs), and what it has no split to make.
-    let transposed_f32 = matches!(lhs, Matrix::F32(_, _, cs) if cs != 1);
-    if transposed_f32 || threads < 2 || m == 0 || k == 0 || n < 2 * COLUMN_BLOCK {
+    // What `matmul` sends to gemm, and what it has no split to make.
+    if lhs.goes_to_gemm() || threads < 2 || m == 0 || k == 0 || n < 2 * COLUMN_BLOCK {
         return matmul((m, n, k), dst, lhs, rhs, None, false);
     }
     if dst.len() < m * n || !lhs.covers(m, k) || !rhs.covers(k, n) {
@@ -225,7 +232,7 @@ pub(crate) fn matmul_new(
     rhs: Matrix,
     bias: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
-    if super::onednn::onednn().is_none() || matches!(lhs, Matrix::F32(_, _, cs) if cs != 1) {
+    if super::onednn::onednn().is_none() || lhs.goes_to_gemm() {
         let mut dst = vec![0f32; m * n];
         matmul((m, n, k), &mut dst, lhs, rhs, bias, false)?;
         return Ok(dst);
@@ -290,11 +297,7 @@ fn matmul_uninit(
         return Ok(());
     }
     let threads = rayon::current_num_threads();
-    // oneDNN 2.x has no brgemm kernel for a transposed f32 left operand (dyᵀ in dW = dyᵀ·x): it
-    // falls back to its reference "gemm:jit" at 79 GFLOP/s a thread against 106-130 for its own
-    // row-major kernel (Intel Xeon, 2026-12-02); gemm takes any strides at full speed.
-    let transposed_f32 = matches!(lhs, Matrix::F32(_, _, cs) if cs != 1);
-    if let (Some(dnnl), false) = (super::onednn::onednn(), transposed_f32) {
+    if let (Some(dnnl), false) = (super::onednn::onednn(), lhs.goes_to_gemm()) {
         // dst's rows split over rayon's threads, one single-threaded oneDNN call each: one
         // thread pool (OpenMP's and rayon's idle threads spinning against each other cost a
         // third of a step on 2 cores).
