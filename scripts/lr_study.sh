@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# The ADOPT-vs-Adam lr study (design, fixed before its first run: reports/adopt-vs-adam/DESIGN.md).
+# The ADOPT-vs-Adam lr study (design, fixed before its first run, and its β2 addendum:
+# reports/adopt-vs-adam/DESIGN.md).
 #
-# Three arms (configs/lr-study/*.toml) × two batch sizes with the same tokens per run:
+# Six arms (configs/lr-study/*.toml: Adam and ADOPT at β2 = 0.95, 0.999 and 0.9999) × two batch
+# sizes with the same tokens per run:
 #   1. grid:  each arm at each batch size over the lr grid, seed 0; where an arm's best lr (lowest
 #             final validation loss) is at an edge of its grid, the grid grows past that edge by
 #             factors of 2 (at most MAX_EXTEND times) until the best is inside;
-#   2. seeds: seeds 1 and 2 at each arm's best lr at each batch size (seed 0 is the grid's run).
+#   2. seeds: seeds 1-4 at each arm's best lr at each batch size (seed 0 is the grid's run).
 # Every run is a resumable `sweep` run under runs/lr-study/; re-running the script skips finished
 # runs and resumes unfinished ones, so it can be stopped (SIGTERM) and continued at any point. A run
 # that fails (diverges) is recorded in its directory's FAILED file and counted, not retried.
 #
+# Every run of the study trains with one binary, built from commit $STUDY_COMMIT into
+# runs/bin/gpt-pretrain-study (in a git worktree, on the first run on a machine), so that code
+# changes after the design cannot reach its runs; GPT_PRETRAIN_BIN names another binary.
+#
 #   scripts/lr_study.sh            the study (needs data/gutenberg_en.txt: bash scripts/get_data.sh --gutenberg)
-#   scripts/lr_study.sh --quick    a minutes-long version (tiny model, Tiny Shakespeare, bytes) into
-#                                  runs/lr-study-quick/; CI runs it
+#   scripts/lr_study.sh --quick    a minutes-long version (tiny model, Tiny Shakespeare, bytes, the
+#                                  current build) into runs/lr-study-quick/; CI runs it
 #   scripts/lr_study.sh --plan     print the runs of phase 1 and stop
 #   scripts/lr_study.sh --report   no training: `compare` the finished runs into the report folder
 #                                  (reports/adopt-vs-adam/); also after the last run
@@ -23,15 +29,14 @@
 # report, without the run directories and their checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${GPT_PRETRAIN_BIN:-target/release/gpt-pretrain}
+STUDY_COMMIT=c910f613e7d671c9739f9ee06bbce81a1f08694e
 # The report is drawn by the current build whichever binary trains: the study's own binary
-# (GPT_PRETRAIN_BIN, fixed at c910f61 so that every run sees the same code) predates the
-# lr-sensitivity plot.
+# predates the lr-sensitivity and β2 plots.
 COMPARE_BIN=target/release/gpt-pretrain
-if [[ ! -x $BIN ]] || [[ ! -x $COMPARE_BIN ]]; then
+if [[ ! -x $COMPARE_BIN ]]; then
     cargo build --release
 fi
-ARMS=(adam-b095 adam-b09999 adopt)
+ARMS=(adam-b095 adopt-b095 adam-b0999 adopt-b0999 adam-b09999 adopt)
 MAX_EXTEND=2
 quick=0 mode="" report_only=0
 for arg in "$@"; do
@@ -45,6 +50,8 @@ done
 
 if ((quick)); then
     OUT=runs/lr-study-quick
+    BIN=${GPT_PRETRAIN_BIN:-$COMPARE_BIN}
+    SEEDS=(1 2)
     REPORT=$OUT/report
     GRID=(5e-4 1e-3 2e-3)
     # batch:steps:warmup:eval_interval, the same tokens per run at both batch sizes.
@@ -54,6 +61,8 @@ if ((quick)); then
            --set eval_batch_size=4 --set dtype=\"f32\")
 else
     OUT=runs/lr-study
+    BIN=${GPT_PRETRAIN_BIN:-runs/bin/gpt-pretrain-study}
+    SEEDS=(1 2 3 4)
     REPORT=reports/adopt-vs-adam
     GRID=(3e-4 6e-4 1.2e-3 2.4e-3)
     # 3,840,000 tokens per run: 750 steps of 20 × 256 and 3,750 steps of 4 × 256; warm-up 10% of
@@ -64,6 +73,16 @@ else
         echo "error: data/gutenberg_en.txt is missing; run DATA_MIRROR=../shared/data bash scripts/get_data.sh --gutenberg" >&2
         exit 1
     fi
+fi
+
+# The study's binary, built once per machine from STUDY_COMMIT.
+if [[ ! -x $BIN ]] && [[ $BIN == runs/bin/gpt-pretrain-study ]] && ((!report_only)); then
+    echo "lr_study: building the study's binary from $STUDY_COMMIT into $BIN" >&2
+    tree=runs/bin/src-${STUDY_COMMIT:0:7}
+    [[ -d $tree ]] || git worktree add --detach "$tree" "$STUDY_COMMIT" > /dev/null
+    (cd "$tree" && cargo build --release --bin gpt-pretrain)
+    mkdir -p "$(dirname "$BIN")"
+    cp "$tree/target/release/gpt-pretrain" "$BIN"
 fi
 
 # One run (resumable): arm, batch spec, lr, seed.
@@ -235,7 +254,7 @@ for spec in "${BATCHES[@]}"; do
     done
 done
 [[ $mode == "--plan" ]] && exit 0
-for seed in 1 2; do
+for seed in "${SEEDS[@]}"; do
     for spec in "${BATCHES[@]}"; do
         for arm in "${ARMS[@]}"; do
             best=${BEST[$spec/$arm]}
