@@ -33,9 +33,6 @@ STUDY_COMMIT=c910f613e7d671c9739f9ee06bbce81a1f08694e
 # The report is drawn by the current build whichever binary trains: the study's own binary
 # predates the lr-sensitivity and β2 plots.
 COMPARE_BIN=target/release/gpt-pretrain
-if [[ ! -x $COMPARE_BIN ]]; then
-    cargo build --release
-fi
 ARMS=(adam-b095 adopt-b095 adam-b0999 adopt-b0999 adam-b09999 adopt)
 MAX_EXTEND=2
 quick=0 mode="" report_only=0
@@ -51,6 +48,7 @@ done
 if ((quick)); then
     OUT=runs/lr-study-quick
     BIN=${GPT_PRETRAIN_BIN:-$COMPARE_BIN}
+    [[ -x $BIN ]] || cargo build --release
     SEEDS=(1 2)
     REPORT=$OUT/report
     GRID=(5e-4 1e-3 2e-3)
@@ -225,12 +223,13 @@ report() {
         echo "lr_study: no finished runs in $OUT yet" >&2
         return
     fi
+    [[ -x $COMPARE_BIN ]] || cargo build --release
     # Files older than this stamp were not rewritten by this compare (an older binary's compare,
     # the study's own, draws no lr_sensitivity.png and would leave a stale one in place).
     local stamp
     stamp=$(mktemp)
-    "$COMPARE_BIN" compare "${finished[@]}" --out "$REPORT" > /dev/null
-    for f in report.md val_loss.png lr_sensitivity.png; do
+    "$COMPARE_BIN" compare "${finished[@]}" --out "$REPORT" --tests reports/adopt-vs-adam/tests.toml > /dev/null
+    for f in report.md val_loss.png lr_sensitivity.png beta2.png; do
         if [[ ! -s $REPORT/$f ]] || [[ $stamp -nt $REPORT/$f ]]; then
             rm -f "$stamp"
             echo "error: $REPORT/$f was not written by $COMPARE_BIN compare" >&2
