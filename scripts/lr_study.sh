@@ -10,7 +10,8 @@
 #   2. seeds: seeds 1-4 at each arm's best lr at each batch size (seed 0 is the grid's run).
 # Every run is a resumable `sweep` run under runs/lr-study/; re-running the script skips finished
 # runs and resumes unfinished ones, so it can be stopped (SIGTERM) and continued at any point. A run
-# that fails (diverges) is recorded in its directory's FAILED file and counted, not retried.
+# that diverges (training stops it on a non-finite loss) is recorded in its directory's FAILED file
+# and counted, not retried; any other error stops the study unrecorded.
 #
 # Every run of the study trains with one binary, built from commit $STUDY_COMMIT into
 # runs/bin/gpt-pretrain-study (in a git worktree, on the first run on a machine), so that code
@@ -97,10 +98,12 @@ run() {
         echo "$dir"
         return
     fi
-    local status=0
+    local status=0 errors
+    errors=$(mktemp)
     "$BIN" sweep --quiet --config "configs/lr-study/$arm.toml" "${EXTRA[@]}" \
         --set batch_size="$batch" --set max_steps="$steps" --set warmup_steps="$warmup" \
-        --set eval_interval="$every" --grid lr="$lr" --seeds "$seed" --out "$out" || status=$?
+        --set eval_interval="$every" --grid lr="$lr" --seeds "$seed" --out "$out" 2> "$errors" || status=$?
+    cat "$errors" >&2
     # Hosts differ between sessions, and bf16 kernels between CPUs (AMX, AVX512-BF16): each host
     # a run trained on is recorded beside it (after `sweep`, which restarts a run directory that
     # has no checkpoint from nothing).
@@ -109,11 +112,20 @@ run() {
         host="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(date -u +%F)"
         grep -qxF "$host" "$dir/HOSTS" 2> /dev/null || echo "$host" >> "$dir/HOSTS"
     fi
+    # A run diverged when training stopped it on a non-finite loss ("loss became …"); any other
+    # error (a missing library, a bad config, a full disk) is the machine's, not the run's, and
+    # stops the study without recording the run. SIGTERM (143) and SIGINT (130) stop it too.
+    local diverged=0
+    grep -q "loss became" "$errors" && diverged=1
+    rm -f "$errors"
     if ((status == 0)); then
         archive_if_finished "$dir"
     else
-        # SIGTERM (143) or SIGINT (130) stop the study; anything else is this run's failure.
         if ((status == 143 || status == 130)); then
+            exit "$status"
+        fi
+        if ((!diverged)); then
+            echo "lr_study: $dir stopped with an error (exit $status) that is not a divergence; fix it and run the study again" >&2
             exit "$status"
         fi
         mkdir -p "$dir"
