@@ -21,6 +21,7 @@ pub const KEYS: &[&str] = &[
     "dropout",
     "data",
     "val_data",
+    "data_format",
     "tokenizer",
     "tokenizer_path",
     "bpe_vocab_size",
@@ -167,6 +168,10 @@ pub struct TrainConfig {
     /// The validation token files (a glob of llm.c val shards, or nanoGPT's `val.bin`), when
     /// `data` names token files that a directory does not pair up.
     pub val_data: Option<String>,
+    /// How token files are laid out: `auto` (llm.c by its header; headerless only as nanoGPT's
+    /// train.bin/val.bin), `llmc` or `nanogpt`.
+    #[serde(skip_serializing_if = "crate::data::shards::DataFormat::is_auto")]
+    pub data_format: crate::data::shards::DataFormat,
     pub tokenizer: TokenizerKind,
     /// A `tokenizer.json` for `tokenizer = "gpt2"`; unset means the Hugging Face cache or hub.
     pub tokenizer_path: Option<String>,
@@ -245,6 +250,7 @@ impl Default for TrainConfig {
             dropout: None,
             data: "data/tinyshakespeare.txt".into(),
             val_data: None,
+            data_format: crate::data::shards::DataFormat::Auto,
             tokenizer: TokenizerKind::Byte,
             tokenizer_path: None,
             bpe_vocab_size: 1024,
@@ -453,18 +459,22 @@ impl TrainConfig {
         }
         let lr = self.lr.unwrap();
         self.min_lr.get_or_insert(lr / 10.0);
-        let decay_steps_given = self.lr_decay_steps.is_some();
         let decay_steps = *self.lr_decay_steps.get_or_insert(self.max_steps);
-        // Past lr_decay_steps the cosine holds min_lr, so a warmup that ends later would climb to
-        // lr and then drop to min_lr at once: a contradiction when both were chosen.
+        // A cosine that ends before the warmup does holds min_lr from the warmup's end: the lr
+        // climbs to lr and drops to min_lr at once at step warmup_steps. Only a run that trains
+        // past its warmup meets that drop. The rule reads the values alone, never whether a key
+        // was given or derived, so a run's saved config validates exactly as it did when the
+        // run started.
         if self.schedule == ScheduleKind::Cosine
-            && decay_steps_given
             && self.warmup_steps > decay_steps
+            && self.max_steps > self.warmup_steps
         {
             bail!(
-                "warmup_steps ({}) exceeds lr_decay_steps ({decay_steps}): the cosine would end \
-                 before the warmup does; lower warmup_steps or raise lr_decay_steps",
-                self.warmup_steps
+                "warmup_steps ({warmup}) exceeds lr_decay_steps ({decay_steps}) and max_steps \
+                 ({}) trains past it: at step {warmup} the lr would drop from lr to min_lr at \
+                 once; keep max_steps at most {warmup}, lower warmup_steps or raise lr_decay_steps",
+                self.max_steps,
+                warmup = self.warmup_steps,
             );
         }
         self.validate()?;
@@ -542,14 +552,10 @@ impl TrainConfig {
             bail!("data must name a text corpus or token files");
         }
         crate::device::parse_device_spec(&self.device)?;
-        if self.dtype == Precision::Bf16
-            && !self.device.starts_with("cuda")
-            && crate::ops::onednn::onednn().is_none()
-        {
-            bail!(
-                "dtype = \"bf16\" on CPU needs oneDNN's bf16 matmuls, and the CPU matmuls run on {}",
-                crate::ops::onednn::backend_description()
-            );
+        if self.dtype == Precision::Bf16 && !self.device.starts_with("cuda") {
+            if let Some(reason) = crate::ops::onednn::bf16_matmuls_unavailable() {
+                bail!("dtype = \"bf16\" on CPU needs oneDNN's bf16 matmuls, and {reason}");
+            }
         }
         Ok(())
     }
@@ -618,8 +624,9 @@ mod tests {
         cfg.tokenizer_path = Some("x".into());
         cfg.eval_batch_size = Some(1);
         cfg.val_data = Some("x".into());
-        // The default `sampling` and `zero_stage` are left out of saved configs.
+        // The default `sampling`, `zero_stage` and `data_format` are left out of saved configs.
         cfg.sampling = crate::data::Sampling::Shuffled;
+        cfg.data_format = crate::data::shards::DataFormat::NanoGpt;
         cfg.zero_stage = 1;
         let table = cfg.to_table().unwrap();
         let mut from_struct: Vec<&str> = table.keys().map(|k| k.as_str()).collect();
@@ -629,6 +636,34 @@ mod tests {
         let mut listed = KEYS.to_vec();
         listed.sort();
         assert_eq!(from_struct, listed);
+    }
+
+    /// Every command reads a run back through `from_table` of the saved, resolved config, so a
+    /// config `train` accepted must resolve again, to itself.
+    #[test]
+    fn a_saved_config_loads_back_as_itself() {
+        let cases: &[&[&str]] = &[
+            &[],
+            // A short run of a config with a longer warmup (lr_decay_steps defaults to 20).
+            &["warmup_steps=50", "max_steps=20"],
+            &["warmup_steps=50", "max_steps=50", "lr_decay_steps=10"],
+            &["optimizer=adopt", "variant=\"original\""],
+            &["optimizer=adopt", "clip_exponent=\"none\""],
+            &["optimizer=adam", "schedule=\"constant\"", "warmup_steps=0"],
+            &["init_from=\"gpt2\""],
+        ];
+        for overrides in cases {
+            let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+            let fresh = TrainConfig::from_layers(None, &overrides).unwrap();
+            let saved = fresh.to_table().unwrap();
+            let loaded = TrainConfig::from_table(saved)
+                .unwrap_or_else(|e| panic!("{overrides:?} does not load back: {e}"));
+            assert_eq!(
+                loaded.to_toml().unwrap(),
+                fresh.to_toml().unwrap(),
+                "{overrides:?}"
+            );
+        }
     }
 
     #[test]
@@ -691,7 +726,18 @@ mod tests {
         );
         assert!(err(&["lr=1e-3", "schedule=linear"]).starts_with("bad value for 'schedule'"));
         assert!(err(&["lr_decay_steps=50", "warmup_steps=60"])
-            .contains("warmup_steps (60) exceeds lr_decay_steps (50)"));
+            .contains("warmup_steps (60) exceeds lr_decay_steps (50) and max_steps (2000)"));
+        // A run that ends inside its warmup never meets the drop, whether lr_decay_steps was
+        // given or defaulted to max_steps.
+        assert!(TrainConfig::from_layers(
+            None,
+            &[
+                "lr_decay_steps=20".into(),
+                "warmup_steps=50".into(),
+                "max_steps=50".into()
+            ]
+        )
+        .is_ok());
         assert!(TrainConfig::from_layers(
             None,
             &["lr_decay_steps=50".into(), "warmup_steps=50".into()]

@@ -82,6 +82,10 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Skip malformed records (invalid UTF-8, not a JSON object, no text field), listing
+        /// them, instead of stopping at the first. Empty documents are always skipped.
+        #[arg(long)]
+        skip_bad_records: bool,
     },
     /// Generate text from a run's newest checkpoint.
     Sample {
@@ -461,6 +465,7 @@ fn run(cli: Cli, world: &Rc<World>) -> Result<()> {
             val_tokens,
             threads,
             quiet,
+            skip_bad_records,
         } => {
             limit_threads(threads);
             let options = gpt_pretrain::data::prepare::PrepareOptions {
@@ -473,20 +478,21 @@ fn run(cli: Cli, world: &Rc<World>) -> Result<()> {
                 shard_tokens,
                 val_tokens,
                 progress: !quiet,
+                skip_bad_records,
             };
             let started = std::time::Instant::now();
             let m = gpt_pretrain::data::prepare::prepare(&options)?;
             if !quiet {
                 println!(
-                    "{}: {} documents, {} tokens ({} validation, {} training) in {} shards; {} records skipped; {:.1} s",
+                    "{}: {} documents, {} tokens ({} validation, {} training) in {} shards; {:.1} s; skipped records: {}",
                     out.display(),
                     m.counts.documents,
                     m.counts.tokens,
                     m.val_tokens_written,
                     m.train_tokens_written,
                     m.shards.len(),
-                    m.counts.skipped,
-                    started.elapsed().as_secs_f64()
+                    started.elapsed().as_secs_f64(),
+                    m.counts.skipped_summary(5)
                 );
             }
         }

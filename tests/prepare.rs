@@ -146,7 +146,12 @@ fn shards_hold_hf_tokenizers_ids_with_end_of_text_before_each_document() {
     ));
     assert_eq!(shard_bytes(&pieces), shard_bytes(&out));
     // Our reader agrees with the hand-written one.
-    let file = gpt_pretrain::data::shards::TokenFile::open(&out.join("fx_val_000000.bin")).unwrap();
+    let file = gpt_pretrain::data::shards::TokenFile::open(
+        &out.join("fx_val_000000.bin"),
+        gpt_pretrain::data::shards::DataFormat::Llmc,
+        50257,
+    )
+    .unwrap();
     assert_eq!(file.len(), 300);
     assert_eq!(
         (0..300).map(|i| file.token(i)).collect::<Vec<_>>(),
@@ -292,4 +297,61 @@ fn prepare_refuses_bad_inputs_and_foreign_output_directories() {
         "the byte tokenizer has none",
     );
     assert!(!ws.path("new").join("manifest.json").exists());
+}
+
+#[test]
+fn a_malformed_record_stops_prepare_naming_file_and_line_unless_skipped() {
+    let ws = Workspace::new();
+    let prepare_one = |input: &Path, out: &str, extra: &[&str]| {
+        bin()
+            .arg("prepare")
+            .arg(input)
+            .arg("--out")
+            .arg(ws.path(out))
+            .arg("--tokenizer-path")
+            .arg(gpt2_tokenizer())
+            .args(["--shard-tokens", "1000", "--val-tokens", "20"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // docs.jsonl's line 13 is not JSON; lines 14-16 are malformed too, line 17 is blank.
+    let docs = fixtures().join("docs.jsonl");
+    fails_with(
+        &prepare_one(&docs, "strict", &["--quiet"]),
+        "docs.jsonl:13: not a JSON object (",
+    );
+    assert!(!ws.path("strict/manifest.json").exists());
+    // Opted out: every skip named in the summary, with its reason.
+    let out = prepare_one(&docs, "lenient", &["--skip-bad-records"]);
+    let summary = ok(&out);
+    for (line, reason) in [
+        (13, "not a JSON object"),
+        (14, "no field 'text'"),
+        (15, "field 'text' is not a string"),
+        (16, "invalid UTF-8 at byte"),
+        (17, "blank line"),
+    ] {
+        assert!(
+            summary.contains(&format!("docs.jsonl:{line}: {reason}")),
+            "{summary}"
+        );
+    }
+    assert!(summary.contains("skipped records: 5 ("), "{summary}");
+    // Empty documents are skipped without the flag, and named.
+    let empty = ws.path("empty.jsonl");
+    let text = std::fs::read_to_string(fixtures().join("doc.txt")).unwrap();
+    let record = serde_json::json!({ "text": text }).to_string();
+    std::fs::write(
+        &empty,
+        format!("{record}\n\n{{\"text\": \"\"}}\n{record}\n"),
+    )
+    .unwrap();
+    let summary = ok(&prepare_one(&empty, "empty", &[]));
+    assert!(
+        summary.contains("skipped records: 2 (")
+            && summary.contains("empty.jsonl:2: blank line")
+            && summary.contains("empty.jsonl:3: empty text"),
+        "{summary}"
+    );
 }

@@ -148,14 +148,16 @@ fn bad_token_files_are_refused_naming_the_file() {
         &train("v", &version, ""),
         "has llm.c's magic 20240520 but version 2 (expected 1)",
     );
-    // Token 500 set to 60000 (> GPT-2's 50,257): found when a batch reads it. Windows are
-    // random, so every window is made to cover it: block 32, a 1,000-token shard, many steps.
+    // The last token set to 60000 (> GPT-2's 50,257): found when the file is opened, wherever
+    // it lies and whether or not a window would read it.
     let out_of_vocab = copy("oov", &|b| {
-        for i in (0..1000).step_by(20) {
-            b[1024 + 2 * i..1024 + 2 * i + 2].copy_from_slice(&60000u16.to_le_bytes());
-        }
+        let last = b.len() - 2;
+        b[last..].copy_from_slice(&60000u16.to_le_bytes());
     });
-    fails_with(&train("o", &out_of_vocab, ""), "holds id 60000 at token");
+    fails_with(
+        &train("o", &out_of_vocab, ""),
+        "fx_train_000001.bin holds id 60000 at token 999, outside the tokenizer's vocabulary of 50257",
+    );
     let short = ws.path("short");
     std::fs::create_dir_all(&short).unwrap();
     std::fs::copy(
@@ -200,4 +202,107 @@ fn bad_token_files_are_refused_naming_the_file() {
         &train("bpe", &shards, "tokenizer = \"bpe\""),
         "trains on a text corpus",
     );
+}
+
+#[test]
+fn token_file_layouts_are_never_guessed_and_manifests_are_verified() {
+    let ws = Workspace::new();
+    let shards = prepared(&ws);
+    let train = |name: &str, data: &Path, extra: &str| {
+        let cfg = shard_config(&ws, name, data, extra);
+        ws.train(&["--config", &cfg, "--out", name])
+    };
+    // A copy of the prepared directory with one training shard edited.
+    let edited = |name: &str, with_manifest: bool, edit: &dyn Fn(&mut Vec<u8>)| -> PathBuf {
+        let dir = ws.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(&shards).unwrap() {
+            let entry = entry.unwrap();
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if file == "manifest.json" && !with_manifest {
+                continue;
+            }
+            let mut bytes = std::fs::read(entry.path()).unwrap();
+            if file == "fx_train_000001.bin" {
+                edit(&mut bytes);
+            }
+            std::fs::write(dir.join(&file), bytes).unwrap();
+        }
+        dir
+    };
+    // One bit of the magic flipped (20240520 → 20240521): read as nanoGPT's layout, the header
+    // would be 512 tokens of training data. Refused, with or without the manifest.
+    let flip = |b: &mut Vec<u8>| b[0] ^= 1;
+    fails_with(
+        &train("flip", &edited("flipped", false, &flip), ""),
+        "fx_train_000001.bin has a damaged llm.c header (first int32 20240521",
+    );
+    fails_with(
+        &train("flipm", &edited("flipped-listed", true, &flip), ""),
+        "fx_train_000001.bin is not an llm.c shard: its first int32 is 20240521",
+    );
+    // A token changed within the vocabulary: only the manifest's SHA-256 can tell.
+    let retoken = |b: &mut Vec<u8>| b[1024] ^= 1;
+    fails_with(
+        &train("sum", &edited("changed", true, &retoken), ""),
+        "but its manifest.json lists",
+    );
+    // A shard the manifest does not list.
+    let extra = edited("extra", true, &|_| {});
+    std::fs::copy(
+        extra.join("fx_train_000001.bin"),
+        extra.join("fx_train_000009.bin"),
+    )
+    .unwrap();
+    fails_with(
+        &train("unlisted", &extra, ""),
+        "fx_train_000009.bin lies beside a prepare manifest.json that does not list it",
+    );
+    // A headerless file is nanoGPT's only under nanoGPT's names or with data_format.
+    let nanogpt = fixtures().join("nanogpt");
+    let renamed = ws.path("renamed");
+    std::fs::create_dir_all(&renamed).unwrap();
+    std::fs::copy(nanogpt.join("train.bin"), renamed.join("tokens.bin")).unwrap();
+    let val = format!(
+        "max_steps = 10\nval_data = {:?}",
+        nanogpt.join("val.bin").display().to_string()
+    );
+    fails_with(
+        &train("named", &renamed.join("tokens.bin"), &val),
+        "tokens.bin has no llm.c header and is not named train.bin or val.bin",
+    );
+    ok(&train(
+        "declared",
+        &renamed.join("tokens.bin"),
+        &format!("{val}\ndata_format = \"nanogpt\""),
+    ));
+    assert_eq!(
+        train_losses(&ws.path("declared")),
+        train_losses_of_nanogpt_fixture(&ws)
+    );
+    fails_with(
+        &train(
+            "wrong",
+            &edited("plain", false, &|_| {}),
+            "data_format = \"nanogpt\"",
+        ),
+        "starts with llm.c's header, but data_format = \"nanogpt\" says it has none",
+    );
+    fails_with(
+        &train("listed", &shards, "data_format = \"nanogpt\""),
+        "holds a prepare manifest.json, which describes llm.c shards",
+    );
+    fails_with(
+        &train("text", &tinyshakespeare(), "data_format = \"llmc\""),
+        "data_format goes with token files",
+    );
+    // The prepared directory itself, untouched, trains.
+    ok(&train("intact", &shards, "max_steps = 5"));
+}
+
+/// nanoGPT's fixture pair trained for 10 steps by the workspace config.
+fn train_losses_of_nanogpt_fixture(ws: &Workspace) -> Vec<(u64, f64)> {
+    let cfg = shard_config(ws, "pair", &fixtures().join("nanogpt"), "max_steps = 10");
+    ok(&ws.train(&["--config", &cfg, "--out", "pair"]));
+    train_losses(&ws.path("pair"))
 }

@@ -11,7 +11,7 @@ pub mod prepare;
 pub mod shards;
 pub mod tokenizer;
 
-use crate::data::shards::TokenFile;
+use crate::data::shards::{DataFormat, TokenFile};
 use crate::data::tokenizer::Tokenizer;
 use crate::fsutil::{sha256_file, sha256_hex, write_atomic};
 use anyhow::{bail, Context, Result};
@@ -21,6 +21,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -137,6 +138,8 @@ pub enum DataSource {
     Files {
         train: Vec<PathBuf>,
         val: Vec<PathBuf>,
+        /// How they are laid out (`data_format`).
+        format: DataFormat,
     },
 }
 
@@ -161,8 +164,9 @@ fn glob_files(pattern: &str, key: &str) -> Result<Vec<PathBuf>> {
 impl DataSource {
     /// Resolves the `data` and `val_data` keys: a text file; a directory of llm.c shards
     /// (`*_train_*.bin` and `*_val_*.bin`) or of nanoGPT's `train.bin` and `val.bin`; or a glob
-    /// or `.bin` file of training tokens with `val_data` naming the validation ones.
-    pub fn resolve(data: &str, val_data: Option<&str>) -> Result<Self> {
+    /// or `.bin` file of training tokens with `val_data` naming the validation ones. `format`
+    /// (`data_format`) says how token files are laid out; it has no meaning for a text corpus.
+    pub fn resolve(data: &str, val_data: Option<&str>, format: DataFormat) -> Result<Self> {
         let path = Path::new(data);
         let val = |default: Option<Vec<PathBuf>>| -> Result<Vec<PathBuf>> {
             match (val_data, default) {
@@ -202,12 +206,14 @@ impl DataSource {
             return Ok(Self::Files {
                 train,
                 val: val(Some(val_found))?,
+                format,
             });
         }
         if is_glob(data) {
             return Ok(Self::Files {
                 train: glob_files(data, "data")?,
                 val: val(None)?,
+                format,
             });
         }
         if path.extension().is_some_and(|e| e == "bin") {
@@ -217,12 +223,16 @@ impl DataSource {
             return Ok(Self::Files {
                 train: vec![path.to_path_buf()],
                 val: val(None)?,
+                format,
             });
         }
         if val_data.is_some() {
             bail!(
                 "val_data goes with token files; a text corpus ({data}) is split by val_fraction"
             );
+        }
+        if !format.is_auto() {
+            bail!("data_format goes with token files; {data} is a text corpus");
         }
         Ok(Self::Text(Corpus::read(path)?))
     }
@@ -232,7 +242,7 @@ impl DataSource {
     pub fn describe(&self, data: &str) -> String {
         match self {
             Self::Text(c) => c.path.display().to_string(),
-            Self::Files { train, val } => {
+            Self::Files { train, val, .. } => {
                 format!(
                     "{data} ({} training and {} validation token files)",
                     train.len(),
@@ -248,7 +258,7 @@ impl DataSource {
     pub fn sha256(&self) -> Result<String> {
         match self {
             Self::Text(c) => Ok(c.sha256.clone()),
-            Self::Files { train, val } => {
+            Self::Files { train, val, .. } => {
                 let mut listing = String::new();
                 let mut manifests = std::collections::BTreeSet::new();
                 for (split, files) in [("train", train), ("val", val)] {
@@ -293,57 +303,83 @@ impl TokenData {
             DataSource::Text(corpus) => {
                 Self::load(corpus, tokenizer, cache_dir, val_fraction, block_size)
             }
-            DataSource::Files { train, val } => Self::open_files(train, val, tokenizer, block_size),
+            DataSource::Files { train, val, format } => {
+                Self::open_files(train, val, *format, tokenizer, block_size)
+            }
         }
     }
 
     /// Memory-maps token files (llm.c shards or nanoGPT `.bin`), each checked on open
-    /// ([`TokenFile::open`]: header, size) and against `block_size` (a file shorter than one
-    /// window of `block_size + 1` tokens is refused, as llm.c's loader would fail on it). Where a
-    /// `manifest.json` from `prepare` lies beside them, its tokenizer must be `tokenizer`. Ids
-    /// are checked against the vocabulary as batches read them.
+    /// ([`TokenFile::open`]: layout as `format` says, header, size, every id against the
+    /// vocabulary) and against `block_size` (a file shorter than one window of `block_size + 1`
+    /// tokens is refused, as llm.c's loader would fail on it). Where a `manifest.json` from
+    /// `prepare` lies beside them, its tokenizer must be `tokenizer`, and every file must be one
+    /// it lists, an llm.c shard with the listed token count and SHA-256. Files are checked in
+    /// parallel.
     pub fn open_files(
         train: &[PathBuf],
         val: &[PathBuf],
+        format: DataFormat,
         tokenizer: &Tokenizer,
         block_size: usize,
     ) -> Result<Self> {
         let fingerprint = tokenizer.fingerprint()?;
-        let mut checked_dirs = std::collections::BTreeSet::new();
-        let mut open = |paths: &[PathBuf]| -> Result<Segments> {
-            let mut files = Vec::with_capacity(paths.len());
-            for p in paths {
-                let file = TokenFile::open(p)?;
-                if file.len() < block_size + 1 {
+        let vocab_size = tokenizer.vocab_size();
+        let mut manifests: BTreeMap<PathBuf, Option<prepare::Manifest>> = BTreeMap::new();
+        for p in train.iter().chain(val) {
+            let dir = p.parent().unwrap_or(Path::new(".")).to_path_buf();
+            if manifests.contains_key(&dir) {
+                continue;
+            }
+            let manifest = if dir.join("manifest.json").is_file() {
+                if format == DataFormat::NanoGpt {
                     bail!(
-                        "token file {} holds {} tokens, fewer than one window of block_size + 1 = {}",
-                        p.display(),
-                        file.len(),
-                        block_size + 1
+                        "data_format = \"nanogpt\", but {} holds a prepare manifest.json, which describes llm.c shards",
+                        dir.display()
                     );
                 }
-                let dir = p.parent().unwrap_or(Path::new(".")).to_path_buf();
-                if checked_dirs.insert(dir.clone()) && dir.join("manifest.json").is_file() {
-                    let manifest = prepare::Manifest::read(&dir)?;
-                    if manifest.identity.tokenizer.sha256 != fingerprint {
-                        bail!(
-                            "token files in {} were prepared with tokenizer {} (sha256 {}), not the run's (sha256 {})",
-                            dir.display(),
-                            manifest.identity.tokenizer.name,
-                            &manifest.identity.tokenizer.sha256[..12],
-                            &fingerprint[..12]
-                        );
-                    }
+                let manifest = prepare::Manifest::read(&dir)?;
+                if manifest.identity.tokenizer.sha256 != fingerprint {
+                    bail!(
+                        "token files in {} were prepared with tokenizer {} (sha256 {}), not the run's (sha256 {})",
+                        dir.display(),
+                        manifest.identity.tokenizer.name,
+                        &manifest.identity.tokenizer.sha256[..12],
+                        &fingerprint[..12]
+                    );
                 }
-                files.push(file);
+                Some(manifest)
+            } else {
+                None
+            };
+            manifests.insert(dir, manifest);
+        }
+        let open_one = |p: &PathBuf| -> Result<TokenFile> {
+            let dir = p.parent().unwrap_or(Path::new("."));
+            let manifest = manifests.get(dir).and_then(Option::as_ref);
+            let file = match manifest {
+                Some(manifest) => open_listed(p, manifest, vocab_size)?,
+                None => TokenFile::open(p, format, vocab_size)?,
+            };
+            if file.len() < block_size + 1 {
+                bail!(
+                    "token file {} holds {} tokens, fewer than one window of block_size + 1 = {}",
+                    p.display(),
+                    file.len(),
+                    block_size + 1
+                );
             }
+            Ok(file)
+        };
+        let open = |paths: &[PathBuf]| -> Result<Segments> {
+            let files = paths.par_iter().map(open_one).collect::<Result<Vec<_>>>()?;
             Ok(Segments::new(files))
         };
         let (train, val) = (open(train)?, open(val)?);
         Ok(Self {
             n_tokens: train.len + val.len,
             n_train: train.len,
-            vocab_size: tokenizer.vocab_size(),
+            vocab_size,
             cache_path: train.files[0].path.clone(),
             backing: Backing::Files { train, val },
         })
@@ -556,6 +592,37 @@ fn tokenize_corpus(text: &str, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
         .map(|chunk| tokenizer.encode(chunk))
         .collect::<Result<_>>()?;
     Ok(pieces.concat())
+}
+
+/// Opens a token file from a directory `prepare` wrote: the manifest must list it, and it must
+/// be the llm.c shard the manifest describes (token count and SHA-256).
+fn open_listed(path: &Path, manifest: &prepare::Manifest, vocab_size: usize) -> Result<TokenFile> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let Some(record) = manifest.shards.iter().find(|r| r.file == name) else {
+        bail!(
+            "token file {} lies beside a prepare manifest.json that does not list it",
+            path.display()
+        );
+    };
+    let file = TokenFile::open(path, DataFormat::Llmc, vocab_size)?;
+    if file.len() as u64 != record.tokens {
+        bail!(
+            "token file {} holds {} tokens, but its manifest.json lists {}",
+            path.display(),
+            file.len(),
+            record.tokens
+        );
+    }
+    let sha256 = sha256_file(path)?;
+    if sha256 != record.sha256 {
+        bail!(
+            "token file {} has SHA-256 {}, but its manifest.json lists {}: the file changed or is damaged",
+            path.display(),
+            &sha256[..16],
+            &record.sha256[..16]
+        );
+    }
+    Ok(file)
 }
 
 /// How training windows are drawn.

@@ -58,6 +58,10 @@ pub struct PrepareOptions {
     pub val_tokens: Option<u64>,
     /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Skip malformed records (invalid UTF-8, not a JSON object, no text field) instead of
+    /// stopping at the first; each is counted and listed in the manifest. Empty documents are
+    /// always skipped.
+    pub skip_bad_records: bool,
 }
 
 /// One input file, as it was when prepared.
@@ -143,6 +147,29 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// The skipped records for a summary line: how many, and the first `shown` with their
+    /// reasons (`"none"` when there were none).
+    pub fn skipped_summary(&self, shown: usize) -> String {
+        if self.skipped == 0 {
+            return "none".into();
+        }
+        let listed: Vec<String> = self
+            .skips
+            .iter()
+            .take(shown)
+            .map(|s| format!("{}: {}", s.location, s.reason))
+            .collect();
+        let more = if self.skipped as usize > listed.len() {
+            format!(
+                "; {} more in manifest.json",
+                self.skipped as usize - listed.len()
+            )
+        } else {
+            String::new()
+        };
+        format!("{} ({}{more})", self.skipped, listed.join("; "))
+    }
+
     fn count_skip(&mut self, skip: Skip) {
         self.skipped += 1;
         *self
@@ -297,6 +324,8 @@ struct Batch {
 /// tokenizer (they are still read from disk: the formats have no index).
 struct Reader {
     field: String,
+    /// Whether malformed records are skipped rather than an error.
+    skip_bad_records: bool,
     sender: SyncSender<Result<Batch>>,
     next_document: u64,
     skip_documents: u64,
@@ -325,9 +354,25 @@ impl Reader {
         Ok(())
     }
 
+    /// Whether the record being read lies before the document a resumed run starts at: the
+    /// interrupted run already counted its skips (or stopped at it).
+    fn before_resume_point(&self) -> bool {
+        self.resuming && self.next_document <= self.skip_documents
+    }
+
+    /// A malformed record: an error naming it, or with `skip_bad_records` a counted skip.
+    fn bad_record(&mut self, location: String, reason: String) -> Result<()> {
+        if self.skip_bad_records || self.before_resume_point() {
+            self.skip(location, reason);
+            return Ok(());
+        }
+        bail!("{location}: {reason}; a malformed record (--skip-bad-records skips and lists such records)")
+    }
+
+    /// A record that is not in the stream: an empty document, or (see `bad_record`) a
+    /// malformed one that may be skipped.
     fn skip(&mut self, location: String, reason: impl Into<String>) {
-        // Skips up to the resumed document were counted by the interrupted run.
-        if self.resuming && self.next_document <= self.skip_documents {
+        if self.before_resume_point() {
             return;
         }
         let skip = Skip {
@@ -383,10 +428,10 @@ impl Reader {
         match String::from_utf8(bytes) {
             Ok(text) if text.is_empty() => self.skip(location, "empty text"),
             Ok(text) => self.push_document(text)?,
-            Err(e) => self.skip(
+            Err(e) => self.bad_record(
                 location,
                 format!("invalid UTF-8 at byte {}", e.utf8_error().valid_up_to()),
-            ),
+            )?,
         }
         Ok(())
     }
@@ -412,10 +457,10 @@ impl Reader {
             }
             let text = match std::str::from_utf8(content) {
                 Err(e) => {
-                    self.skip(
+                    self.bad_record(
                         location,
                         format!("invalid UTF-8 at byte {} of the line", e.valid_up_to()),
-                    );
+                    )?;
                     continue;
                 }
                 Ok(text) => text,
@@ -423,7 +468,7 @@ impl Reader {
             let mut record: serde_json::Map<String, serde_json::Value> =
                 match serde_json::from_str(text) {
                     Err(e) => {
-                        self.skip(location, format!("not a JSON object ({e})"));
+                        self.bad_record(location, format!("not a JSON object ({e})"))?;
                         continue;
                     }
                     Ok(record) => record,
@@ -433,8 +478,11 @@ impl Reader {
                     self.skip(location, "empty text")
                 }
                 Some(serde_json::Value::String(s)) => self.push_document(s)?,
-                Some(_) => self.skip(location, format!("field '{}' is not a string", self.field)),
-                None => self.skip(location, format!("no field '{}'", self.field)),
+                Some(_) => {
+                    let reason = format!("field '{}' is not a string", self.field);
+                    self.bad_record(location, reason)?
+                }
+                None => self.bad_record(location, format!("no field '{}'", self.field))?,
             }
         }
     }
@@ -473,10 +521,10 @@ impl Reader {
                 Some(Field::Bytes(b)) => match std::str::from_utf8(b.data()) {
                     Ok("") => self.skip(location, "empty text"),
                     Ok(s) => self.push_document(s.to_owned())?,
-                    Err(e) => self.skip(
+                    Err(e) => self.bad_record(
                         location,
                         format!("invalid UTF-8 at byte {}", e.valid_up_to()),
-                    ),
+                    )?,
                 },
                 Some(Field::Null) | None => self.skip(location, "null text"),
                 Some(other) => bail!(
@@ -809,10 +857,12 @@ pub fn prepare(opts: &PrepareOptions) -> Result<Manifest> {
 
     let (sender, receiver) = sync_channel::<Result<Batch>>(1);
     let field = identity.text_field.clone();
+    let skip_bad_records = opts.skip_bad_records;
     let reader_files = files.clone();
     let reader = std::thread::spawn(move || {
         let mut reader = Reader {
             field,
+            skip_bad_records,
             sender: sender.clone(),
             next_document: 0,
             skip_documents: start.document,

@@ -336,11 +336,11 @@ impl Gpt {
         let wte = params.get("transformer.wte.weight")?.as_tensor().clone();
         let (device, dtype) = (wte.device().clone(), wte.dtype());
         let precision = if device.is_cpu() && compute == DType::BF16 && dtype != DType::BF16 {
-            if dtype != DType::F32 || crate::ops::onednn::onednn().is_none() {
-                bail!(
-                    "bf16 matmuls on CPU need f32 parameters and oneDNN ({})",
-                    crate::ops::onednn::backend_description()
-                );
+            if dtype != DType::F32 {
+                bail!("bf16 matmuls on CPU need f32 parameters, not {dtype:?}");
+            }
+            if let Some(reason) = crate::ops::onednn::bf16_matmuls_unavailable() {
+                bail!("bf16 matmuls on CPU need oneDNN's bf16 matmuls, and {reason}");
             }
             Precision {
                 compute: dtype,

@@ -201,6 +201,27 @@ pub fn onednn() -> Option<&'static OneDnn> {
         .as_ref()
 }
 
+/// Why this process cannot run bf16 matmuls on CPU, or `None` when it can: oneDNN must load and
+/// have a bf16 matmul for this CPU (oneDNN 2.x has none without AVX-512). Checked once, by
+/// compiling a small bf16 primitive.
+pub fn bf16_matmuls_unavailable() -> Option<String> {
+    static REASON: OnceLock<Option<String>> = OnceLock::new();
+    REASON
+        .get_or_init(|| match onednn() {
+            None => Some(format!("the CPU matmuls run on {}", backend_description())),
+            Some(dnnl) => dnnl
+                .implementation((16, 16, 16), Elem::Bf16)
+                .err()
+                .map(|_| {
+                    format!(
+                        "oneDNN {} has no bf16 matmul for this CPU (oneDNN 2.x needs AVX-512)",
+                        dnnl.version
+                    )
+                }),
+        })
+        .clone()
+}
+
 /// A line for logs: which CPU matmul backend runs, and why.
 pub fn backend_description() -> String {
     match onednn() {

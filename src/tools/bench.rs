@@ -1,7 +1,8 @@
 //! `gpt-pretrain bench`: training-step timing on random tokens (no data needed), split into
 //! forward, backward and optimizer, with achieved GFLOP/s and model-FLOPs utilisation against the
 //! matmul peak measured on the same machine, and peak resident memory. The configurations match
-//! `../shared/bench/torch_gpt_bench.py` so the two can be run side by side.
+//! PyTorch's reference GPT (`torch_gpt_bench.py`, `scripts/cpu_bench.sh`) so the two can be run
+//! side by side.
 
 use crate::config::Precision;
 use crate::model::{Gpt, GptConfig, Params};
@@ -169,12 +170,16 @@ impl CpuPeaks {
             4 * setup.n_embd,
             setup.n_embd,
         );
+        let bf16 = crate::ops::onednn::bf16_matmuls_unavailable().is_none();
         let onednn_kernels = match crate::ops::onednn::onednn() {
             Some(dnnl) => {
                 use crate::ops::onednn::Elem;
                 Some((
                     dnnl.implementation(mlp, Elem::F32)?,
-                    dnnl.implementation(mlp, Elem::Bf16)?,
+                    match bf16 {
+                        true => dnnl.implementation(mlp, Elem::Bf16)?,
+                        false => "none (no bf16 matmul for this CPU)".into(),
+                    },
                 ))
             }
             None => None,
@@ -184,7 +189,10 @@ impl CpuPeaks {
             backend: crate::ops::onednn::backend_description(),
             gemm_f32: matmul_peak(setup, &Device::Cpu, DType::F32)?,
             onednn_f32: onednn(MatmulPrecision::F32)?,
-            onednn_bf16: onednn(MatmulPrecision::Bf16)?,
+            onednn_bf16: match bf16 {
+                true => onednn(MatmulPrecision::Bf16)?,
+                false => None,
+            },
         })
     }
 

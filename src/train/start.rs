@@ -44,7 +44,7 @@ impl Trainer {
         }
         let device = crate::device::parse_device(&world.device_spec(&cfg.device)?)?;
         world.attach_device(&device)?;
-        let source = DataSource::resolve(&cfg.data, cfg.val_data.as_deref())?;
+        let source = DataSource::resolve(&cfg.data, cfg.val_data.as_deref(), cfg.data_format)?;
         let tokenizer = match cfg.tokenizer {
             TokenizerKind::Byte => Tokenizer::Byte,
             TokenizerKind::Gpt2 => Tokenizer::gpt2(cfg.tokenizer_path.as_deref().map(Path::new))?,
@@ -65,7 +65,14 @@ impl Trainer {
             false => None,
         };
         let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
-        let data = token_data(&world, &source, &tokenizer, &cfg, model_cfg.block_size)?;
+        let data = token_data(
+            &world,
+            &source,
+            &tokenizer,
+            &cfg,
+            model_cfg.block_size,
+            reporting,
+        )?;
         let params = match &pretrained {
             Some(dir) => crate::model::hf::read_weights(dir, &model_cfg, &device)?,
             None => Params::init(&model_cfg, cfg.seed, DType::F32, &device)?,
@@ -204,7 +211,7 @@ impl Trainer {
                 run_dir.join(CONFIG_FILE).display()
             );
         }
-        let source = DataSource::resolve(&cfg.data, cfg.val_data.as_deref())?;
+        let source = DataSource::resolve(&cfg.data, cfg.val_data.as_deref(), cfg.data_format)?;
         let data_sha256 = source.sha256()?;
         let tokenizer = load_run_tokenizer(run_dir, &cfg)?;
         let fingerprint = tokenizer.fingerprint()?;
@@ -262,7 +269,14 @@ impl Trainer {
             Some(&checkpoint_id),
         )?;
         let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
-        let data = token_data(&world, &source, &tokenizer, &cfg, model_cfg.block_size)?;
+        let data = token_data(
+            &world,
+            &source,
+            &tokenizer,
+            &cfg,
+            model_cfg.block_size,
+            reporting,
+        )?;
         let params = Params::from_tensors(&model_cfg, ckpt.model, DType::F32, &device)
             .with_context(|| format!("cannot load {}", ckpt.dir.display()))?;
         let shards = zero_shards(&world, &cfg, &params);
@@ -350,10 +364,12 @@ fn token_data(
     tokenizer: &Tokenizer,
     cfg: &TrainConfig,
     block_size: usize,
+    reporting: &Reporting,
 ) -> Result<TokenData> {
     if !world.is_root() {
         world.barrier();
     }
+    let started = std::time::Instant::now();
     let data = TokenData::from_source(
         source,
         tokenizer,
@@ -363,6 +379,17 @@ fn token_data(
     );
     if world.is_root() {
         world.barrier();
+    }
+    if let (Ok(data), DataSource::Files { train, val, .. }) = (&data, source) {
+        if !reporting.quiet && world.is_root() {
+            println!(
+                "token files: {} training and {} validation, {} tokens, every id checked in {:.2} s",
+                train.len(),
+                val.len(),
+                data.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     data
 }
@@ -467,12 +494,14 @@ fn warn_about_schedule(cfg: &TrainConfig, resuming: bool) {
             cfg.warmup_steps, cfg.max_steps
         );
     }
-    let decay_steps = cfg.lr_decay_steps.expect("resolved");
-    if resuming && cfg.schedule == ScheduleKind::Cosine && cfg.max_steps > decay_steps {
+    // The cosine holds min_lr from lr_decay_steps on, or from the warmup's end when that is later.
+    let min_lr_from = cfg.lr_decay_steps.expect("resolved").max(cfg.warmup_steps);
+    if resuming && cfg.schedule == ScheduleKind::Cosine && cfg.max_steps > min_lr_from {
         eprintln!(
-            "warning: max_steps ({}) is past lr_decay_steps ({decay_steps}), which a resumed run \
-             keeps: steps {decay_steps}-{} train at min_lr ({:e})",
+            "warning: max_steps ({}) is past lr_decay_steps ({}), which a resumed run keeps: \
+             steps {min_lr_from}-{} train at min_lr ({:e})",
             cfg.max_steps,
+            cfg.lr_decay_steps.expect("resolved"),
             cfg.max_steps,
             cfg.min_lr.expect("resolved")
         );

@@ -101,7 +101,8 @@ impl Workspace {
         self.train_env(args, &[])
     }
 
-    /// `train --quiet ARGS` in the workspace with extra environment variables.
+    /// `train --quiet ARGS` in the workspace with extra environment variables. When it succeeds,
+    /// the run it trained is read back by every command that loads a run ([`assert_reloads`]).
     pub fn train_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = bin();
         cmd.current_dir(self.dir.path())
@@ -111,7 +112,132 @@ impl Workspace {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.output().unwrap()
+        let out = cmd.output().unwrap();
+        if out.status.success() {
+            if let Some(run) = trained_run_dir(args) {
+                assert_reloads(self.dir.path(), &self.dir.path().join(run), env);
+            }
+        }
+        out
+    }
+}
+
+/// The run directory a `train` command line wrote: `--out`, `--resume`, or the default
+/// `runs/<config name>`.
+pub fn trained_run_dir(args: &[&str]) -> Option<PathBuf> {
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| *a == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+    };
+    value("--out").or_else(|| value("--resume")).or_else(|| {
+        let config = value("--config")?;
+        Some(Path::new("runs").join(config.file_stem()?))
+    })
+}
+
+/// Every config that `train` accepted must load in every command that reads a run directory.
+/// Reads `run` back with `train --resume` (at its own max_steps: nothing to train),
+/// `export --hf`, `compare`, `eval`, `sample` and, for a finished run, `sweep` over its own
+/// config (which finds it done). Each works on a copy, so the run itself is untouched; `cwd` is
+/// where the run was trained (its config's relative paths start there).
+pub fn assert_reloads(cwd: &Path, run: &Path, env: &[(&str, &str)]) {
+    let scratch = tempfile::tempdir().unwrap();
+    let seed = read_config(run)["seed"].as_integer().unwrap();
+    // sweep names a run with no grid seed-N; the copy takes that name.
+    let copy = scratch.path().join("sweep").join(format!("seed-{seed}"));
+    copy_dir(run, &copy);
+    let text = scratch.path().join("text.txt");
+    let corpus = std::fs::read_to_string(tinyshakespeare()).unwrap();
+    std::fs::write(&text, &corpus[..4096]).unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let finished = {
+        let max_steps = read_config(run)["max_steps"].as_integer().unwrap();
+        copy.join(format!("checkpoints/step-{max_steps:08}"))
+            .is_dir()
+    };
+    let mut commands: Vec<Vec<String>> = vec![
+        vec![
+            "train".into(),
+            "--quiet".into(),
+            "--resume".into(),
+            path(&copy),
+        ],
+        vec![
+            "export".into(),
+            path(&copy),
+            "--hf".into(),
+            path(&scratch.path().join("hf")),
+        ],
+        vec![
+            "compare".into(),
+            path(&copy),
+            "--out".into(),
+            path(&scratch.path().join("cmp")),
+        ],
+        vec![
+            "eval".into(),
+            path(&copy),
+            "--data".into(),
+            path(&text),
+            "--out".into(),
+            path(&scratch.path().join("eval.json")),
+        ],
+        vec![
+            "sample".into(),
+            path(&copy),
+            "--prompt".into(),
+            "a".into(),
+            "--max-new-tokens".into(),
+            "2".into(),
+        ],
+    ];
+    if finished {
+        commands.push(vec![
+            "sweep".into(),
+            "--quiet".into(),
+            "--config".into(),
+            path(&copy.join("config.toml")),
+            "--seeds".into(),
+            seed.to_string(),
+            "--out".into(),
+            path(&scratch.path().join("sweep")),
+        ]);
+    }
+    for args in commands {
+        let mut cmd = bin();
+        cmd.current_dir(cwd).args(&args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "the run {} that train accepted does not load in `{}`: {}",
+            run.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A run directory's saved config.
+pub fn read_config(run: &Path) -> toml::Table {
+    toml::from_str(&std::fs::read_to_string(run.join("config.toml")).unwrap()).unwrap()
+}
+
+/// Copies a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
     }
 }
 
@@ -189,9 +315,9 @@ pub fn prepare_fixtures() -> PathBuf {
     project_root().join("tests/fixtures/prepare")
 }
 
-/// `prepare --quiet` on the fixtures' documents (docs.jsonl, docs.jsonl.zst, docs.parquet,
-/// doc.txt: expected.json's stream order) into `out`, with GPT-2's tokenizer, `extra` arguments
-/// and environment variables.
+/// `prepare --quiet --skip-bad-records` on the fixtures' documents (docs.jsonl, docs.jsonl.zst,
+/// docs.parquet, doc.txt: expected.json's stream order, which skips docs.jsonl's malformed
+/// lines) into `out`, with GPT-2's tokenizer, `extra` arguments and environment variables.
 pub fn prepare_fixture_documents(out: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let inputs = ["docs.jsonl", "docs.jsonl.zst", "docs.parquet", "doc.txt"]
         .map(|f| prepare_fixtures().join(f));
@@ -202,7 +328,7 @@ pub fn prepare_fixture_documents(out: &Path, extra: &[&str], env: &[(&str, &str)
         .arg(out)
         .arg("--tokenizer-path")
         .arg(gpt2_tokenizer())
-        .arg("--quiet")
+        .args(["--quiet", "--skip-bad-records"])
         .args(extra);
     for (k, v) in env {
         cmd.env(k, v);
