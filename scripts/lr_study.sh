@@ -69,7 +69,7 @@ else
     BATCHES=(20:750:75:75 4:3750:375:375)
     EXTRA=()
     if [[ ! -s data/gutenberg_en.txt ]] && ((!report_only)); then
-        echo "error: data/gutenberg_en.txt is missing; run DATA_MIRROR=../shared/data bash scripts/get_data.sh --gutenberg" >&2
+        echo "error: data/gutenberg_en.txt is missing; set DATA_MIRROR to a folder holding gutenberg_en.txt and run bash scripts/get_data.sh --gutenberg" >&2
         exit 1
     fi
 fi
@@ -109,7 +109,8 @@ run() {
     # has no checkpoint from nothing).
     if [[ -d $dir ]]; then
         local host
-        host="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(date -u +%F)"
+        # The model name alone is "AMD EPYC" on Zen 3, 4 and 5 alike: family and model tell them apart.
+        host="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1) (family $(lscpu | sed -n 's/^CPU family: *//p' | head -n 1) model $(lscpu | sed -n 's/^Model: *//p' | head -n 1)), $(date -u +%F)"
         grep -qxF "$host" "$dir/HOSTS" 2> /dev/null || echo "$host" >> "$dir/HOSTS"
     fi
     # A run diverged when training stopped it on a non-finite loss ("loss became …"); any other

@@ -167,10 +167,14 @@ enum Command {
         /// Report the tokens each run needed to reach this validation loss.
         #[arg(long)]
         target_loss: Option<f64>,
+        /// Tests fixed in advance (TOML: families of arm pairs, each Holm-corrected on its own)
+        /// instead of every pair that differs only in the optimizer.
+        #[arg(long, value_name = "FILE")]
+        tests: Option<PathBuf>,
     },
     /// Time training steps on random tokens: forward, backward, optimizer, tokens/s, MFU, memory.
     Bench {
-        /// tiny, tiny50k, baby or gpt2 (the shapes of ../shared/bench/torch_gpt_bench.py).
+        /// tiny, tiny50k, baby or gpt2 (the shapes of PyTorch's reference torch_gpt_bench.py).
         #[arg(long, default_value = "baby")]
         preset: String,
         /// Timed steps (after 2 warm-up steps).
@@ -371,8 +375,11 @@ fn run(cli: Cli, world: &Rc<World>) -> Result<()> {
             runs,
             out,
             target_loss,
+            tests,
         } => {
-            let report = gpt_pretrain::study::compare::compare(&runs, &out, target_loss)?;
+            use gpt_pretrain::study::compare::{compare, TestPlan};
+            let plan = tests.as_deref().map(TestPlan::read).transpose()?;
+            let report = compare(&runs, &out, target_loss, plan.as_ref())?;
             println!("{report}");
             println!(
                 "wrote {}/report.md and plots (val_loss, train_loss, lr_grad_norm, lr_sensitivity .png/.svg)",

@@ -337,3 +337,129 @@ fn an_lr_sweep_reports_each_arms_best_lr_and_tests_only_those() {
             && svg.contains("Adam β2=0.999")
     );
 }
+
+#[test]
+fn a_test_plan_makes_its_families_and_the_report_shows_clipping_and_beta2() {
+    let ws = Workspace::new();
+    sweep(
+        &ws,
+        &[
+            "--grid",
+            "optimizer=adamw,adopt",
+            "--grid",
+            "betas=[0.9,0.95],[0.9,0.999]",
+        ],
+        "0,1",
+    );
+    let plan = ws.path("tests.toml");
+    std::fs::write(
+        &plan,
+        r#"
+[[family]]
+name = "matched"
+pairs = [["ADOPT β2=0.95", "Adam β2=0.95"], ["ADOPT β2=0.999", "Adam β2=0.999"]]
+
+[[family]]
+name = "best of each"
+best_of = [["ADOPT β2=0.95", "ADOPT β2=0.999"], ["Adam β2=0.95", "Adam β2=0.999"]]
+"#,
+    )
+    .unwrap();
+    let compare = |plan: &std::path::Path| {
+        bin()
+            .current_dir(ws.dir.path())
+            .args(["compare", "sweep", "--out", "report", "--tests"])
+            .arg(plan)
+            .output()
+            .unwrap()
+    };
+    ok(&compare(&plan));
+    let md = std::fs::read_to_string(ws.path("report/report.md")).unwrap();
+    let family = |name: &str| -> Vec<String> {
+        let section = md.split(&format!("### {name}\n")).nth(1).unwrap();
+        let section = section.split("\n### ").next().unwrap();
+        section
+            .lines()
+            .filter(|l| l.starts_with("| Adam") || l.starts_with("| ADOPT"))
+            .map(String::from)
+            .collect()
+    };
+    let matched = family("matched");
+    assert_eq!(matched.len(), 2, "{md}");
+    assert!(matched[0].starts_with("| ADOPT β2=0.95, batch 4, lr 1e-2 | Adam β2=0.95, batch 4"));
+    assert!(matched[1].starts_with("| ADOPT β2=0.999, batch 4, lr 1e-2 | Adam β2=0.999, batch 4"));
+    // Holm within the family of two: the smaller raw p doubled (capped at 1). The table prints
+    // p with three decimals (two significant digits below 0.001), so allow for that rounding.
+    let p = |row: &str, col: usize| -> f64 { row.split(" | ").nth(col).unwrap().parse().unwrap() };
+    let smaller = if p(&matched[0], 5) <= p(&matched[1], 5) {
+        &matched[0]
+    } else {
+        &matched[1]
+    };
+    let (raw, adjusted) = (p(smaller, 5), p(smaller, 6));
+    assert!(
+        ((2.0 * raw).min(1.0) - adjusted).abs() <= 1.5e-3 + 0.1 * adjusted,
+        "{smaller}"
+    );
+    // best_of: the ADOPT arm with the lower mean final validation loss, from the runs' metrics.
+    let mean_final = |optimizer: &str, beta2: &str| -> f64 {
+        (0..2)
+            .map(|seed| {
+                let run = ws.path(&format!(
+                    "sweep/optimizer-{optimizer}_betas-_0.9_{beta2}__seed-{seed}"
+                ));
+                read_json_lines(&run.join("metrics.jsonl"))
+                    .iter()
+                    .rfind(|v| v["split"] == "val")
+                    .unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .sum::<f64>()
+            / 2.0
+    };
+    let best_adopt = if mean_final("adopt", "0.95") <= mean_final("adopt", "0.999") {
+        "ADOPT β2=0.95,"
+    } else {
+        "ADOPT β2=0.999,"
+    };
+    let best = family("best of each");
+    assert_eq!(best.len(), 1, "{md}");
+    assert!(
+        best[0].starts_with(&format!("| {best_adopt}")),
+        "{} vs {best_adopt}",
+        best[0]
+    );
+    // Clipped steps of one run, counted from its metrics (grad_clip 1.0: norm > 1 is clipped).
+    let run = ws.path("sweep/optimizer-adopt_betas-_0.9_0.95__seed-0");
+    let norms: Vec<f64> = read_json_lines(&run.join("metrics.jsonl"))
+        .iter()
+        .filter(|v| v["split"] == "train")
+        .map(|v| v["grad_norm"].as_f64().unwrap())
+        .collect();
+    let share = norms.iter().filter(|&&n| n > 1.0).count() as f64 / norms.len() as f64;
+    let clipping = md.split("## Gradient clipping").nth(1).unwrap();
+    let row = clipping
+        .lines()
+        .find(|l| l.starts_with("| ADOPT β2=0.95, batch 4"))
+        .unwrap();
+    let first_share = row.split(" | ").nth(2).unwrap().split(", ").next().unwrap();
+    assert_eq!(first_share, format!("{:.1}%", 100.0 * share), "{row}");
+    // The β2 figure: one line per update rule over the two β2.
+    let svg = std::fs::read_to_string(ws.path("report/beta2.svg")).unwrap();
+    assert!(svg.contains("against β2") && svg.contains("ADOPT") && svg.contains("Adam"));
+    // A plan naming an arm no run has is refused, naming it.
+    let typo = ws.path("typo.toml");
+    std::fs::write(
+        &typo,
+        "[[family]]\nname = \"x\"\npairs = [[\"ADOPT β2=0.5\", \"Adam β2=0.95\"]]\n",
+    )
+    .unwrap();
+    fails_with(
+        &compare(&typo),
+        "names arm 'ADOPT β2=0.5', which no run has",
+    );
+    let empty = ws.path("empty.toml");
+    std::fs::write(&empty, "[[family]]\nname = \"x\"\n").unwrap();
+    fails_with(&compare(&empty), "family 'x' needs either pairs or best_of");
+}

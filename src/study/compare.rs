@@ -10,12 +10,14 @@
 //!   adjusted over every pair the report tests, p < 0.05; "not significant" otherwise, "not
 //!   testable" with fewer than two seeds on a side; 95% t intervals for every difference.
 
+use super::plots::ArmLosses;
 use super::runs::{differ_only_in_optimizer, expand_run_dirs, group_runs, read_run, Group};
 use super::stats::{
-    count_spikes, holm, mean_sd, median, paired_ci, paired_t, welch, welch_ci, SPIKE_FACTOR,
-    SPIKE_MIN_HISTORY, SPIKE_WINDOW,
+    clipped_share, count_spikes, holm, mean_sd, median, paired_ci, paired_t, quantile, welch,
+    welch_ci, SPIKE_FACTOR, SPIKE_MIN_HISTORY, SPIKE_WINDOW,
 };
-use anyhow::{Context, Result};
+use crate::optim::OptimizerKind;
+use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -28,6 +30,10 @@ pub struct GroupStats {
     pub spikes: Vec<usize>,
     pub diverged: Vec<bool>,
     pub finished: Vec<bool>,
+    /// Per run: the share of steps whose gradient norm exceeded `grad_clip` (clipped steps).
+    pub clipped: Vec<f64>,
+    /// Per run: the 99th percentile of the gradient norm over the second half of its steps.
+    pub late_grad_norm_p99: Vec<f64>,
     pub tok_per_s: f64,
 }
 
@@ -40,6 +46,8 @@ pub fn stats(group: &Group, target: Option<f64>) -> GroupStats {
         spikes: vec![],
         diverged: vec![],
         finished: vec![],
+        clipped: vec![],
+        late_grad_norm_p99: vec![],
         tok_per_s: f64::NAN,
     };
     let mut speeds = Vec::new();
@@ -55,6 +63,15 @@ pub fn stats(group: &Group, target: Option<f64>) -> GroupStats {
         s.diverged.push(losses.iter().any(|l| !l.is_finite()));
         let last = r.train.last().map_or(0, |t| t.0);
         s.finished.push(last >= r.cfg.max_steps as u64);
+        let norms: Vec<f64> = r.train.iter().map(|t| t.4).collect();
+        s.clipped.push(clipped_share(&norms, r.cfg.grad_clip));
+        let late: Vec<f64> = r
+            .train
+            .iter()
+            .filter(|t| 2 * t.0 > r.cfg.max_steps as u64)
+            .map(|t| t.4)
+            .collect();
+        s.late_grad_norm_p99.push(quantile(&late, 0.99));
         speeds.push(median(&r.tok_per_s));
     }
     s.tok_per_s = median(&speeds);
@@ -196,12 +213,193 @@ fn tested_groups(cells: &[LrCell], n_groups: usize) -> Vec<usize> {
     }
 }
 
+/// Tests fixed before the data (`compare --tests FILE`, TOML): families of comparisons between
+/// arms (by the names the report gives them), each made at every batch size with each arm at its
+/// best lr, and Holm-corrected on its own.
+///
+/// ```toml
+/// [[family]]
+/// name = "ADOPT − Adam at matched β2"
+/// pairs = [["ADOPT β2=0.95", "Adam β2=0.95"], ["ADOPT", "Adam β2=0.9999"]]
+///
+/// [[family]]
+/// name = "the best ADOPT against the best Adam"
+/// best_of = [["ADOPT β2=0.95", "ADOPT"], ["Adam β2=0.95", "Adam β2=0.9999"]]
+/// ```
+///
+/// `best_of` compares, at each batch size, the arm of the first list with the lowest mean final
+/// validation loss (over the seeds of its best lr) against the same from the second list.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestPlan {
+    pub family: Vec<TestFamily>,
+}
+
+/// A family's name and its comparisons as (A, B) groups; `None` where one side has no runs.
+pub type FamilyComparisons = (String, Vec<Option<(usize, usize)>>);
+
+/// One family of a [`TestPlan`]: explicit pairs of arms, or the best of two sets of arms.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestFamily {
+    pub name: String,
+    #[serde(default)]
+    pub pairs: Vec<[String; 2]>,
+    #[serde(default)]
+    pub best_of: Option<[Vec<String>; 2]>,
+}
+
+impl TestPlan {
+    /// Reads and checks a plan file: every family has pairs or `best_of`, not both.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read test plan {}", path.display()))?;
+        let plan: TestPlan = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "test plan {} is not valid: {}",
+                path.display(),
+                e.message().replace('\n', " ")
+            )
+        })?;
+        for f in &plan.family {
+            if f.pairs.is_empty() == f.best_of.is_none() {
+                bail!(
+                    "test plan {}: family '{}' needs either pairs or best_of",
+                    path.display(),
+                    f.name
+                );
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Checks that every arm the plan names is one of the runs' arms.
+    pub fn check_arms(&self, cells: &[LrCell]) -> Result<()> {
+        let known: Vec<&str> = cells.iter().map(|c| c.arm.as_str()).collect();
+        for f in &self.family {
+            let named = f
+                .pairs
+                .iter()
+                .flatten()
+                .chain(f.best_of.iter().flatten().flatten());
+            for arm in named {
+                if !known.contains(&arm.as_str()) {
+                    let mut arms = known.clone();
+                    arms.dedup();
+                    bail!(
+                        "the test plan's family '{}' names arm '{arm}', which no run has (the runs' arms: {})",
+                        f.name,
+                        arms.join(", ")
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Each family's comparisons as (A, B) groups at each batch size (largest first), each arm
+    /// at its best lr; `None` where an arm has no runs at that batch size.
+    pub fn resolve(&self, all: &[GroupStats], cells: &[LrCell]) -> Vec<FamilyComparisons> {
+        let mut batches: Vec<usize> = cells.iter().map(|c| c.batch).collect();
+        batches.sort_unstable_by(|a, b| b.cmp(a));
+        batches.dedup();
+        let best = |batch: usize, arm: &str| {
+            cells
+                .iter()
+                .find(|c| c.batch == batch && c.arm == arm)
+                .map(|c| c.best)
+        };
+        let lowest = |batch: usize, arms: &[String]| {
+            arms.iter()
+                .filter_map(|a| best(batch, a))
+                .map(|g| (g, mean_sd(&all[g].final_val).0))
+                .filter(|(_, m)| m.is_finite())
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(g, _)| g)
+        };
+        self.family
+            .iter()
+            .map(|f| {
+                let mut rows = Vec::new();
+                for &batch in &batches {
+                    for [a, b] in &f.pairs {
+                        rows.push(best(batch, a).zip(best(batch, b)));
+                    }
+                    if let Some([a, b]) = &f.best_of {
+                        rows.push(lowest(batch, a).zip(lowest(batch, b)));
+                    }
+                }
+                (f.name.clone(), rows)
+            })
+            .collect()
+    }
+}
+
+/// Gradient clipping per group: each run's share of clipped steps and the 99th percentile of its
+/// gradient norm over the second half of training.
+fn clipping_section(md: &mut String, groups: &[Group], all: &[GroupStats]) {
+    if all.iter().all(|s| s.clipped.iter().all(|c| c.is_nan())) {
+        return;
+    }
+    let _ = writeln!(md, "\n## Gradient clipping\n");
+    let _ = writeln!(
+        md,
+        "Per run (in seed order): the share of steps whose gradient norm before clipping exceeded \
+         `grad_clip`, and the 99th percentile of the gradient norm over the second half of the run \
+         (R's type-8 estimate).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| group | seeds | clipped steps | mean | grad-norm p99, second half | mean |"
+    );
+    let _ = writeln!(md, "|---|---|---|---:|---|---:|");
+    let list = |xs: &[f64], f: &dyn Fn(f64) -> String| {
+        xs.iter().map(|&x| f(x)).collect::<Vec<_>>().join(", ")
+    };
+    let pct = |x: f64| {
+        if x.is_finite() {
+            format!("{:.1}%", 100.0 * x)
+        } else {
+            "—".into()
+        }
+    };
+    let num = |x: f64| {
+        if x.is_finite() {
+            format!("{x:.3}")
+        } else {
+            "—".into()
+        }
+    };
+    for (g, s) in groups.iter().zip(all) {
+        let seeds: Vec<String> = g.runs.iter().map(|r| r.cfg.seed.to_string()).collect();
+        let finite_mean = |xs: &[f64]| {
+            let f: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+            if f.is_empty() {
+                f64::NAN
+            } else {
+                mean_sd(&f).0
+            }
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} |",
+            g.label,
+            seeds.join(", "),
+            list(&s.clipped, &pct),
+            pct(finite_mean(&s.clipped)),
+            list(&s.late_grad_norm_p99, &num),
+            num(finite_mean(&s.late_grad_norm_p99))
+        );
+    }
+}
+
 /// The markdown report, from the groups' summaries and lr cells ([`stats`], [`best_lr_cells`]).
 pub fn report(
     groups: &[Group],
     all: &[GroupStats],
     cells: &[LrCell],
     target: Option<f64>,
+    plan: Option<&TestPlan>,
 ) -> String {
     let first = &groups[0].runs[0];
     let mut md = String::new();
@@ -308,35 +506,79 @@ pub fn report(
             );
         }
     }
-    let tested = tested_groups(cells, groups.len());
+    clipping_section(&mut md, groups, all);
     let _ = writeln!(md, "\n## Pairwise differences in final validation loss\n");
-    let all_pairs: Vec<(usize, usize)> = tested
-        .iter()
-        .enumerate()
-        .flat_map(|(a, &i)| tested[a + 1..].iter().map(move |&j| (i, j)))
-        .collect();
-    let optimizer_pairs: Vec<(usize, usize)> = all_pairs
-        .iter()
-        .copied()
-        .filter(|&(i, j)| differ_only_in_optimizer(&groups[i], &groups[j]))
-        .collect();
-    let pairs = if optimizer_pairs.is_empty() {
-        let _ = writeln!(md, "Every pair of groups:\n");
-        all_pairs
-    } else {
-        let _ = writeln!(
-            md,
-            "Pairs of groups that differ only in the optimizer setting (same batch size, data, \
-             schedule and steps); {} other pairs are left out.\n",
-            all_pairs.len() - optimizer_pairs.len()
-        );
-        optimizer_pairs
-    };
+    match plan {
+        Some(plan) => {
+            let _ = writeln!(
+                md,
+                "The tests fixed in advance, family by family; each family is Holm-corrected on its \
+                 own, and each arm enters at its best lr.\n"
+            );
+            for (family, rows) in plan.resolve(all, cells) {
+                let _ = writeln!(md, "### {family}\n");
+                let pairs: Vec<(usize, usize)> = rows.iter().flatten().copied().collect();
+                let not_run = rows.iter().filter(|r| r.is_none()).count();
+                if not_run > 0 {
+                    let _ = writeln!(
+                        md,
+                        "{not_run} of the family's comparisons lack runs at one side and are left out.\n"
+                    );
+                }
+                pairwise_table(&mut md, groups, all, &pairs);
+            }
+        }
+        None => {
+            let tested = tested_groups(cells, groups.len());
+            let all_pairs: Vec<(usize, usize)> = tested
+                .iter()
+                .enumerate()
+                .flat_map(|(a, &i)| tested[a + 1..].iter().map(move |&j| (i, j)))
+                .collect();
+            let optimizer_pairs: Vec<(usize, usize)> = all_pairs
+                .iter()
+                .copied()
+                .filter(|&(i, j)| differ_only_in_optimizer(&groups[i], &groups[j]))
+                .collect();
+            let pairs = if optimizer_pairs.is_empty() {
+                let _ = writeln!(md, "Every pair of groups:\n");
+                all_pairs
+            } else {
+                let _ = writeln!(
+                    md,
+                    "Pairs of groups that differ only in the optimizer setting (same batch size, \
+                     data, schedule and steps); {} other pairs are left out.\n",
+                    all_pairs.len() - optimizer_pairs.len()
+                );
+                optimizer_pairs
+            };
+            pairwise_table(&mut md, groups, all, &pairs);
+        }
+    }
     let _ = writeln!(
         md,
+        "\nDefinitions: final/best = last/lowest validation evaluation (fixed windows, same for every run). \
+         A loss spike is a train loss above {SPIKE_FACTOR}× the median of the previous {SPIKE_WINDOW} train losses \
+         (once {SPIKE_MIN_HISTORY} exist), or a skipped non-finite step. Diverged = a non-finite train loss. \
+         Significance (the verdict): Welch's two-sided t-test across seeds, Holm–Bonferroni-adjusted p < 0.05, the \
+         family being every row of one table; the raw p is shown beside it. The paired column tests the per-seed \
+         differences instead (runs with the same seed start from the same weights and see the same batches), \
+         two-sided, n − 1 degrees of freedom, Holm-adjusted over the same rows. Clipped steps: the share of a \
+         run's steps whose gradient norm before clipping exceeded `grad_clip`. Intervals are 95% t intervals \
+         (Welch's standard error and degrees of freedom; the paired differences' for the paired column). \
+         Runs still going or stopped early are included as they are (see \"finished\")."
+    );
+    md
+}
+
+/// The table of pairwise differences in final validation loss for `pairs` (A, B) of groups:
+/// Welch's and the paired t test, 95% intervals, Holm–Bonferroni over these rows.
+fn pairwise_table(md: &mut String, groups: &[Group], all: &[GroupStats], pairs: &[(usize, usize)]) {
+    let _ = writeln!(
+        *md,
         "| A | B | mean A − B (95% CI) | Welch t | df | p | Holm p | verdict | paired by seed: mean A − B (95% CI), t, p, Holm p |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---|---|");
+    let _ = writeln!(*md, "|---|---|---:|---:|---:|---:|---:|---|---|");
     struct Row {
         diff: f64,
         ci: Option<(f64, f64)>,
@@ -420,23 +662,69 @@ pub fn report(
             fmt_ci(r.ci)
         );
     }
-    let _ = writeln!(
-        md,
-        "\nDefinitions: final/best = last/lowest validation evaluation (fixed windows, same for every run). \
-         A loss spike is a train loss above {SPIKE_FACTOR}× the median of the previous {SPIKE_WINDOW} train losses \
-         (once {SPIKE_MIN_HISTORY} exist), or a skipped non-finite step. Diverged = a non-finite train loss. \
-         Significance (the verdict): Welch's two-sided t-test across seeds, Holm–Bonferroni-adjusted p < 0.05, the \
-         family being every row of this table; the raw p is shown beside it. The paired column tests the per-seed \
-         differences instead (runs with the same seed start from the same weights and see the same batches), \
-         two-sided, n − 1 degrees of freedom, Holm-adjusted over the same rows. Intervals are 95% t intervals \
-         (Welch's standard error and degrees of freedom; the paired differences' for the paired column). \
-         Runs still going or stopped early are included as they are (see \"finished\")."
-    );
-    md
+}
+
+/// The update rule of a group, for the β2 figure's lines: Adam (AdamW), Adam (L2) or ADOPT.
+fn rule_name(g: &Group) -> String {
+    let cfg = &g.runs[0].cfg;
+    match cfg.optimizer {
+        OptimizerKind::AdamW => "Adam".into(),
+        OptimizerKind::Adam => "Adam (L2)".into(),
+        OptimizerKind::Adopt => match cfg.variant {
+            Some(crate::optim::AdoptVariant::Original) => "ADOPT (original)".into(),
+            _ => "ADOPT".into(),
+        },
+    }
+}
+
+/// The β2 figure's panels (largest batch first): per update rule, each arm at its best lr as
+/// (1 − β2, each seed's final validation loss). Empty unless some rule ran at two or more β2.
+pub fn beta2_panels(
+    groups: &[Group],
+    all: &[GroupStats],
+    cells: &[LrCell],
+) -> Vec<(usize, Vec<ArmLosses>)> {
+    let mut batches: Vec<usize> = cells.iter().map(|c| c.batch).collect();
+    batches.sort_unstable_by(|a, b| b.cmp(a));
+    batches.dedup();
+    let panels: Vec<(usize, Vec<ArmLosses>)> = batches
+        .iter()
+        .map(|&batch| {
+            let mut lines: Vec<ArmLosses> = Vec::new();
+            for c in cells.iter().filter(|c| c.batch == batch) {
+                let g = &groups[c.best];
+                let beta2 = g.runs[0].cfg.betas.map_or(f64::NAN, |b| b[1]);
+                let point = (1.0 - beta2, all[c.best].final_val.clone());
+                let rule = rule_name(g);
+                match lines.iter_mut().find(|(name, _)| *name == rule) {
+                    Some((_, at)) => at.push(point),
+                    None => lines.push((rule, vec![point])),
+                }
+            }
+            for (_, at) in &mut lines {
+                at.sort_by(|a, b| a.0.total_cmp(&b.0));
+            }
+            (batch, lines)
+        })
+        .collect();
+    let several_beta2 = panels
+        .iter()
+        .any(|(_, lines)| lines.iter().any(|(_, at)| at.len() > 1));
+    if several_beta2 {
+        panels
+    } else {
+        Vec::new()
+    }
 }
 
 /// Reads, groups and reports: writes `report.md` and the plots into `out`; returns the report.
-pub fn compare(paths: &[PathBuf], out: &Path, target: Option<f64>) -> Result<String> {
+/// With a `plan`, its families replace the automatic pairwise table ([`TestPlan`]).
+pub fn compare(
+    paths: &[PathBuf],
+    out: &Path,
+    target: Option<f64>,
+    plan: Option<&TestPlan>,
+) -> Result<String> {
     let dirs = expand_run_dirs(paths)?;
     let runs = dirs
         .iter()
@@ -445,7 +733,10 @@ pub fn compare(paths: &[PathBuf], out: &Path, target: Option<f64>) -> Result<Str
     let groups = group_runs(runs)?;
     let all: Vec<GroupStats> = groups.iter().map(|g| stats(g, target)).collect();
     let cells = best_lr_cells(&groups, &all);
-    let md = report(&groups, &all, &cells, target);
+    if let Some(plan) = plan {
+        plan.check_arms(&cells)?;
+    }
+    let md = report(&groups, &all, &cells, target, plan);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     crate::fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
     // The curves show the groups the tests compare: with lrs swept, every lr of every arm would
@@ -456,6 +747,10 @@ pub fn compare(paths: &[PathBuf], out: &Path, target: Option<f64>) -> Result<Str
         .collect();
     crate::study::plots::draw_all(&curve_groups, out)?;
     crate::study::plots::draw_lr_sensitivity(&groups, out)?;
+    let beta2 = beta2_panels(&groups, &all, &cells);
+    if !beta2.is_empty() {
+        crate::study::plots::draw_beta2(&beta2, out)?;
+    }
     Ok(md)
 }
 

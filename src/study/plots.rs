@@ -381,15 +381,24 @@ pub fn draw_all(groups: &[Group], out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One arm's final validation losses at each lr of one batch size: (lr, each seed's loss).
-type ArmLosses = (String, Vec<(f64, Vec<f64>)>);
+/// One line of final validation losses at each x of one batch size: its name and (x, each
+/// seed's loss).
+pub type ArmLosses = (String, Vec<(f64, Vec<f64>)>);
 
-/// Final validation loss against lr (log axis), one line per arm through the seed means, each
-/// seed a point; one panel per batch size.
-fn draw_lr_panel<DB: DrawingBackend>(
+/// What a final-loss panel puts on its log x axis: the peak lr, or 1 − β2 labelled as β2.
+#[derive(Clone, Copy)]
+enum FinalsAxis {
+    Lr,
+    OneMinusBeta2,
+}
+
+/// Final validation loss against `axis` (log scale), one line per arm through the seed means,
+/// each seed a point; one panel per batch size.
+fn draw_finals_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     batch: usize,
     arms: &[ArmLosses],
+    axis: FinalsAxis,
 ) -> Result<()>
 where
     DB::ErrorType: 'static,
@@ -411,8 +420,8 @@ where
     // Margins in log space: a factor of 1.4 past the smallest and largest lr.
     let x0 = points.iter().map(|p| p.0).fold(f64::INFINITY, f64::min) / 1.4;
     let x1 = points.iter().map(|p| p.0).fold(0.0, f64::max) * 1.4;
-    // Labelled ticks at the lrs that ran (a grid of factors of 2 falls between the log mesh's
-    // 1-2-5 labels); light lines at 1..9 × 10^k.
+    // Labelled ticks at the values that ran (a grid of factors of 2 falls between the log
+    // mesh's 1-2-5 labels); light lines at 1..9 × 10^k.
     let mut lrs: Vec<f64> = points.iter().map(|p| p.0).collect();
     lrs.sort_by(f64::total_cmp);
     lrs.dedup();
@@ -423,7 +432,12 @@ where
         .collect();
     let mut chart = ChartBuilder::on(area)
         .caption(
-            format!("Final validation loss against lr, batch {batch}"),
+            match axis {
+                FinalsAxis::Lr => format!("Final validation loss against lr, batch {batch}"),
+                FinalsAxis::OneMinusBeta2 => {
+                    format!("Final validation loss against β2, batch {batch}")
+                }
+            },
             (FONT, 20),
         )
         .margin(12)
@@ -439,11 +453,18 @@ where
         .map_err(err)?;
     chart
         .configure_mesh()
-        .x_desc("peak learning rate (log scale)")
+        .x_desc(match axis {
+            FinalsAxis::Lr => "peak learning rate (log scale)",
+            FinalsAxis::OneMinusBeta2 => "β2 (log scale of 1 − β2), each arm at its best lr",
+        })
         .y_desc("final validation loss")
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 16))
-        .x_label_formatter(&|x| format!("{x:e}"))
+        .x_label_formatter(&|x| match axis {
+            FinalsAxis::Lr => format!("{x:e}"),
+            // Rounded to the digits 1 − x carries: 1 − 0.001 prints as 0.999.
+            FinalsAxis::OneMinusBeta2 => format!("{}", ((1.0 - x) * 1e6).round() / 1e6),
+        })
         .y_label_formatter(&|y| format!("{y:.3}"))
         .draw()
         .map_err(err)?;
@@ -517,7 +538,24 @@ pub fn draw_lr_sensitivity(groups: &[Group], out: &Path) -> Result<()> {
         (width, 600),
         (1, panels.len().max(1)),
         &panels,
-        |area, (batch, arms)| draw_lr_panel(area, *batch, arms)
+        |area, (batch, arms)| draw_finals_panel(area, *batch, arms, FinalsAxis::Lr)
+    );
+    Ok(())
+}
+
+/// `beta2.png` and `.svg`: final validation loss against β2 (as 1 − β2 on a log axis), one line
+/// per update rule through the seed means of each of its arms at its best lr, every seed a point;
+/// one panel per batch size (`panels`, largest first).
+pub fn draw_beta2(panels: &[(usize, Vec<ArmLosses>)], out: &Path) -> Result<()> {
+    register_fonts();
+    let width = 700 * panels.len().max(1) as u32;
+    png_and_svg!(
+        out,
+        "beta2",
+        (width, 600),
+        (1, panels.len().max(1)),
+        panels,
+        |area, (batch, lines)| draw_finals_panel(area, *batch, lines, FinalsAxis::OneMinusBeta2)
     );
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! paired t-test.
 
 use statrs::distribution::{ContinuousCDF, StudentsT};
+use statrs::statistics::{Data, OrderStatistics};
 
 /// Spike rule: factor over the running median, window, and minimum history.
 pub const SPIKE_FACTOR: f64 = 1.1;
@@ -21,6 +22,27 @@ pub(crate) fn median(xs: &[f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// The share of a run's steps whose gradient norm (before clipping) exceeded `clip`, as the
+/// trainer clips (norm > clip); steps with a non-finite norm are not counted. NaN when clipping
+/// is off (`clip` = 0) or no norm is finite.
+pub fn clipped_share(norms: &[f64], clip: f64) -> f64 {
+    let finite: Vec<f64> = norms.iter().copied().filter(|x| x.is_finite()).collect();
+    if clip <= 0.0 || finite.is_empty() {
+        return f64::NAN;
+    }
+    finite.iter().filter(|&&n| n > clip).count() as f64 / finite.len() as f64
+}
+
+/// The `q` quantile of the finite values (NaN when there are none): statrs' estimate, R's type
+/// 8 (median-unbiased; Hyndman and Fan 1996).
+pub fn quantile(xs: &[f64], q: f64) -> f64 {
+    let finite: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if finite.is_empty() {
+        return f64::NAN;
+    }
+    Data::new(finite).quantile(q)
 }
 
 /// Loss spikes in a train-loss series: a loss above [`SPIKE_FACTOR`] × the median of the previous
@@ -160,5 +182,21 @@ mod tests {
         let (lo, hi) = welch_ci(&[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0], 0.95).unwrap();
         let half = 2.776_445 * (2.0f64 / 3.0).sqrt();
         assert!((lo - (-3.0 - half)).abs() < 1e-5 && (hi - (-3.0 + half)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn clipping_share_and_quantiles_match_hand_derived_values() {
+        // Norms 0.5, 1.0, 1.5, 2.0, NaN with a clip of 1.0: 1.0 is not clipped (norm > clip),
+        // so 2 of the 4 finite norms were.
+        assert_eq!(clipped_share(&[0.5, 1.0, 1.5, 2.0, f64::NAN], 1.0), 0.5);
+        assert!(clipped_share(&[2.0], 0.0).is_nan());
+        // Type 8 on 1..=100 at 0.99: h = (100 + 1/3)·0.99 + 1/3 = 99.6633…, so
+        // x₉₉ + 0.6633…·(x₁₀₀ − x₉₉) = 99.6633….
+        let xs: Vec<f64> = (1..=100).map(f64::from).collect();
+        let h = (100.0 + 1.0 / 3.0) * 0.99 + 1.0 / 3.0;
+        assert!((quantile(&xs, 0.99) - h).abs() < 1e-12);
+        // Of 1, 2, 3 the median; of nothing finite, NaN.
+        assert_eq!(quantile(&[3.0, f64::INFINITY, 1.0, 2.0], 0.5), 2.0);
+        assert!(quantile(&[f64::NAN], 0.5).is_nan());
     }
 }
