@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Puts Tiny Shakespeare and GPT-2's tokenizer.json into data/ (git-ignored).
 #
-# From the directory named by $DATA_MIRROR when set (a copy of ../shared/data, say), else by
+# From the directory named by $DATA_MIRROR when set (a local copy of the data folder), else by
 # download from their public homes: the char-rnn repository for Tiny Shakespeare and the
 # Hugging Face Hub for the tokenizer. Every file is checked against its known SHA-256.
 set -euo pipefail
@@ -38,7 +38,7 @@ if [[ $actual != "$SHAKESPEARE_SHA" ]]; then
     echo "error: data/tinyshakespeare.txt has sha256 $actual, expected $SHAKESPEARE_SHA" >&2
     exit 1
 fi
-# The Hub's tokenizer.json and ../shared/data's differ in formatting, not in ids; check that it
+# The Hub's tokenizer.json and the data folder's differ in formatting, not in ids; check that it
 # parses and has GPT-2's vocabulary size instead of a byte hash.
 python3 - <<'PY'
 import json
@@ -55,7 +55,7 @@ if [[ ${1:-} == "--gutenberg" ]]; then
     GUTENBERG_SHA=b2d5fb6f8685351b8b7f33d1238d04be17b7d3ba211068107dc14225bed0c668
     if [[ ! -s data/gutenberg_en.txt ]]; then
         if [[ -z ${DATA_MIRROR:-} || ! -f $DATA_MIRROR/gutenberg_en.txt ]]; then
-            echo "error: data/gutenberg_en.txt is missing; set DATA_MIRROR to a folder holding gutenberg_en.txt (a copy of ../shared/data)" >&2
+            echo "error: data/gutenberg_en.txt is missing; set DATA_MIRROR to a folder holding gutenberg_en.txt" >&2
             exit 1
         fi
         cp "$DATA_MIRROR/gutenberg_en.txt" data/gutenberg_en.txt.part

@@ -34,7 +34,7 @@ else
     TARGET=(--target-loss 7.0)
     EXTRA=()
     if [[ ! -s data/gutenberg_en.txt ]]; then
-        echo "error: data/gutenberg_en.txt is missing; run DATA_MIRROR=../shared/data bash scripts/get_data.sh --gutenberg" >&2
+        echo "error: data/gutenberg_en.txt is missing; set DATA_MIRROR to a folder holding gutenberg_en.txt and run bash scripts/get_data.sh --gutenberg" >&2
         exit 1
     fi
 fi

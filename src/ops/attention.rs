@@ -12,9 +12,9 @@
 //! 16 MB, the forward writes them there instead of the scratch buffer
 //! and the backward reads them. Above that (long contexts), the backward recomputes them (as
 //! flash attention does), so the graph holds only `qkv`: one extra `Q·Kᵀ` and softmax per head.
-//! Both give the same gradients bit for bit. Keeping them made `tiny` (T = 128) about 8% faster
-//! and `baby` (T = 256, 12.6 MB of probabilities a layer, read back from memory) no faster (AMD
-//! Zen 4, 2 threads, interleaved pairs, 2026-12-03). The f32 softmax uses [`FastExp`], vectorized.
+//! Both give the same gradients bit for bit. Keeping them pays where they stay in cache (`tiny`,
+//! T = 128) and not where they are read back from memory (`baby`, T = 256, 12.6 MB a layer; see
+//! docs/performance.md). The f32 softmax uses [`FastExp`], vectorized.
 //!
 //! Three kernels compute the six products: on CPUs with AVX-512, f32 runs register tiles of FMAs
 //! (`attention_avx512`) instead of gemm; with bf16 precision on CPUs with AVX512-BF16, bf16

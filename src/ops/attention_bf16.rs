@@ -7,8 +7,8 @@
 //! flash attention: only the products' operands are rounded (to nearest even, as the linear
 //! layers round theirs).
 //!
-//! On `baby`'s head shape (T = 256, head_dim 64) a 4×64 tile of `vdpbf16ps` ran at 221 GFLOP/s
-//! on one AMD Zen 4 core, against gemm's f32 kernel at 99 on the same product (2026-12-03).
+//! On `baby`'s head shape (T = 256, head_dim 64) a 4×64 tile of `vdpbf16ps` runs at about twice
+//! the rate of gemm's f32 kernel on the same product (docs/performance.md).
 //!
 //! `vdpbf16ps` wants its right operand as 16 output columns × one pair along the reduction, so
 //! each operand is packed once per head into "panels": groups of 16 lanes, and for each pair

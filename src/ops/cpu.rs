@@ -98,8 +98,8 @@ pub(crate) enum Matrix<'a> {
 impl Matrix<'_> {
     /// Whether [`matmul`] sends this left operand to gemm even with oneDNN loaded: f32 read
     /// transposed (column stride ≠ 1), as dyᵀ in dW = dyᵀ·x. oneDNN 2.x has no brgemm kernel for
-    /// it and falls back to its reference "gemm:jit", at 79 GFLOP/s a thread against 106-130 for
-    /// its own row-major kernel (Intel Xeon, 2026-12-02); gemm takes any strides at full speed.
+    /// it on some CPUs (Intel Xeons) and falls back to its slower "gemm:jit" (docs/performance.md,
+    /// "Tried and dropped"); gemm takes any strides at full speed.
     fn goes_to_gemm(&self) -> bool {
         matches!(self, Matrix::F32(_, _, cs) if *cs != 1)
     }

@@ -41,7 +41,7 @@ impl GeluFloat for f64 {
 impl GeluFloat for f32 {
     /// tanh as Eigen's `ptanh_float` computes it: a [13/6] rational approximation on [−7.9, 7.9]
     /// (|x| < 4e-4 returns x), within a few 1e-7 of libm's tanhf. Unlike libm's call, it
-    /// vectorizes: libm's tanhf (through expm1f) was 24% of a `tiny` training step.
+    /// vectorizes, where libm's tanhf (through expm1f) is a call per element.
     #[inline(always)]
     fn gelu_tanh_of(self) -> f32 {
         const CLAMP: f32 = 7.905_311;

@@ -6,8 +6,7 @@ use num_traits::Float;
 use std::mem::MaybeUninit;
 
 /// Element types with an exp that vectorizes: for f32 a polynomial (libm's `expf` is a call per
-/// element, which no loop around it can vectorize; it was 4.5% of a 2-thread `tiny` step inside
-/// attention alone), for f64 libm's.
+/// element, which no loop around it can vectorize), for f64 libm's.
 pub trait FastExp: Float + Send + Sync + 'static {
     /// e^x for x ≤ 88; NaN stays NaN.
     fn fast_exp(self) -> Self;
@@ -261,8 +260,8 @@ multiversioned! {
 /// The column sums of a row-major matrix with `cols` columns (src.len() / cols rows), each
 /// column's rows added in order in T, as candle's `sum(0)` adds them (so the result is the same,
 /// bit for bit), split over rayon's threads by blocks of columns. candle's own loop is compiled
-/// for baseline x86-64 (4 lanes) and was 3% of a `baby` bf16 step as the linear layers' bias
-/// gradients (AMD Zen 4, 2 threads, 2026-12-03).
+/// for baseline x86-64 (4 lanes), which makes it a visible share of a bf16 step as the linear
+/// layers' bias gradients (docs/performance.md).
 pub(crate) fn column_sums<T: Float + Send + Sync>(src: &[T], cols: usize) -> Vec<T> {
     use rayon::prelude::*;
     // Columns per task: two cache lines of f32 in every row.
@@ -285,7 +284,7 @@ pub(crate) fn column_sums<T: Float + Send + Sync>(src: &[T], cols: usize) -> Vec
 
 /// Column sums of an f32 matrix and the matrix rounded to bf16 ([`round_to_bf16`]), in one pass:
 /// a linear layer's bias gradient and the bf16 output gradient of its products, which otherwise
-/// read the gradient from memory once each (the sums were 1.9% of a `baby` bf16 step).
+/// read the gradient from memory once each.
 ///
 /// Each task rounds and sums a block of rows while they are in cache; the blocks' sums are then
 /// added in order. The result does not depend on the thread count, but it is not [`column_sums`]'
