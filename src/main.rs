@@ -25,7 +25,7 @@ struct Cli {
 enum Command {
     /// Train a model (a new run, or --resume an existing one).
     Train {
-        /// TOML config file (keys: see README).
+        /// TOML config file (keys: see the README).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Override a config key, e.g. --set lr=3e-4 (repeatable).
@@ -211,7 +211,7 @@ enum OptimCommand {
     /// Replay a fixture (initial parameters + every step's gradients) and print the parameters
     /// after each step as JSON: {"steps": [{name: nested list}, ...]}.
     Replay {
-        /// The fixture JSON (layout: see README, "The optimizers").
+        /// The fixture JSON (layout: see docs/optimizers.md).
         file: PathBuf,
         /// Compute in this dtype instead of the fixture's.
         #[arg(long, value_parser = ["f32", "f64"])]

@@ -3,7 +3,7 @@
 //!
 //! Why oneDNN: its brgemm kernels use AMX on Intel Xeons (bf16 × bf16 → f32 at 3-5x the f32
 //! rate) and AVX512-BF16 on AMD Zen 4/5, and its f32 AVX-512 kernels beat gemm's on the model's
-//! shapes on the hosts measured (README, "Performance"). Why at run time: the build and the tests
+//! shapes on the hosts measured (docs/performance.md). Why at run time: the build and the tests
 //! must work where the library is missing; every caller then falls back to gemm
 //! ([`super::cpu::strided_matmul`]). `GPT_PRETRAIN_ONEDNN=0` switches it off (to compare, or to
 //! get gemm's results bitwise).
