@@ -358,7 +358,7 @@ impl TokenData {
             let dir = p.parent().unwrap_or(Path::new("."));
             let manifest = manifests.get(dir).and_then(Option::as_ref);
             let file = match manifest {
-                Some(manifest) => open_listed(p, manifest, vocab_size)?,
+                Some(manifest) => manifest.open_shard(p, vocab_size)?,
                 None => TokenFile::open(p, format, vocab_size)?,
             };
             if file.len() < block_size + 1 {
@@ -592,37 +592,6 @@ fn tokenize_corpus(text: &str, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
         .map(|chunk| tokenizer.encode(chunk))
         .collect::<Result<_>>()?;
     Ok(pieces.concat())
-}
-
-/// Opens a token file from a directory `prepare` wrote: the manifest must list it, and it must
-/// be the llm.c shard the manifest describes (token count and SHA-256).
-fn open_listed(path: &Path, manifest: &prepare::Manifest, vocab_size: usize) -> Result<TokenFile> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let Some(record) = manifest.shards.iter().find(|r| r.file == name) else {
-        bail!(
-            "token file {} lies beside a prepare manifest.json that does not list it",
-            path.display()
-        );
-    };
-    let file = TokenFile::open(path, DataFormat::Llmc, vocab_size)?;
-    if file.len() as u64 != record.tokens {
-        bail!(
-            "token file {} holds {} tokens, but its manifest.json lists {}",
-            path.display(),
-            file.len(),
-            record.tokens
-        );
-    }
-    let sha256 = sha256_file(path)?;
-    if sha256 != record.sha256 {
-        bail!(
-            "token file {} has SHA-256 {}, but its manifest.json lists {}: the file changed or is damaged",
-            path.display(),
-            &sha256[..16],
-            &record.sha256[..16]
-        );
-    }
-    Ok(file)
 }
 
 /// How training windows are drawn.

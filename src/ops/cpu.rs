@@ -1,5 +1,6 @@
 //! CPU storage access and the strided gemm shared by the CPU kernels.
 
+use super::simd::written_vec;
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result};
 use num_traits::Float;
 use std::borrow::Cow;
@@ -246,20 +247,6 @@ pub(crate) fn matmul_new(
         })
     };
     result.map(|()| dst)
-}
-
-/// A new vector of `n` elements, each written by `write`, without clearing the memory first.
-/// A cleared buffer (`vec![0; n]`, which is calloc) costs a memset that the writes then repeat:
-/// 2-3% of a CPU training step, summed over the ops' outputs.
-///
-/// # Safety
-/// `write` initialises every one of the `n` elements (or the caller drops the vector unread).
-pub(crate) unsafe fn written_vec<T>(n: usize, write: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
-    let mut v = Vec::with_capacity(n);
-    write(&mut v.spare_capacity_mut()[..n]);
-    // SAFETY: the caller's promise.
-    unsafe { v.set_len(n) };
-    v
 }
 
 /// [`matmul`] into a destination that need not be initialised unless `accumulate` (oneDNN and

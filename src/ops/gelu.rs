@@ -1,6 +1,7 @@
 //! GPT-2's tanh-approximated GELU with its backward, fused (CPU and CUDA).
 
-use super::cpu::{contiguous, written_vec};
+use super::cpu::contiguous;
+use super::simd::written_vec;
 use super::simd::{multiversioned, rounded_by_chunks};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;

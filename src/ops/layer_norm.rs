@@ -1,6 +1,7 @@
 //! LayerNorm over the last dimension with its backward, fused (CPU f32/f64, CUDA f32).
 
-use super::cpu::{contiguous, written_vec};
+use super::cpu::contiguous;
+use super::simd::written_vec;
 use super::simd::{
     dot_lanes, multiversioned, reduce_lanes, rounded_by_chunks, sum_lanes, sum_zip_lanes, LANES,
 };

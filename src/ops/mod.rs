@@ -4,8 +4,8 @@
 //! it, values and gradients.
 //!
 //! - [`attention`]: the whole causal self-attention on CPU (packed qkv in, heads out); on
-//!   AVX-512 its products run in register tiles (`attention_tiles`), of f32 FMAs
-//!   (`attention_avx512`) or of bf16 pairs (`attention_bf16`, AVX512-BF16).
+//!   AVX-512 its products run in register tiles (`attention/tiles.rs`), of f32 FMAs
+//!   (`attention/avx512.rs`) or of bf16 pairs (`attention/bf16.rs`, AVX512-BF16).
 //! - [`softmax`]: the causal attention softmax (CUDA, and CPU when the composed attention runs).
 //! - [`layer_norm`], [`gelu`]: LayerNorm and GPT-2's tanh-GELU.
 //! - [`cross_entropy`]: softmax cross-entropy of logits; [`lm_head_loss`]: the lm_head matmul and
@@ -16,12 +16,6 @@
 //!   AVX-512/AVX2 dispatch, strided gemm); `cuda`: what the CUDA launchers share.
 
 pub mod attention;
-#[cfg(target_arch = "x86_64")]
-mod attention_avx512;
-#[cfg(target_arch = "x86_64")]
-mod attention_bf16;
-#[cfg(target_arch = "x86_64")]
-mod attention_tiles;
 pub mod cpu;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]

@@ -1,5 +1,5 @@
-//! What the AVX-512 attention kernels share ([`super::attention_bf16`],
-//! [`super::attention_avx512`]): register tiles of 16-lane f32 sums over products whose operands
+//! What the AVX-512 attention kernels share ([`super::bf16`],
+//! [`super::avx512`]): register tiles of 16-lane f32 sums over products whose operands
 //! the caller lays out in 16-lane panels, and the causal row extents.
 //!
 //! A product C = A·B runs over row groups of C: each group keeps MR rows × NR panels of 16
@@ -12,8 +12,9 @@ use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::attention::{causal_softmax_row, softmax_grad_row, Dims};
-use super::cpu::{written_vec, SharedPtr};
+use super::head::{causal_softmax_row, softmax_grad_row, Dims};
+use crate::ops::cpu::SharedPtr;
+use crate::ops::simd::written_vec;
 
 /// Lanes of a panel: one zmm of f32 sums.
 pub(super) const PANEL: usize = 16;

@@ -1,5 +1,5 @@
 //! The fused causal attention's f32 kernels on AVX-512: the six products of a head's forward
-//! and backward as register tiles of FMAs ([`super::attention_tiles`]) instead of gemm calls.
+//! and backward as register tiles of FMAs ([`super::tiles`]) instead of gemm calls.
 //!
 //! A head's products are small (at `tiny`'s shape a 64-query block's scores are 64 × 128 × 32),
 //! and gemm packs both operands and dispatches through its planner on every call: at `tiny`'s
@@ -12,8 +12,8 @@
 //! Each output is a plain sum over its reduction in order, one FMA a step, so the results differ
 //! from gemm's at rounding level (gemm splits and orders its sums its own way).
 
-use super::attention::{head_parts, head_parts_mut, Dims};
-use super::attention_tiles::{
+use super::head::{head_parts, head_parts_mut, Dims};
+use super::tiles::{
     backward_by_head, causal_softmax_padded, forward_by_head, panel_ceil, product, row_panels,
     softmax_grad_padded, F32Step, Left, Out, Right,
 };

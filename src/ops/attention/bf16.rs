@@ -20,8 +20,8 @@
 
 use std::arch::x86_64::*;
 
-use super::attention::{head_parts, head_parts_mut, Dims};
-use super::attention_tiles::{
+use super::head::{head_parts, head_parts_mut, Dims};
+use super::tiles::{
     backward_by_head, causal_softmax_padded, forward_by_head, panel_ceil, product, row_panels,
     softmax_grad_padded, span, Bf16PairStep, Left, Out, Right, PANEL,
 };
@@ -49,7 +49,7 @@ unsafe fn bf16_product(
 }
 
 /// The first `n` (≤ 16) values at `src` (reading no further), rounded to bf16 by the CPU's
-/// conversion (round to nearest even; unlike [`super::simd::bf16_bits`], subnormals flush to
+/// conversion (round to nearest even; unlike [`crate::ops::simd::bf16_bits`], subnormals flush to
 /// zero, which for f32 values below 1.2·10⁻³⁸ changes nothing a product can see).
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[inline]

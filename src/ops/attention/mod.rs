@@ -17,8 +17,8 @@
 //! docs/performance.md). The f32 softmax uses [`FastExp`], vectorized.
 //!
 //! Three kernels compute the six products: on CPUs with AVX-512, f32 runs register tiles of FMAs
-//! (`attention_avx512`) instead of gemm; with bf16 precision on CPUs with AVX512-BF16, bf16
-//! operands go through `vdpbf16ps` (`attention_bf16`); gemm serves f64 (the tests' reference)
+//! (`avx512`) instead of gemm; with bf16 precision on CPUs with AVX512-BF16, bf16
+//! operands go through `vdpbf16ps` (`bf16`); gemm serves f64 (the tests' reference)
 //! and f32 elsewhere. The tiles keep the probabilities with rows padded to 16.
 
 use candle_core::{
@@ -32,73 +32,22 @@ use std::sync::Mutex;
 
 pub use super::cpu::MatmulPrecision;
 use super::cpu::{contiguous, strided_matmul, SharedPtr, View};
-use super::simd::{dot_lanes, max_lanes, multiversioned, sum_lanes, FastExp, LANES};
+use super::simd::{multiversioned, FastExp, LANES};
+use head::{causal_softmax_row, softmax_grad_row, Dims};
+#[cfg(target_arch = "x86_64")]
+use head::{head_parts, head_parts_mut};
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod bf16;
+mod head;
+#[cfg(target_arch = "x86_64")]
+mod tiles;
 
 /// Query rows per block. The blocks above the diagonal are skipped: at T = 256 the scores cost
 /// 10/16 of the full square instead of 1.
 const BLOCK: usize = 64;
-
-/// The shape of one attention call.
-#[derive(Clone, Copy)]
-pub(super) struct Dims {
-    pub(super) batch: usize,
-    pub(super) t: usize,
-    /// Model width C (qkv is 3C wide).
-    pub(super) c: usize,
-    pub(super) n_head: usize,
-    pub(super) head_dim: usize,
-}
-
-impl Dims {
-    /// Where task `task` (batch row · heads + head) finds its head: the offset of its first
-    /// query in qkv, and of its first column in a (B, T, C) tensor (y, dy).
-    pub(super) fn head_offsets(&self, task: usize) -> (usize, usize) {
-        let (bi, h) = (task / self.n_head, task % self.n_head);
-        (
-            bi * self.t * 3 * self.c + h * self.head_dim,
-            bi * self.t * self.c + h * self.head_dim,
-        )
-    }
-
-    /// The scores' scale, 1/√head_dim.
-    pub(super) fn scale(&self) -> f64 {
-        1.0 / (self.head_dim as f64).sqrt()
-    }
-
-    fn of_qkv(l: &Layout, n_head: usize) -> Result<Self> {
-        let (batch, t, c3) = l.shape().dims3()?;
-        if c3 % 3 != 0 || n_head == 0 || (c3 / 3) % n_head != 0 {
-            bail!("fused attention: qkv width {c3} is not 3 × a multiple of {n_head} heads");
-        }
-        let c = c3 / 3;
-        Ok(Self {
-            batch,
-            t,
-            c,
-            n_head,
-            head_dim: c / n_head,
-        })
-    }
-}
-
-/// A head's q, k and v in a packed (B, T, 3C) buffer, from the buffer and the head's offset
-/// ([`Dims::head_offsets`]): k and v lie C and 2C after q.
-///
-/// # Safety
-/// The head lies inside the buffer.
-pub(super) unsafe fn head_parts<T>(qkv: *const T, offset: usize, c: usize) -> [*const T; 3] {
-    let q = qkv.add(offset);
-    [q, q.add(c), q.add(2 * c)]
-}
-
-/// [`head_parts`] of a buffer to write (dq, dk, dv in dqkv).
-///
-/// # Safety
-/// As [`head_parts`].
-pub(super) unsafe fn head_parts_mut<T>(qkv: *mut T, offset: usize, c: usize) -> [*mut T; 3] {
-    let q = qkv.add(offset);
-    [q, q.add(c), q.add(2 * c)]
-}
 
 /// dst (m×n) = lhs (m×k) · rhs (k×n) on this thread (see [`strided_matmul`]).
 ///
@@ -114,49 +63,12 @@ unsafe fn matmul<T: Float + 'static>(
     strided_matmul(dims, dst, lhs, rhs, false, Parallelism::None)
 }
 
-/// Row `i` of the probabilities in place: softmax(scale · s) over its first `visible` = i + 1
-/// entries, zeros after them.
-///
-/// The loops run over the visible entries rounded up to whole [`LANES`] chunks (the hidden
-/// entries in that span are masked), so that no row ends in a scalar remainder loop: rows of a
-/// causal block average 32-128 entries, and their 0-15 leftover entries, each a scalar exp,
-/// made up much of the softmax's time.
-#[inline(always)]
-pub(super) fn causal_softmax_row<T: FastExp>(row: &mut [T], visible: usize, scale: T) {
-    let span = visible.next_multiple_of(LANES).min(row.len());
-    let (active, hidden) = row.split_at_mut(span);
-    active[visible..].fill(T::neg_infinity());
-    // scale > 0, so max(scale · s) = scale · max(s).
-    let max = max_lanes(active) * scale;
-    for v in active.iter_mut() {
-        *v = (*v * scale - max).fast_exp();
-    }
-    // The fast exp of −∞ is the smallest normal float, not 0.
-    active[visible..].fill(T::zero());
-    let inv = T::one() / sum_lanes(active);
-    for v in active.iter_mut() {
-        *v = *v * inv;
-    }
-    hidden.fill(T::zero());
-}
-
 multiversioned! {
     /// Rows `r0..r1` of the scores `p` (row stride t) into probabilities, in place.
     fn causal_softmax_rows<T: FastExp>(p: &mut [T], t: usize, r0: usize, r1: usize, scale: T) {
         for i in r0..r1 {
             causal_softmax_row(&mut p[i * t..i * t + r1], i + 1, scale);
         }
-    }
-}
-
-/// A row of dP (`ds`) into dS = scale · P ⊙ (dP − Σⱼ P ⊙ dP) in place, over the row's
-/// probabilities `p` (as long as `ds`), which are zero past its visible entries, so that the
-/// entries there add nothing and come out zero.
-#[inline(always)]
-pub(super) fn softmax_grad_row<T: FastExp>(p: &[T], ds: &mut [T], scale: T) {
-    let dot = dot_lanes(p, ds);
-    for (g, &y) in ds.iter_mut().zip(p) {
-        *g = scale * y * (*g - dot);
     }
 }
 
@@ -338,9 +250,9 @@ const KEEP_PROBABILITIES_MAX_BYTES: usize = 16 << 20;
 enum Kernel {
     /// gemm, per block of [`BLOCK`] query rows: f64, and f32 on CPUs without AVX-512.
     Gemm,
-    /// f32 register tiles of FMAs (`attention_avx512`), on CPUs with AVX-512F.
+    /// f32 register tiles of FMAs (`avx512`), on CPUs with AVX-512F.
     F32Tiles,
-    /// bf16 operands and `vdpbf16ps` (`attention_bf16`), on CPUs with AVX512-BF16.
+    /// bf16 operands and `vdpbf16ps` (`bf16`), on CPUs with AVX512-BF16.
     Bf16,
 }
 
@@ -349,13 +261,13 @@ impl Kernel {
     fn choose(dtype: DType, precision: MatmulPrecision) -> Result<Self> {
         #[cfg(target_arch = "x86_64")]
         {
-            if precision == MatmulPrecision::Bf16 && super::attention_bf16::available() {
+            if precision == MatmulPrecision::Bf16 && bf16::available() {
                 if dtype != DType::F32 {
                     bail!("fused attention with bf16 products: qkv must be f32, not {dtype:?}");
                 }
                 return Ok(Kernel::Bf16);
             }
-            if dtype == DType::F32 && super::attention_avx512::available() {
+            if dtype == DType::F32 && avx512::available() {
                 return Ok(Kernel::F32Tiles);
             }
         }
@@ -437,8 +349,8 @@ impl CustomOp1 for CausalAttention {
             // SAFETY: the kernel was chosen for this CPU's instructions; qkv has d's shape.
             let (y, kept) = unsafe {
                 match self.kernel {
-                    Kernel::Bf16 => super::attention_bf16::forward(qkv, d, keep),
-                    _ => super::attention_avx512::forward(qkv, d, keep),
+                    Kernel::Bf16 => bf16::forward(qkv, d, keep),
+                    _ => avx512::forward(qkv, d, keep),
                 }
             };
             *self.kept.lock().expect("attention probabilities") = kept.map(CpuStorage::F32);
@@ -506,8 +418,8 @@ impl CustomOp2 for CausalAttentionGrad {
             // length just now.
             let dqkv = unsafe {
                 match self.kernel {
-                    Kernel::Bf16 => super::attention_bf16::backward(qkv, dy, d, kept),
-                    _ => super::attention_avx512::backward(qkv, dy, d, kept),
+                    Kernel::Bf16 => bf16::backward(qkv, dy, d, kept),
+                    _ => avx512::backward(qkv, dy, d, kept),
                 }
             };
             return Ok((CpuStorage::F32(dqkv), l1.shape().clone()));
@@ -536,7 +448,7 @@ pub fn fused_causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
 /// Whether this CPU runs [`fused_causal_attention_in`]'s bf16 products (AVX512-BF16).
 pub fn bf16_attention_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return super::attention_bf16::available();
+    return bf16::available();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -583,16 +495,16 @@ mod tests {
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::F32Tiles => unsafe {
-                let (y, kept) = super::super::attention_avx512::forward(qkv, d, keep);
+                let (y, kept) = super::avx512::forward(qkv, d, keep);
                 assert_eq!(kept.is_some(), keep);
-                let dqkv = super::super::attention_avx512::backward(qkv, dy, d, kept.as_deref());
+                let dqkv = super::avx512::backward(qkv, dy, d, kept.as_deref());
                 (y, dqkv)
             },
             #[cfg(target_arch = "x86_64")]
             Kernel::Bf16 => unsafe {
-                let (y, kept) = super::super::attention_bf16::forward(qkv, d, keep);
+                let (y, kept) = super::bf16::forward(qkv, d, keep);
                 assert_eq!(kept.is_some(), keep);
-                let dqkv = super::super::attention_bf16::backward(qkv, dy, d, kept.as_deref());
+                let dqkv = super::bf16::backward(qkv, dy, d, kept.as_deref());
                 (y, dqkv)
             },
             #[allow(unreachable_patterns)]
@@ -605,10 +517,10 @@ mod tests {
         let mut kernels = vec![Kernel::Gemm];
         #[cfg(target_arch = "x86_64")]
         {
-            if super::super::attention_avx512::available() {
+            if super::avx512::available() {
                 kernels.push(Kernel::F32Tiles);
             }
-            if super::super::attention_bf16::available() {
+            if super::bf16::available() {
                 kernels.push(Kernel::Bf16);
             }
         }
