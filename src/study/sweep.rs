@@ -96,6 +96,20 @@ pub struct SweepSummary {
     pub run_dirs: Vec<PathBuf>,
 }
 
+impl std::fmt::Display for SweepSummary {
+    /// `N runs (D already done, R resumed, S started)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} runs ({} already done, {} resumed, {} started)",
+            self.run_dirs.len(),
+            self.already_done,
+            self.resumed,
+            self.started
+        )
+    }
+}
+
 fn is_done(run_dir: &Path) -> Result<bool> {
     let cfg = crate::train::load_run_config(run_dir)?;
     Ok(crate::train::checkpoint::list_complete(run_dir)?

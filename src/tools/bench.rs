@@ -219,6 +219,85 @@ impl CpuPeaks {
     }
 }
 
+impl BenchReport {
+    /// The figures as one JSON object (`bench --json`'s last line).
+    pub fn to_json(&self) -> serde_json::Value {
+        let setup = &self.setup;
+        serde_json::json!({
+            "tokens_per_s": self.tokens_per_s, "fwd_ms": self.fwd_ms, "bwd_ms": self.bwd_ms,
+            "opt_ms": self.opt_ms, "gflops": self.gflops, "mfu": self.mfu,
+            "peak_rss_mb": self.peak_rss_mb, "preset": setup.preset, "threads": self.threads,
+            "dtype": setup.dtype, "batch_size": setup.batch_size, "block_size": setup.block_size,
+            "matmul_peak_gflops": self.matmul_peak_gflops, "device_name": self.device_name,
+            "nominal_peak_gflops": self.nominal_peak_gflops, "mfu_nominal": self.mfu_nominal,
+            "cpu_peaks": self.cpu_peaks,
+        })
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    /// The figures for a reader: shape, step times, tokens/s, MFU, memory, the CPU peaks.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let setup = &self.setup;
+        let on = match &self.device_name {
+            Some(name) => name.clone(),
+            None => format!("{} threads", self.threads),
+        };
+        writeln!(
+            f,
+            "{} ({} layers, {} wide, block {}, batch {}, vocab {}, {}), {on}, median of {} steps:",
+            setup.preset,
+            setup.n_layer,
+            setup.n_embd,
+            setup.block_size,
+            setup.batch_size,
+            setup.vocab_size,
+            setup.dtype.name(),
+            self.steps
+        )?;
+        writeln!(
+            f,
+            "  forward {:.1} ms, backward {:.1} ms, optimizer {:.2} ms, step {:.1} ms",
+            self.fwd_ms, self.bwd_ms, self.opt_ms, self.step_ms
+        )?;
+        write!(
+            f,
+            "  {:.0} tokens/s, {:.1} GFLOP/s, MFU {:.1}% of the measured matmul peak {:.0} GFLOP/s, peak RSS {:.0} MB",
+            self.tokens_per_s,
+            self.gflops,
+            100.0 * self.mfu,
+            self.matmul_peak_gflops,
+            self.peak_rss_mb
+        )?;
+        if let Some(p) = &self.cpu_peaks {
+            let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+            write!(
+                f,
+                "\n  CPU matmuls on {}; peaks (GFLOP/s): gemm f32 {:.0}, oneDNN f32 {}, oneDNN bf16 {}",
+                p.backend,
+                p.gemm_f32,
+                show(p.onednn_f32),
+                show(p.onednn_bf16)
+            )?;
+            if let Some((f32_kernel, bf16_kernel)) = &p.onednn_kernels {
+                write!(
+                    f,
+                    "\n  oneDNN kernels: f32 {f32_kernel}, bf16 {bf16_kernel}"
+                )?;
+            }
+        }
+        if let (Some(peak), Some(mfu)) = (self.nominal_peak_gflops, self.mfu_nominal) {
+            write!(
+                f,
+                "\n  MFU {:.1}% of the data-sheet peak {:.0} GFLOP/s",
+                100.0 * mfu,
+                peak
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// The shortest time `f` takes over at least `min_calls` calls and `min_secs` seconds.
 fn best_time(min_calls: usize, min_secs: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let (start, mut best, mut calls) = (Instant::now(), f64::MAX, 0);

@@ -80,6 +80,17 @@ pub struct EvalReport {
     pub perplexity: f64,
 }
 
+impl std::fmt::Display for EvalReport {
+    /// `DATA: loss L, perplexity P over N tokens (block B, stride S)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: loss {:.4}, perplexity {:.3} over {} tokens (block {}, stride {})",
+            self.data, self.loss, self.perplexity, self.scored, self.block, self.stride
+        )
+    }
+}
+
 /// Summed negative log-likelihood of `ids[skip+1..]`, each predicted from the ids before it.
 fn window_nll(model: &Gpt, ids: &[u32], skip: usize, vocab: usize, device: &Device) -> Result<f64> {
     let input = Tensor::new(&ids[..ids.len() - 1], device)?.unsqueeze(0)?;

@@ -60,6 +60,17 @@ pub struct TrainSummary {
     pub best_val_loss: Option<f64>,
 }
 
+impl std::fmt::Display for TrainSummary {
+    /// `done: RUN_DIR at step N, best val loss L`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "done: {} at step {}", self.run_dir.display(), self.step)?;
+        match self.best_val_loss {
+            Some(best) => write!(f, ", best val loss {best:.4}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Options that affect how a run reports, not what it computes.
 #[derive(Debug, Clone, Default)]
 pub struct Reporting {

@@ -176,6 +176,21 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// One line for the end of `prepare`: where, what and how long, and the skipped records.
+    pub fn summary(&self, out: &Path, elapsed: std::time::Duration) -> String {
+        format!(
+            "{}: {} documents, {} tokens ({} validation, {} training) in {} shards; {:.1} s; skipped records: {}",
+            out.display(),
+            self.counts.documents,
+            self.counts.tokens,
+            self.val_tokens_written,
+            self.train_tokens_written,
+            self.shards.len(),
+            elapsed.as_secs_f64(),
+            self.counts.skipped_summary(5)
+        )
+    }
+
     /// Reads `DIR/manifest.json`.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
