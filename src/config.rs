@@ -487,12 +487,13 @@ impl TrainConfig {
                 warmup = self.warmup_steps,
             );
         }
-        self.validate()?;
+        self.validate(lr)?;
         Ok(self)
     }
 
-    fn validate(&self) -> Result<()> {
-        let lr = self.lr.unwrap_or(1e-3);
+    /// Checks every value of a config whose optimizer defaults are filled in (`lr` is its
+    /// resolved peak learning rate).
+    fn validate(&self, lr: f64) -> Result<()> {
         if !(lr.is_finite() && lr > 0.0) {
             bail!("lr must be a positive number, got {lr}");
         }
