@@ -487,9 +487,10 @@ impl TokenData {
         }
     }
 
-    /// Token `i` of a split, refused if outside the vocabulary.
+    /// Token `i` of a split. Token files had every id checked against the vocabulary when they
+    /// were opened; a cache id outside it is refused here.
     fn token(&self, split: Split, i: usize) -> Result<u32> {
-        let (id, whence) = match &self.backing {
+        match &self.backing {
             Backing::Cache {
                 mmap,
                 bytes_per_token,
@@ -503,7 +504,14 @@ impl TokenData {
                     2 => u16::from_le_bytes([b[0], b[1]]) as u32,
                     _ => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
                 };
-                (id, None)
+                if id as usize >= self.vocab_size {
+                    bail!(
+                        "token cache {} holds id {id}, outside the vocabulary of {}",
+                        self.cache_path.display(),
+                        self.vocab_size
+                    );
+                }
+                Ok(id)
             }
             Backing::Files { train, val } => {
                 let segments = match split {
@@ -511,24 +519,9 @@ impl TokenData {
                     Split::Val => val,
                 };
                 let (file, at) = segments.locate(i);
-                (file.token(at), Some((file, at)))
-            }
-        };
-        if id as usize >= self.vocab_size {
-            match whence {
-                Some((file, at)) => bail!(
-                    "token file {} holds id {id} at token {at}, outside the tokenizer's vocabulary of {}",
-                    file.path.display(),
-                    self.vocab_size
-                ),
-                None => bail!(
-                    "token cache {} holds id {id}, outside the vocabulary of {}",
-                    self.cache_path.display(),
-                    self.vocab_size
-                ),
+                Ok(file.token(at))
             }
         }
-        Ok(id)
     }
 
     /// Inputs and next-token targets `(B, T)` for windows starting at `starts`.

@@ -370,16 +370,16 @@ fn clipping_section(md: &mut String, groups: &[Group], all: &[GroupStats]) {
             "—".into()
         }
     };
+    let finite_mean = |xs: &[f64]| {
+        let f: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+        if f.is_empty() {
+            f64::NAN
+        } else {
+            mean_sd(&f).0
+        }
+    };
     for (g, s) in groups.iter().zip(all) {
         let seeds: Vec<String> = g.runs.iter().map(|r| r.cfg.seed.to_string()).collect();
-        let finite_mean = |xs: &[f64]| {
-            let f: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
-            if f.is_empty() {
-                f64::NAN
-            } else {
-                mean_sd(&f).0
-            }
-        };
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} |",

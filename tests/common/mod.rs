@@ -144,7 +144,8 @@ pub fn trained_run_dir(args: &[&str]) -> Option<PathBuf> {
 /// where the run was trained (its config's relative paths start there).
 pub fn assert_reloads(cwd: &Path, run: &Path, env: &[(&str, &str)]) {
     let scratch = tempfile::tempdir().unwrap();
-    let seed = read_config(run)["seed"].as_integer().unwrap();
+    let config = read_config(run);
+    let seed = config["seed"].as_integer().unwrap();
     // sweep names a run with no grid seed-N; the copy takes that name.
     let copy = scratch.path().join("sweep").join(format!("seed-{seed}"));
     copy_dir(run, &copy);
@@ -152,11 +153,10 @@ pub fn assert_reloads(cwd: &Path, run: &Path, env: &[(&str, &str)]) {
     let corpus = std::fs::read_to_string(tinyshakespeare()).unwrap();
     std::fs::write(&text, &corpus[..4096]).unwrap();
     let path = |p: &Path| p.to_str().unwrap().to_string();
-    let finished = {
-        let max_steps = read_config(run)["max_steps"].as_integer().unwrap();
-        copy.join(format!("checkpoints/step-{max_steps:08}"))
-            .is_dir()
-    };
+    let max_steps = config["max_steps"].as_integer().unwrap();
+    let finished = copy
+        .join(format!("checkpoints/step-{max_steps:08}"))
+        .is_dir();
     let mut commands: Vec<Vec<String>> = vec![
         vec![
             "train".into(),
