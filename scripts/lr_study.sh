@@ -13,9 +13,12 @@
 # that diverges (training stops it on a non-finite loss) is recorded in its directory's FAILED file
 # and counted, not retried; any other error stops the study unrecorded.
 #
-# Every run of the study trains with one binary, built from commit $STUDY_COMMIT into
-# runs/bin/gpt-pretrain-study (in a git worktree, on the first run on a machine), so that code
-# changes after the design cannot reach its runs; GPT_PRETRAIN_BIN names another binary.
+# Every run of the study trains with one binary, built from commit $STUDY_COMMIT with
+# $STUDY_PATCH applied into runs/bin/gpt-pretrain-study (in a git worktree, on the first run on a
+# machine), so that code changes after the design cannot reach its runs; GPT_PRETRAIN_BIN names
+# another binary. The patch touches only CPUs where oneDNN has no bf16 matmul (no AVX-512): there
+# the bf16 operands are widened to f32 (exact) and multiplied by gemm, where the unpatched binary
+# stops at its first matmul; elsewhere the binary runs exactly as built from the commit.
 #
 #   scripts/lr_study.sh            the study (needs data/gutenberg_en.txt: bash scripts/get_data.sh --gutenberg)
 #   scripts/lr_study.sh --quick    a minutes-long version (tiny model, Tiny Shakespeare, bytes, the
@@ -31,6 +34,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STUDY_COMMIT=c910f613e7d671c9739f9ee06bbce81a1f08694e
+STUDY_PATCH=scripts/lr_study_binary.patch
 # The report is drawn by the current build whichever binary trains: the study's own binary
 # predates the lr-sensitivity and β2 plots.
 COMPARE_BIN=target/release/gpt-pretrain
@@ -74,14 +78,21 @@ else
     fi
 fi
 
-# The study's binary, built once per machine from STUDY_COMMIT.
-if [[ ! -x $BIN ]] && [[ $BIN == runs/bin/gpt-pretrain-study ]] && ((!report_only)); then
-    echo "lr_study: building the study's binary from $STUDY_COMMIT into $BIN" >&2
-    tree=runs/bin/src-${STUDY_COMMIT:0:7}
-    [[ -d $tree ]] || git worktree add --detach "$tree" "$STUDY_COMMIT" > /dev/null
-    (cd "$tree" && cargo build --release --bin gpt-pretrain)
-    mkdir -p "$(dirname "$BIN")"
-    cp "$tree/target/release/gpt-pretrain" "$BIN"
+# The study's binary, built once per machine from STUDY_COMMIT and STUDY_PATCH; the source it was
+# built from is recorded beside it, and a binary from other source is rebuilt.
+if [[ $BIN == runs/bin/gpt-pretrain-study ]] && ((!report_only)); then
+    source_id="$STUDY_COMMIT + $STUDY_PATCH $(sha256sum < "$STUDY_PATCH" | cut -c1-16)"
+    if [[ ! -x $BIN ]] || [[ "$(cat "$BIN.source" 2> /dev/null)" != "$source_id" ]]; then
+        echo "lr_study: building the study's binary ($source_id) into $BIN" >&2
+        tree=runs/bin/src-${STUDY_COMMIT:0:7}
+        [[ -d $tree ]] || git worktree add --detach "$tree" "$STUDY_COMMIT" > /dev/null
+        git -C "$tree" checkout --quiet -- .
+        git -C "$tree" apply "$PWD/$STUDY_PATCH"
+        (cd "$tree" && cargo build --release --bin gpt-pretrain)
+        mkdir -p "$(dirname "$BIN")"
+        cp "$tree/target/release/gpt-pretrain" "$BIN"
+        echo "$source_id" > "$BIN.source"
+    fi
 fi
 
 # One run (resumable): arm, batch spec, lr, seed.
@@ -104,13 +115,13 @@ run() {
         --set batch_size="$batch" --set max_steps="$steps" --set warmup_steps="$warmup" \
         --set eval_interval="$every" --grid lr="$lr" --seeds "$seed" --out "$out" 2> "$errors" || status=$?
     cat "$errors" >&2
-    # Hosts differ between sessions, and bf16 kernels between CPUs (AMX, AVX512-BF16): each host
-    # a run trained on is recorded beside it (after `sweep`, which restarts a run directory that
-    # has no checkpoint from nothing).
+    # Machines differ, and bf16 kernels between CPUs (AMX, AVX512-BF16, f32 gemm on widened
+    # operands without AVX-512): each host a run trained on is recorded beside it (after `sweep`,
+    # which restarts a run directory that has no checkpoint from nothing).
     if [[ -d $dir ]]; then
         local host
         # The model name alone is "AMD EPYC" on Zen 3, 4 and 5 alike: family and model tell them apart.
-        host="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1) (family $(lscpu | sed -n 's/^CPU family: *//p' | head -n 1) model $(lscpu | sed -n 's/^Model: *//p' | head -n 1)), $(date -u +%F)"
+        host="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1) (family $(lscpu | sed -n 's/^CPU family: *//p' | head -n 1) model $(lscpu | sed -n 's/^Model: *//p' | head -n 1)$(grep -qw avx512bw /proc/cpuinfo || echo ', no AVX-512: bf16 operands widened to f32')), $(date -u +%F)"
         grep -qxF "$host" "$dir/HOSTS" 2> /dev/null || echo "$host" >> "$dir/HOSTS"
     fi
     # A run diverged when training stopped it on a non-finite loss ("loss became …"); any other
