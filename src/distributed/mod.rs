@@ -14,6 +14,7 @@
 //! and NCCL all-reduces the gradients on the device: deterministic for a given world size, but not
 //! bitwise equal to one process, since NCCL adds in its own order.
 
+pub mod gradients;
 #[cfg(feature = "nccl")]
 mod nccl;
 

@@ -30,6 +30,7 @@ pub use run_dir::{
 
 use crate::config::{NanPolicy, TrainConfig};
 use crate::data::{eval_windows, BatchSampler, Split, TokenData};
+use crate::distributed::gradients::{ReducedStep, StepGradients};
 use crate::distributed::World;
 use crate::model::{Gpt, GptConfig, Params};
 use crate::ops::cpu::on_worker_thread_if_cpu;
@@ -210,54 +211,6 @@ pub fn grad_norm(params: &Params, grads: &GradStore) -> Result<f64> {
             .to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
-}
-
-/// The gradients of `params` in name order, as one f32 vector (what ranks exchange).
-fn flatten_grads(params: &Params, grads: &GradStore) -> Result<Vec<f32>> {
-    let mut flat = Vec::with_capacity(params.vars().map(|v| v.elem_count()).sum());
-    for (name, var) in params.named_vars() {
-        let g = grads
-            .get(var.as_tensor())
-            .with_context(|| format!("parameter {name} got no gradient"))?;
-        flat.extend(g.flatten_all()?.to_vec1::<f32>()?);
-    }
-    Ok(flat)
-}
-
-/// Replaces the gradients in `grads` by the slices of `flat` ([`flatten_grads`]'s layout).
-fn unflatten_grads(params: &Params, flat: &[f32], grads: &mut GradStore) -> Result<()> {
-    let mut offset = 0;
-    for var in params.vars() {
-        let n = var.elem_count();
-        let g = Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?;
-        grads.insert(var.as_tensor(), g);
-        offset += n;
-    }
-    Ok(())
-}
-
-/// Sums the gradients over ranks on the GPU: one NCCL all-reduce of all of them laid end to end
-/// (as llm.c keeps them), then each parameter's gradient is a view of its slice.
-fn sum_grads_on_device(world: &World, params: &Params, grads: &mut GradStore) -> Result<()> {
-    let mut flat = Vec::new();
-    for (name, var) in params.named_vars() {
-        let g = grads
-            .get(var.as_tensor())
-            .with_context(|| format!("parameter {name} got no gradient"))?;
-        flat.push(g.flatten_all()?);
-    }
-    let flat = Tensor::cat(&flat, 0)?;
-    world.sum_on_device(&flat)?;
-    let mut offset = 0;
-    for var in params.vars() {
-        let n = var.elem_count();
-        grads.insert(
-            var.as_tensor(),
-            flat.narrow(0, offset, n)?.reshape(var.shape())?,
-        );
-        offset += n;
-    }
-    Ok(())
 }
 
 /// Multiplies every gradient by `factor`.
@@ -467,124 +420,42 @@ impl Trainer {
         Ok(val)
     }
 
-    /// One optimizer step: micro-steps with gradient accumulation, clipping, update.
+    /// One optimizer step: micro-steps with gradient accumulation (this rank's share of them),
+    /// the sum over ranks, clipping, update.
     fn train_step(&mut self, schedule: &Schedule) -> Result<StepOutcome> {
         let world = Rc::clone(&self.world);
-        let accum = self.global_accum();
-        let cfg = &self.cfg;
-        let block = self.model.config().block_size;
         let lr = schedule.lr_at(self.position.step as usize);
-        // This rank's contiguous share of the step's micro-batches.
-        let mine = world.rank() * cfg.grad_accum..(world.rank() + 1) * cfg.grad_accum;
-        // Rank 0: the running sum of its micro-gradients. Other ranks: their first micro-gradient,
-        // kept as the container the reduced sum goes into.
-        let mut grads: Option<GradStore> = None;
-        // Ranks after 0: each micro-gradient, flat and in order, to be added one by one to the sum
-        // that arrives from the rank before.
-        let mut terms: Vec<Vec<f32>> = Vec::new();
-        // Micro-step losses stay on the device until the step ends: one transfer per step.
-        let mut losses = Vec::with_capacity(cfg.grad_accum);
-        for micro in 0..accum {
+        let mut step = StepGradients::new(&world, &self.params, self.cfg.grad_accum);
+        for micro in 0..step.micro_steps() {
+            // Every rank draws every micro-batch's windows, so the sampler's position stays the
+            // same on all ranks.
             let starts = self.position.sampler.next_starts(
                 self.data.split_len(Split::Train),
-                block,
-                cfg.batch_size,
+                self.model.config().block_size,
+                self.cfg.batch_size,
             );
-            if !mine.contains(&micro) {
-                continue;
-            }
-            let (x, y) = self
-                .data
-                .batch(Split::Train, &starts, block, &self.device)?;
-            // Dropout masks come from a stream keyed by (seed, micro-step index): no state to save.
-            let mut dropout_rng = (self.model.config().dropout > 0.0).then(|| {
-                let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-                rng.set_stream(1 + self.position.step * accum as u64 + micro as u64);
-                rng
-            });
-            let (model, step) = (&self.model, self.position.step);
-            let forward_backward = || -> Result<(Tensor, GradStore)> {
-                let mut loss = model.loss(&x, &y, dropout_rng.as_mut())?;
-                if faults::nan_at(step + 1) {
-                    loss = (loss * f64::NAN)?;
-                }
-                let value = loss.detach().to_dtype(DType::F64)?;
-                let loss = if accum > 1 {
-                    (loss / accum as f64)?
-                } else {
-                    loss
-                };
-                Ok((value, loss.backward()?))
-            };
-            let (loss, g) = on_worker_thread_if_cpu(&self.device, forward_backward)?;
-            losses.push(loss);
-            if !world.is_root() && !world.sums_on_device() {
-                terms.push(flatten_grads(&self.params, &g)?);
-                grads.get_or_insert(g);
-                continue;
-            }
-            match grads.as_mut() {
-                None => grads = Some(g),
-                Some(acc) => {
-                    for var in self.params.vars() {
-                        if let Some(gi) = g.get(var.as_tensor()) {
-                            let sum = match acc.get(var.as_tensor()) {
-                                Some(a) => (a + gi)?,
-                                None => gi.clone(),
-                            };
-                            acc.insert(var.as_tensor(), sum);
-                        }
-                    }
-                }
+            if step.mine().contains(&micro) {
+                let (loss, grads) = self.forward_backward(&starts, micro, step.micro_steps())?;
+                step.add(loss, grads)?;
             }
         }
-        let mut grads = grads.expect("grad_accum >= 1");
-        let reduce_started = Instant::now();
-        let loss = if world.size() == 1 {
-            Tensor::stack(&losses, 0)?.sum_all()?.to_scalar::<f64>()? / accum as f64
-        } else {
-            // Every micro-step's loss in global order, summed as one process would.
-            let local = losses
-                .iter()
-                .map(|l| l.to_scalar::<f64>())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let all = world.gather_f64(&local);
-            Tensor::from_vec(all, accum, &Device::Cpu)?
-                .sum_all()?
-                .to_scalar::<f64>()?
-                / accum as f64
-        };
-        if world.sums_on_device() {
-            sum_grads_on_device(&world, &self.params, &mut grads)?;
-        } else if world.size() > 1 {
-            let terms = match world.is_root() {
-                true => vec![flatten_grads(&self.params, &grads)?],
-                false => terms,
-            };
-            let total = world.sum_in_rank_order(terms);
-            unflatten_grads(&self.params, &total, &mut grads)?;
-        }
-        let reduce_secs = (world.size() > 1).then(|| reduce_started.elapsed().as_secs_f64());
+        let ReducedStep {
+            loss,
+            mut grads,
+            reduce_secs,
+        } = step.finish()?;
         let norm = grad_norm(&self.params, &grads)?;
         let finite = loss.is_finite() && norm.is_finite();
         if !finite {
-            match cfg.nan_policy {
-                NanPolicy::Stop => {
-                    let last = checkpoint::list_complete(&self.run_dir)?
-                        .last()
-                        .map(|(_, d)| d.display().to_string())
-                        .unwrap_or_else(|| "none".into());
-                    bail!(
-                        "loss became {loss} (gradient norm {norm}) at step {}; stopped without saving (last good checkpoint: {last})",
-                        self.position.step + 1
-                    );
-                }
+            match self.cfg.nan_policy {
+                NanPolicy::Stop => return Err(self.non_finite_error(loss, norm)),
                 NanPolicy::Skip => self.position.skipped_steps += 1,
             }
         } else {
-            if cfg.grad_clip > 0.0 && norm > cfg.grad_clip {
+            let clip = self.cfg.grad_clip;
+            if clip > 0.0 && norm > clip {
                 // torch.nn.utils.clip_grad_norm_'s coefficient.
-                scale_grads(&self.params, &mut grads, cfg.grad_clip / (norm + 1e-6))?;
+                scale_grads(&self.params, &mut grads, clip / (norm + 1e-6))?;
             }
             let (optimizer, grads) = (&mut self.optimizer, &grads);
             on_worker_thread_if_cpu(&self.device, || optimizer.update(grads, lr))?;
@@ -597,7 +468,8 @@ impl Trainer {
             first.set(&(first.as_tensor() + 1e-3)?)?;
         }
         self.position.step += 1;
-        self.position.tokens += (cfg.batch_size * accum * block) as u64;
+        let block = self.model.config().block_size;
+        self.position.tokens += (self.cfg.batch_size * self.global_accum() * block) as u64;
         Ok(StepOutcome {
             loss,
             norm,
@@ -605,6 +477,52 @@ impl Trainer {
             skipped: !finite,
             reduce_secs,
         })
+    }
+
+    /// Micro-step `micro` of `micro_steps` on the windows at `starts`: its loss (undivided, f64,
+    /// on the device) and the gradients of the loss divided by `micro_steps`.
+    fn forward_backward(
+        &self,
+        starts: &[usize],
+        micro: usize,
+        micro_steps: usize,
+    ) -> Result<(Tensor, GradStore)> {
+        let block = self.model.config().block_size;
+        let (x, y) = self.data.batch(Split::Train, starts, block, &self.device)?;
+        // Dropout masks come from a stream keyed by (seed, micro-step index): no state to save.
+        let mut dropout_rng = (self.model.config().dropout > 0.0).then(|| {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.cfg.seed);
+            rng.set_stream(1 + self.position.step * micro_steps as u64 + micro as u64);
+            rng
+        });
+        let (model, step) = (&self.model, self.position.step);
+        on_worker_thread_if_cpu(&self.device, || {
+            let mut loss = model.loss(&x, &y, dropout_rng.as_mut())?;
+            if faults::nan_at(step + 1) {
+                loss = (loss * f64::NAN)?;
+            }
+            let value = loss.detach().to_dtype(DType::F64)?;
+            let loss = if micro_steps > 1 {
+                (loss / micro_steps as f64)?
+            } else {
+                loss
+            };
+            Ok((value, loss.backward()?))
+        })
+    }
+
+    /// The error that stops a run under `nan_policy = "stop"`, naming the last good checkpoint.
+    fn non_finite_error(&self, loss: f64, norm: f64) -> anyhow::Error {
+        let last = match checkpoint::list_complete(&self.run_dir) {
+            Ok(list) => list
+                .last()
+                .map_or_else(|| "none".into(), |(_, d)| d.display().to_string()),
+            Err(e) => format!("the checkpoints could not be listed: {e:#}"),
+        };
+        anyhow::anyhow!(
+            "loss became {loss} (gradient norm {norm}) at step {}; stopped without saving (last good checkpoint: {last})",
+            self.position.step + 1
+        )
     }
 
     /// Trains to `max_steps`: evaluates and checkpoints every `eval_interval` steps and at the
