@@ -664,8 +664,9 @@ fn read_toml(path: &Path) -> toml::Table {
     toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// Whether this CPU runs bf16 matmuls (oneDNN loaded, with a bf16 kernel for this CPU: oneDNN 2.x
-/// has none without AVX-512). Where it does not, the bf16 cases check the refusal instead.
+/// Whether bf16 matmuls run here: oneDNN is loaded (without a bf16 kernel for the CPU the
+/// operands are widened to f32, the same values). Where they do not, the bf16 cases check the
+/// refusal instead.
 fn cpu_bf16() -> bool {
     let unavailable = gpt_pretrain::ops::onednn::bf16_matmuls_unavailable();
     if let Some(reason) = &unavailable {
@@ -695,7 +696,7 @@ fn cpu_bf16_training_tracks_f32_within_the_seed_spread() {
     let quick = common::project_root().join("configs/quick.toml");
     let data = format!("data=\"{}\"", common::tinyshakespeare().display());
     if !cpu_bf16() {
-        // A CPU without bf16 matmuls refuses bf16 before the first step, saying why.
+        // Without oneDNN bf16 is refused before the first step, saying why.
         let out = ws.train(&[
             "--config",
             quick.to_str().unwrap(),

@@ -24,8 +24,9 @@ fn require_onednn() -> bool {
     true
 }
 
-/// Whether this CPU runs bf16 matmuls (oneDNN 2.x has none without AVX-512); when it does not,
-/// the bf16 cases are left out, saying so (bf16 training is then refused: tests/cli.rs).
+/// Whether bf16 matmuls run here: oneDNN is loaded (where oneDNN has no bf16 kernel for the CPU,
+/// as oneDNN 2.x without AVX-512, the bf16 operands are widened to f32 for gemm, and these cases
+/// check that route); when they do not, the bf16 cases are left out, saying so.
 fn cpu_bf16() -> bool {
     let unavailable = gpt_pretrain::ops::onednn::bf16_matmuls_unavailable();
     if let Some(reason) = &unavailable {

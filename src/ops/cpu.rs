@@ -101,8 +101,15 @@ impl Matrix<'_> {
     /// transposed (column stride ≠ 1), as dyᵀ in dW = dyᵀ·x. oneDNN 2.x has no brgemm kernel for
     /// it on some CPUs (Intel Xeons) and falls back to its slower "gemm:jit" (docs/performance.md,
     /// "Tried and dropped"); gemm takes any strides at full speed.
+    ///
+    /// bf16 operands go there too where oneDNN has no bf16 matmul for the CPU (oneDNN 2.x needs
+    /// AVX-512), widened to f32: exact, so the products are the bf16 products and only the order
+    /// of the f32 sums differs from oneDNN's.
     fn goes_to_gemm(&self) -> bool {
-        matches!(self, Matrix::F32(_, _, cs) if *cs != 1)
+        match self {
+            Matrix::F32(_, _, cs) => *cs != 1,
+            Matrix::Bf16(..) => !super::onednn::bf16_kernels(),
+        }
     }
 
     /// Whether a (rows × cols) view with these strides stays inside the slice.
@@ -174,6 +181,14 @@ pub(crate) fn matmul(
     // SAFETY: MaybeUninit<f32> has f32's layout, and only initialised f32 are written through it.
     let dst = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
     matmul_uninit(mnk, dst, lhs, rhs, bias, accumulate)
+}
+
+/// bf16 bits as the f32 values they stand for.
+fn widen_bf16(bits: &[u16]) -> Vec<f32> {
+    use rayon::prelude::*;
+    bits.par_iter()
+        .map(|&b| f32::from_bits(u32::from(b) << 16))
+        .collect()
 }
 
 /// Columns of the output per oneDNN call in [`matmul_by_columns`], a multiple of: oneDNN's f32
@@ -311,8 +326,14 @@ fn matmul_uninit(
                 }
             });
     }
-    let (Matrix::F32(l, lrs, lcs), Matrix::F32(r, rrs, rcs)) = (lhs, rhs) else {
-        bail!("bf16 matmuls on CPU need oneDNN (libdnnl.so.2), which is not loaded");
+    let (lhs_wide, rhs_wide);
+    let ((l, lrs, lcs), (r, rrs, rcs)) = match (lhs, rhs) {
+        (Matrix::F32(l, lrs, lcs), Matrix::F32(r, rrs, rcs)) => ((l, lrs, lcs), (r, rrs, rcs)),
+        (Matrix::Bf16(l, lrs, lcs), Matrix::Bf16(r, rrs, rcs)) => {
+            (lhs_wide, rhs_wide) = (widen_bf16(l), widen_bf16(r));
+            ((&lhs_wide[..], lrs, lcs), (&rhs_wide[..], rrs, rcs))
+        }
+        _ => bail!("CPU matmul ({m}×{k} · {k}×{n}): one operand is f32 and the other bf16"),
     };
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)

@@ -201,25 +201,22 @@ pub fn onednn() -> Option<&'static OneDnn> {
         .as_ref()
 }
 
-/// Why this process cannot run bf16 matmuls on CPU, or `None` when it can: oneDNN must load and
-/// have a bf16 matmul for this CPU (oneDNN 2.x has none without AVX-512). Checked once, by
-/// compiling a small bf16 primitive.
+/// Why this process cannot run bf16 matmuls on CPU, or `None` when it can: oneDNN must load (the
+/// fused bf16 paths are built on it; [`bf16_kernels`] says whether they run at bf16's speed).
 pub fn bf16_matmuls_unavailable() -> Option<String> {
-    static REASON: OnceLock<Option<String>> = OnceLock::new();
-    REASON
-        .get_or_init(|| match onednn() {
-            None => Some(format!("the CPU matmuls run on {}", backend_description())),
-            Some(dnnl) => dnnl
-                .implementation((16, 16, 16), Elem::Bf16)
-                .err()
-                .map(|_| {
-                    format!(
-                        "oneDNN {} has no bf16 matmul for this CPU (oneDNN 2.x needs AVX-512)",
-                        dnnl.version
-                    )
-                }),
-        })
-        .clone()
+    match onednn() {
+        None => Some(format!("the CPU matmuls run on {}", backend_description())),
+        Some(_) => None,
+    }
+}
+
+/// Whether oneDNN has a bf16 matmul kernel for this CPU (oneDNN 2.x has none without AVX-512):
+/// without one, bf16 operands are widened to f32 for gemm, the same values at f32's speed.
+pub fn bf16_kernels() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        onednn().is_some_and(|dnnl| dnnl.implementation((16, 16, 16), Elem::Bf16).is_ok())
+    })
 }
 
 /// A line for logs: which CPU matmul backend runs, and why.

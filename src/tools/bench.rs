@@ -170,7 +170,7 @@ impl CpuPeaks {
             4 * setup.n_embd,
             setup.n_embd,
         );
-        let bf16 = crate::ops::onednn::bf16_matmuls_unavailable().is_none();
+        let bf16 = crate::ops::onednn::bf16_kernels();
         let onednn_kernels = match crate::ops::onednn::onednn() {
             Some(dnnl) => {
                 use crate::ops::onednn::Elem;
