@@ -4,6 +4,7 @@
 //! hyperparameters left unset take the chosen optimizer's own defaults (see [`crate::optim`]).
 
 use crate::model::GptConfig;
+pub use crate::ops::Precision;
 use crate::optim::{AdamConfig, AdoptConfig, AdoptVariant, OptimizerKind};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -105,40 +106,6 @@ pub enum NanPolicy {
     Stop,
     /// Skip the update (the batch is consumed), count it, log it, and go on.
     Skip,
-}
-
-/// The precision a run computes in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// Everything in f32 (the default).
-    #[value(help = "everything in f32")]
-    F32,
-    /// On CUDA, mixed precision as nanoGPT's `torch.autocast(dtype=torch.bfloat16)`: bf16
-    /// matmuls, attention and MLP activations; f32 master weights, optimizer state, LayerNorm,
-    /// softmax, residual stream and loss. On CPU (with oneDNN), bf16 operands in the linear
-    /// layers' and the lm_head's matmuls and (with AVX512-BF16) the attention's products,
-    /// accumulated in f32, and f32 everywhere else.
-    #[value(help = "bf16 matmuls with f32 accumulation and f32 master weights")]
-    Bf16,
-}
-
-impl Precision {
-    /// Its name in configs and on the command line: `f32`, `bf16`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-        }
-    }
-
-    /// The dtype matmuls run in.
-    pub fn compute_dtype(self) -> candle_core::DType {
-        match self {
-            Self::F32 => candle_core::DType::F32,
-            Self::Bf16 => candle_core::DType::BF16,
-        }
-    }
 }
 
 /// Which tokenizer turns the corpus into ids.
@@ -565,7 +532,7 @@ impl TrainConfig {
         crate::device::parse_device_spec(&self.device)?;
         if self.dtype == Precision::Bf16 && !self.device.starts_with("cuda") {
             if let Some(reason) = crate::ops::onednn::bf16_matmuls_unavailable() {
-                bail!("dtype = \"bf16\" on CPU needs oneDNN's bf16 matmuls, and {reason}");
+                bail!("dtype = \"bf16\" on CPU needs oneDNN, and {reason}");
             }
         }
         Ok(())

@@ -37,7 +37,7 @@ fn cpu_bf16() -> bool {
 
 #[test]
 fn fused_linear_matches_f64_ops_in_value_and_gradient() {
-    use gpt_pretrain::ops::linear::{fused_linear, fused_linear_applies, MatmulPrecision};
+    use gpt_pretrain::ops::linear::{fused_linear, fused_linear_applies, Precision};
     if !require_onednn() {
         return;
     }
@@ -61,8 +61,8 @@ fn fused_linear_matches_f64_ops_in_value_and_gradient() {
             |v: &[f64], shape: &[usize]| Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
         let upstream = f64_tensor(&up, &[m, n]);
         let precisions = match cpu_bf16() {
-            true => vec![MatmulPrecision::F32, MatmulPrecision::Bf16],
-            false => vec![MatmulPrecision::F32],
+            true => vec![Precision::F32, Precision::Bf16],
+            false => vec![Precision::F32],
         };
         for precision in precisions {
             let var = |v: &[f64], shape: &[usize]| {
@@ -86,8 +86,8 @@ fn fused_linear_matches_f64_ops_in_value_and_gradient() {
             // The reference: f64 matmuls of the operands as the precision rounds them (bf16 by
             // candle's own conversion), the output gradient rounded likewise for dx and dW.
             let rounded = |t: &Tensor| match precision {
-                MatmulPrecision::F32 => t.to_dtype(DType::F64).unwrap(),
-                MatmulPrecision::Bf16 => t
+                Precision::F32 => t.to_dtype(DType::F64).unwrap(),
+                Precision::Bf16 => t
                     .to_dtype(DType::BF16)
                     .unwrap()
                     .to_dtype(DType::F64)
@@ -121,7 +121,7 @@ fn fused_linear_matches_f64_ops_in_value_and_gradient() {
                 Some(db) => close("db", db, &db_ref, m),
                 None => assert!(!bias, "no bias gradient"),
             }
-            if precision == MatmulPrecision::Bf16 {
+            if precision == Precision::Bf16 {
                 // And against the exact f64 product: bf16 rounding, 2⁻⁹ relative per operand.
                 let exact = f64_tensor(&xs, &[m, k])
                     .matmul(&f64_tensor(&ws, &[n, k]).t().unwrap())
@@ -149,7 +149,7 @@ fn fused_linear_matches_f64_ops_in_value_and_gradient() {
 fn producers_storing_bf16_for_a_bf16_linear_change_no_value_or_gradient() {
     use gpt_pretrain::ops::gelu::{fused_gelu_tanh, fused_gelu_tanh_rounded};
     use gpt_pretrain::ops::layer_norm::{fused_layer_norm, fused_layer_norm_rounded};
-    use gpt_pretrain::ops::linear::{fused_linear, fused_linear_takes_bf16, MatmulPrecision};
+    use gpt_pretrain::ops::linear::{fused_linear, fused_linear_takes_bf16, Precision};
     if !require_onednn() || !cpu_bf16() {
         return;
     }
@@ -170,14 +170,8 @@ fn producers_storing_bf16_for_a_bf16_linear_change_no_value_or_gradient() {
             random(&[n], 0.1),
             random(&[m, n], 1.0),
         );
-        assert!(fused_linear_takes_bf16(
-            w.as_tensor(),
-            MatmulPrecision::Bf16
-        ));
-        assert!(!fused_linear_takes_bf16(
-            w.as_tensor(),
-            MatmulPrecision::F32
-        ));
+        assert!(fused_linear_takes_bf16(w.as_tensor(), Precision::Bf16));
+        assert!(!fused_linear_takes_bf16(w.as_tensor(), Precision::F32));
         type Producer<'a> = Box<dyn Fn(bool) -> Tensor + 'a>;
         let producers: [(&str, Producer); 2] = [
             (
@@ -201,13 +195,8 @@ fn producers_storing_bf16_for_a_bf16_linear_change_no_value_or_gradient() {
         for (name, produce) in producers {
             let run = |rounded: bool| {
                 let h = produce(rounded);
-                let y = fused_linear(
-                    &h,
-                    w.as_tensor(),
-                    Some(b.as_tensor()),
-                    MatmulPrecision::Bf16,
-                )
-                .unwrap();
+                let y =
+                    fused_linear(&h, w.as_tensor(), Some(b.as_tensor()), Precision::Bf16).unwrap();
                 let grads = (&y * up.as_tensor())
                     .unwrap()
                     .sum_all()
@@ -664,7 +653,7 @@ fn attention_bf16_reference(qkv: &Tensor, dy: &Tensor, n_head: usize) -> (Vec<f6
 #[test]
 fn bf16_attention_matches_an_f64_reference_on_rounded_operands() {
     use gpt_pretrain::ops::attention::{
-        bf16_attention_supported, fused_causal_attention_in, MatmulPrecision,
+        bf16_attention_supported, fused_causal_attention_in, Precision,
     };
     if !bf16_attention_supported() {
         eprintln!("skipped: this CPU lacks AVX512-BF16, and bf16 attention runs its f32 kernel");
@@ -691,7 +680,7 @@ fn bf16_attention_matches_an_f64_reference_on_rounded_operands() {
             .collect();
         let qkv = Var::from_slice(&values, (b, t, 3 * c), &Device::Cpu).unwrap();
         let upstream = Tensor::from_slice(&upstream, (b, t, c), &Device::Cpu).unwrap();
-        let y = fused_causal_attention_in(qkv.as_tensor(), n_head, MatmulPrecision::Bf16).unwrap();
+        let y = fused_causal_attention_in(qkv.as_tensor(), n_head, Precision::Bf16).unwrap();
         let grads = y
             .mul(&upstream)
             .unwrap()
@@ -898,7 +887,7 @@ fn fast_exp_f32_is_within_two_ulp_of_the_f64_exp() {
 #[test]
 fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
     use gpt_pretrain::ops::cross_entropy::cross_entropy_ops;
-    use gpt_pretrain::ops::linear::MatmulPrecision;
+    use gpt_pretrain::ops::linear::Precision;
     use gpt_pretrain::ops::lm_head_loss::{
         fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
     };
@@ -915,11 +904,11 @@ fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
         // fused loss also rounds the logits' gradient to bf16 for dx and dw (2⁻⁹ relative per
         // element), hence the wider gradient tolerance.
         let mut cases = vec![
-            (DType::F64, MatmulPrecision::F32, 1e-12, 1e-12),
-            (DType::F32, MatmulPrecision::F32, 1e-5, 1e-5),
+            (DType::F64, Precision::F32, 1e-12, 1e-12),
+            (DType::F32, Precision::F32, 1e-5, 1e-5),
         ];
         if cpu_bf16() {
-            cases.push((DType::F32, MatmulPrecision::Bf16, 1e-5, 1e-2));
+            cases.push((DType::F32, Precision::Bf16, 1e-5, 1e-2));
         }
         for (dtype, precision, tol, grad_tol) in cases {
             let var = |v: &[f64], shape: (usize, usize)| {
@@ -955,8 +944,8 @@ fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
             .unwrap();
             let (la, dxa, dwa) = run(fused);
             let as_computed = |t: &Tensor| match precision {
-                MatmulPrecision::F32 => t.clone(),
-                MatmulPrecision::Bf16 => t
+                Precision::F32 => t.clone(),
+                Precision::Bf16 => t
                     .to_dtype(DType::BF16)
                     .unwrap()
                     .to_dtype(DType::F64)
@@ -1001,7 +990,7 @@ fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
     let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
     let w = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
     let bad = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
-    let err = fused_linear_cross_entropy(&x, &w, &bad, LossGradients::Eager, MatmulPrecision::F32)
-        .unwrap_err();
+    let err =
+        fused_linear_cross_entropy(&x, &w, &bad, LossGradients::Eager, Precision::F32).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
 }

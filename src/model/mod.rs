@@ -21,30 +21,28 @@ mod params;
 pub use config::{GptConfig, Init, ParamSpec};
 pub use params::Params;
 
-use crate::ops::linear::{
-    fused_linear, fused_linear_applies, fused_linear_takes_bf16, MatmulPrecision,
-};
+use crate::ops::linear::{fused_linear, fused_linear_applies, fused_linear_takes_bf16};
 use crate::ops::lm_head_loss::{
     fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
 };
+use crate::ops::Precision;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::Distribution;
 
-/// A linear layer `y = x Wᵀ + b` with `W` stored `[out, in]`, computed in `compute` dtype: the
+/// A linear layer `y = x Wᵀ + b` with `W` stored `[out, in]`, computed in `autocast.cast`: the
 /// input, weight and bias are cast to it (differentiably, so gradients reach the master weights in
 /// their own dtype) and the output stays in it, as under PyTorch's autocast. On CPU with oneDNN
-/// loaded, f32 tensors go through [`fused_linear`] instead, its matmuls in `cpu_precision`.
+/// loaded, f32 tensors go through [`fused_linear`] instead, its operands in `autocast.precision`.
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
-    compute: DType,
-    cpu_precision: MatmulPrecision,
+    autocast: Autocast,
 }
 
 impl Linear {
-    fn new(params: &Params, prefix: &str, bias: bool, precision: Precision) -> Result<Self> {
+    fn new(params: &Params, prefix: &str, bias: bool, autocast: Autocast) -> Result<Self> {
         Ok(Self {
             weight: params.get(&format!("{prefix}.weight"))?.as_tensor().clone(),
             bias: if bias {
@@ -52,15 +50,14 @@ impl Linear {
             } else {
                 None
             },
-            compute: precision.compute,
-            cpu_precision: precision.cpu_matmuls,
+            autocast,
         })
     }
 
     /// Whether this layer rounds its input to bf16 first thing ([`fused_linear_takes_bf16`]), so
     /// that the op producing an input for it alone may store it so.
     fn takes_bf16(&self) -> bool {
-        fused_linear_takes_bf16(&self.weight, self.cpu_precision)
+        fused_linear_takes_bf16(&self.weight, self.autocast.precision)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -71,15 +68,15 @@ impl Linear {
                 &x.reshape((b * t, c))?,
                 &self.weight,
                 self.bias.as_ref(),
-                self.cpu_precision,
+                self.autocast.precision,
             )?;
             return Ok(y.reshape((b, t, ()))?);
         }
-        let x = x.to_dtype(self.compute)?;
-        let weight = self.weight.to_dtype(self.compute)?;
+        let x = x.to_dtype(self.autocast.cast)?;
+        let weight = self.weight.to_dtype(self.autocast.cast)?;
         let y = x.reshape((b * t, c))?.matmul(&weight.t()?)?;
         let y = match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.to_dtype(self.compute)?)?,
+            Some(bias) => y.broadcast_add(&bias.to_dtype(self.autocast.cast)?)?,
             None => y,
         };
         Ok(y.reshape((b, t, ()))?)
@@ -94,7 +91,7 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn new(params: &Params, prefix: &str, bias: bool) -> Result<Self> {
-        let lin = Linear::new(params, prefix, bias, Precision::f32())?;
+        let lin = Linear::new(params, prefix, bias, Autocast::F32)?;
         Ok(Self {
             weight: lin.weight,
             bias: lin.bias,
@@ -189,7 +186,7 @@ impl CausalSelfAttention {
             let y = crate::ops::attention::fused_causal_attention_in(
                 &qkv,
                 self.n_head,
-                self.c_attn.cpu_precision,
+                self.c_attn.autocast.precision,
             )?;
             return dropout(&self.c_proj.forward(&y)?, self.dropout, rng);
         }
@@ -247,20 +244,20 @@ struct Block {
 }
 
 impl Block {
-    fn new(params: &Params, cfg: &GptConfig, i: usize, compute: Precision) -> Result<Self> {
+    fn new(params: &Params, cfg: &GptConfig, i: usize, autocast: Autocast) -> Result<Self> {
         let p = |s: &str| format!("transformer.h.{i}.{s}");
         Ok(Self {
             ln_1: LayerNorm::new(params, &p("ln_1"), cfg.bias)?,
             attn: CausalSelfAttention {
-                c_attn: Linear::new(params, &p("attn.c_attn"), cfg.bias, compute)?,
-                c_proj: Linear::new(params, &p("attn.c_proj"), cfg.bias, compute)?,
+                c_attn: Linear::new(params, &p("attn.c_attn"), cfg.bias, autocast)?,
+                c_proj: Linear::new(params, &p("attn.c_proj"), cfg.bias, autocast)?,
                 n_head: cfg.n_head,
                 dropout: cfg.dropout,
             },
             ln_2: LayerNorm::new(params, &p("ln_2"), cfg.bias)?,
             mlp: Mlp {
-                c_fc: Linear::new(params, &p("mlp.c_fc"), cfg.bias, compute)?,
-                c_proj: Linear::new(params, &p("mlp.c_proj"), cfg.bias, compute)?,
+                c_fc: Linear::new(params, &p("mlp.c_fc"), cfg.bias, autocast)?,
+                c_proj: Linear::new(params, &p("mlp.c_proj"), cfg.bias, autocast)?,
                 dropout: cfg.dropout,
             },
         })
@@ -292,27 +289,23 @@ pub struct Gpt {
     ln_f: LayerNorm,
     /// 0 on and below the diagonal, −∞ above: added to attention scores.
     causal_mask: Tensor,
-    /// The dtype of matmuls and their outputs (the parameters' own dtype unless autocast).
-    compute: DType,
-    /// What the CPU's oneDNN matmuls multiply in.
-    cpu_matmuls: MatmulPrecision,
+    autocast: Autocast,
 }
 
-/// How a layer's matmuls compute: in `compute` dtype (CUDA autocast casts tensors to bf16), or,
-/// on CPU with oneDNN, on f32 tensors with `cpu_matmuls` operands.
+/// What the run's [`Precision`] means for a layer on its device, decided once when the model is
+/// built: the dtype candle's own ops cast tensors to (bf16 under CUDA autocast; on CPU the
+/// parameters' own), and what the CPU's fused matmuls round their operands to.
 #[derive(Clone, Copy)]
-struct Precision {
-    compute: DType,
-    cpu_matmuls: MatmulPrecision,
+struct Autocast {
+    cast: DType,
+    precision: Precision,
 }
 
-impl Precision {
-    fn f32() -> Self {
-        Self {
-            compute: DType::F32,
-            cpu_matmuls: MatmulPrecision::F32,
-        }
-    }
+impl Autocast {
+    const F32: Self = Self {
+        cast: DType::F32,
+        precision: Precision::F32,
+    };
 }
 
 impl Gpt {
@@ -320,38 +313,50 @@ impl Gpt {
     /// computing in the parameters' dtype.
     pub fn new(cfg: &GptConfig, params: &Params) -> Result<Self> {
         let dtype = params.get("transformer.wte.weight")?.dtype();
-        Self::with_compute_dtype(cfg, params, dtype)
+        let autocast = Autocast {
+            cast: dtype,
+            precision: Precision::F32,
+        };
+        Self::build(cfg, params, autocast)
     }
 
-    /// Mixed precision, as nanoGPT under `torch.autocast`: matmuls, attention and the MLP in
-    /// `compute` (bf16), with LayerNorm, softmax, the residual stream, the logits handed to the
-    /// loss, and the parameters and their gradients in the parameters' own dtype (f32).
+    /// The model in the run's precision. bf16 is mixed precision, as nanoGPT under
+    /// `torch.autocast`: matmuls, attention and the MLP in bf16, with LayerNorm, softmax, the
+    /// residual stream, the logits handed to the loss, and the parameters and their gradients in
+    /// the parameters' own dtype (f32).
     ///
     /// On CPU, bf16 means bf16 operands in the linear layers' and the lm_head's matmuls (oneDNN:
-    /// AMX, AVX512-BF16) and, where the CPU has AVX512-BF16, in the attention's six products
+    /// AMX, AVX512-BF16, or widened to f32 where oneDNN has no bf16 kernel) and, where the CPU has
+    /// AVX512-BF16, in the attention's six products
     /// ([`crate::ops::attention::fused_causal_attention_in`]), f32 everywhere else;
     /// it needs oneDNN and f32 parameters.
-    pub fn with_compute_dtype(cfg: &GptConfig, params: &Params, compute: DType) -> Result<Self> {
-        cfg.validate()?;
-        let wte = params.get("transformer.wte.weight")?.as_tensor().clone();
-        let (device, dtype) = (wte.device().clone(), wte.dtype());
-        let precision = if device.is_cpu() && compute == DType::BF16 && dtype != DType::BF16 {
+    pub fn with_precision(cfg: &GptConfig, params: &Params, precision: Precision) -> Result<Self> {
+        let wte = params.get("transformer.wte.weight")?;
+        let (on_cpu, dtype) = (wte.device().is_cpu(), wte.dtype());
+        let autocast = if on_cpu && precision == Precision::Bf16 && dtype != DType::BF16 {
             if dtype != DType::F32 {
                 bail!("bf16 matmuls on CPU need f32 parameters, not {dtype:?}");
             }
             if let Some(reason) = crate::ops::onednn::bf16_matmuls_unavailable() {
-                bail!("bf16 matmuls on CPU need oneDNN's bf16 matmuls, and {reason}");
+                bail!("bf16 matmuls on CPU need oneDNN, and {reason}");
             }
-            Precision {
-                compute: dtype,
-                cpu_matmuls: MatmulPrecision::Bf16,
+            Autocast {
+                cast: dtype,
+                precision,
             }
         } else {
-            Precision {
-                compute,
-                cpu_matmuls: MatmulPrecision::F32,
+            Autocast {
+                cast: precision.compute_dtype(),
+                precision: Precision::F32,
             }
         };
+        Self::build(cfg, params, autocast)
+    }
+
+    fn build(cfg: &GptConfig, params: &Params, autocast: Autocast) -> Result<Self> {
+        cfg.validate()?;
+        let wte = params.get("transformer.wte.weight")?.as_tensor().clone();
+        let (device, dtype) = (wte.device().clone(), wte.dtype());
         let n = cfg.block_size;
         let mask: Vec<f32> = (0..n * n)
             .map(|i| {
@@ -366,13 +371,12 @@ impl Gpt {
             cfg: cfg.clone(),
             wpe: params.get("transformer.wpe.weight")?.as_tensor().clone(),
             blocks: (0..cfg.n_layer)
-                .map(|i| Block::new(params, cfg, i, precision))
+                .map(|i| Block::new(params, cfg, i, autocast))
                 .collect::<Result<_>>()?,
             ln_f: LayerNorm::new(params, "transformer.ln_f", cfg.bias)?,
             causal_mask: Tensor::from_vec(mask, (n, n), &device)?.to_dtype(dtype)?,
             wte,
-            compute: precision.compute,
-            cpu_matmuls: precision.cpu_matmuls,
+            autocast,
         })
     }
 
@@ -404,11 +408,11 @@ impl Gpt {
         // lm_head is tied to wte.
         if fused_linear_applies(x, &self.wte) {
             let x = x.reshape((b * t, c))?;
-            let logits = fused_linear(&x, &self.wte, None, self.cpu_matmuls)?;
+            let logits = fused_linear(&x, &self.wte, None, self.autocast.precision)?;
             return Ok(logits.reshape((b, t, ()))?);
         }
-        let x = x.reshape((b * t, c))?.to_dtype(self.compute)?;
-        let logits = x.matmul(&self.wte.to_dtype(self.compute)?.t()?)?;
+        let x = x.reshape((b * t, c))?.to_dtype(self.autocast.cast)?;
+        let logits = x.matmul(&self.wte.to_dtype(self.autocast.cast)?.t()?)?;
         Ok(logits.reshape((b, t, ()))?)
     }
 
@@ -469,13 +473,15 @@ impl Gpt {
     ) -> Result<Tensor> {
         let x = self.final_hidden(idx, dropout_rng)?;
         let targets = targets.flatten_all()?;
-        if self.compute == self.wte.dtype() && fused_linear_cross_entropy_applies(&x, &self.wte) {
+        if self.autocast.cast == self.wte.dtype()
+            && fused_linear_cross_entropy_applies(&x, &self.wte)
+        {
             return Ok(fused_linear_cross_entropy(
                 &x.flatten_to(1)?,
                 &self.wte,
                 &targets,
                 gradients,
-                self.cpu_matmuls,
+                self.autocast.precision,
             )?);
         }
         let logits = self.lm_head(&x)?.flatten_to(1)?;

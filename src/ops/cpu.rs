@@ -1,6 +1,7 @@
 //! CPU storage access and the strided gemm shared by the CPU kernels.
 
 use super::simd::written_vec;
+use super::Precision;
 use candle_core::{backend::BackendStorage, bail, CpuStorage, Layout, Result};
 use num_traits::Float;
 use std::borrow::Cow;
@@ -399,14 +400,6 @@ pub(crate) fn transposed<E: Copy + Send + Sync>(
     })
 }
 
-/// The element type a CPU matmul multiplies in; the products are accumulated in f32 either way.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MatmulPrecision {
-    F32,
-    /// Operands rounded to bf16 (round to nearest even).
-    Bf16,
-}
-
 /// A matrix in the precision its matmuls want: f32 borrowed, f32 rounded to bf16 once for all
 /// the matmuls that read it, or bf16 borrowed from a tensor its producer stored rounded already
 /// (or either one's transposed copy, [`Operand::transposed`]).
@@ -416,12 +409,10 @@ pub(crate) enum Operand<'a> {
 }
 
 impl<'a> Operand<'a> {
-    pub(crate) fn new(values: &'a [f32], precision: MatmulPrecision) -> Self {
+    pub(crate) fn new(values: &'a [f32], precision: Precision) -> Self {
         match precision {
-            MatmulPrecision::F32 => Operand::F32(Cow::Borrowed(values)),
-            MatmulPrecision::Bf16 => {
-                Operand::Bf16(Cow::Owned(super::simd::to_bf16_parallel(values)))
-            }
+            Precision::F32 => Operand::F32(Cow::Borrowed(values)),
+            Precision::Bf16 => Operand::Bf16(Cow::Owned(super::simd::to_bf16_parallel(values))),
         }
     }
 
@@ -430,13 +421,13 @@ impl<'a> Operand<'a> {
     pub(crate) fn of_storage(
         storage: &'a CpuStorage,
         layout: &Layout,
-        precision: MatmulPrecision,
+        precision: Precision,
         what: &str,
     ) -> Result<Self> {
         use half::slice::HalfFloatSliceExt;
         match (storage, precision) {
             (CpuStorage::F32(v), _) => Ok(Operand::new(contiguous(v, layout, what)?, precision)),
-            (CpuStorage::BF16(v), MatmulPrecision::Bf16) => Ok(Operand::Bf16(Cow::Borrowed(
+            (CpuStorage::BF16(v), Precision::Bf16) => Ok(Operand::Bf16(Cow::Borrowed(
                 contiguous(v, layout, what)?.reinterpret_cast(),
             ))),
             (s, _) => bail!(

@@ -1,5 +1,5 @@
 //! The linear layer `y = x·Wᵀ + b` on CPU through oneDNN, with its backward: `dx = dy·W`,
-//! `dW = dyᵀ·x`, `db = Σ_rows dy`, each matmul in the layer's [`MatmulPrecision`].
+//! `dW = dyᵀ·x`, `db = Σ_rows dy`, each matmul in the layer's [`Precision`].
 //!
 //! In bf16 the operands are rounded to bf16 and the products accumulated in f32 (AMX on Intel
 //! Xeons, AVX512-BF16 on AMD Zen 4/5), as under PyTorch's CPU autocast; unlike autocast, the
@@ -10,7 +10,7 @@ use super::cpu::{contiguous, matmul_new, Operand};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
 
-pub use super::cpu::MatmulPrecision;
+pub use super::Precision;
 
 fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     match s {
@@ -23,7 +23,7 @@ fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
 /// it rounded it (not when x came as bf16), for its backward pass, which then rounds only the
 /// output gradient.
 struct LinearForward {
-    precision: MatmulPrecision,
+    precision: Precision,
     rounded: Mutex<Option<Rounded>>,
 }
 
@@ -148,7 +148,7 @@ impl CustomOp3 for LinearForward {
 /// (M, K) and leaves dW = dyᵀ·x (N, K), and with `bias` db = Σ_rows dy (N), in `dw_db`, so that
 /// dy is rounded once for both products.
 struct LinearGrad {
-    precision: MatmulPrecision,
+    precision: Precision,
     /// x and W as the forward pass rounded them (bf16), when it kept them.
     rounded: Option<Rounded>,
     bias: bool,
@@ -179,7 +179,7 @@ impl CustomOp3 for LinearGrad {
         // db in f32: with f32 matmuls its rows added in order, as candle sums a broadcast add's
         // gradient; with bf16 ones in the pass that rounds dy, by blocks of rows.
         let (db, dy) = match (self.bias, self.precision) {
-            (true, MatmulPrecision::Bf16) => {
+            (true, Precision::Bf16) => {
                 let (db, dy) = super::simd::column_sums_and_bf16(dy_f32, n);
                 (Some(db), Operand::Bf16(dy.into()))
             }
@@ -220,7 +220,7 @@ pub fn fused_linear(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    precision: MatmulPrecision,
+    precision: Precision,
 ) -> Result<Tensor> {
     let op = LinearForward {
         precision,
@@ -250,6 +250,6 @@ fn fused_linear_weight_applies(w: &Tensor) -> bool {
 /// anything else reads it: then the op that produces the input may store it in bf16 already
 /// rounded (`fused_layer_norm_rounded`, `fused_gelu_tanh_rounded`), which leaves the values as
 /// they were and saves writing the f32 output and reading it back to round it.
-pub fn fused_linear_takes_bf16(w: &Tensor, precision: MatmulPrecision) -> bool {
-    precision == MatmulPrecision::Bf16 && fused_linear_weight_applies(w)
+pub fn fused_linear_takes_bf16(w: &Tensor, precision: Precision) -> bool {
+    precision == Precision::Bf16 && fused_linear_weight_applies(w)
 }

@@ -14,9 +14,10 @@
 //! with no recomputation. Evaluation asks for no gradients
 //! ([`LossGradients::None`]) and does only the first matmul.
 
-use super::cpu::{contiguous, matmul, matmul_by_columns, strided_matmul, MatmulPrecision, Operand};
+use super::cpu::{contiguous, matmul, matmul_by_columns, strided_matmul, Operand};
 use super::cross_entropy::{loss_and_gradient_in_place, max_and_log_sum_exp};
 use super::simd::{multiversioned, FastExp};
+use super::Precision;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -40,7 +41,7 @@ const GROUP_LOGITS: usize = 1 << 23;
 
 struct LinearCrossEntropy {
     gradients: LossGradients,
-    precision: MatmulPrecision,
+    precision: Precision,
     /// (dx, dw) of the mean loss for an upstream gradient of 1, from the forward pass.
     stash: Mutex<Option<(Tensor, Tensor)>>,
 }
@@ -94,7 +95,7 @@ fn run<T: LossFloat>(
     targets: &[u32],
     (n, c, v): (usize, usize, usize),
     grad: bool,
-    precision: MatmulPrecision,
+    precision: Precision,
 ) -> Result<(f64, Option<(Vec<T>, Vec<T>)>)> {
     if n == 0 {
         bail!("fused cross-entropy: no rows");
@@ -124,7 +125,7 @@ fn run<T: LossFloat>(
         (Some(x), Some(w), Some(_)) => {
             Some((Operand::new(x, precision), Operand::new(w, precision)))
         }
-        _ if precision == MatmulPrecision::Bf16 => {
+        _ if precision == Precision::Bf16 => {
             bail!("fused lm_head cross-entropy: bf16 matmuls need f32 inputs and oneDNN (libdnnl.so.2)")
         }
         _ => None,
@@ -312,7 +313,7 @@ pub fn fused_linear_cross_entropy(
     w: &Tensor,
     targets: &Tensor,
     gradients: LossGradients,
-    precision: MatmulPrecision,
+    precision: Precision,
 ) -> Result<Tensor> {
     let op = LinearCrossEntropy {
         gradients,

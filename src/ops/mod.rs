@@ -26,5 +26,8 @@ pub mod layer_norm;
 pub mod linear;
 pub mod lm_head_loss;
 pub mod onednn;
+mod precision;
 pub mod simd;
 pub mod softmax;
+
+pub use precision::Precision;

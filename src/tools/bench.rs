@@ -7,7 +7,7 @@
 use crate::config::Precision;
 use crate::model::{Gpt, GptConfig, Params};
 use crate::ops::cpu::on_worker_thread_if_cpu;
-use crate::ops::linear::MatmulPrecision;
+
 use crate::optim::{param_groups, Adam, AdamConfig, Optimizer, OptimizerKind};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -188,9 +188,9 @@ impl CpuPeaks {
             onednn_kernels,
             backend: crate::ops::onednn::backend_description(),
             gemm_f32: matmul_peak(setup, &Device::Cpu, DType::F32)?,
-            onednn_f32: onednn(MatmulPrecision::F32)?,
+            onednn_f32: onednn(Precision::F32)?,
             onednn_bf16: match bf16 {
-                true => onednn(MatmulPrecision::Bf16)?,
+                true => onednn(Precision::Bf16)?,
                 false => None,
             },
         })
@@ -315,7 +315,7 @@ const CPU_PEAK_CALLS: usize = 5;
 const CPU_PEAK_SECS: f64 = 0.25;
 
 /// oneDNN's throughput on the MLP shape, operands already in `precision` ([`CpuPeaks`]).
-fn onednn_peak(setup: &BenchSetup, precision: MatmulPrecision) -> Result<f64> {
+fn onednn_peak(setup: &BenchSetup, precision: Precision) -> Result<f64> {
     use crate::ops::cpu::{matmul, Operand};
     let (m, k, n) = (
         setup.batch_size * setup.block_size,
@@ -427,7 +427,7 @@ pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchRep
     let cfg = setup.model_config();
     let compute = setup.dtype.compute_dtype();
     let params = Params::init(&cfg, 0, DType::F32, device)?;
-    let model = Gpt::with_compute_dtype(&cfg, &params, compute)?;
+    let model = Gpt::with_precision(&cfg, &params, setup.dtype)?;
     let mut opt = Adam::with_params(
         param_groups(&params.named_vars(), 0.1, false),
         AdamConfig::defaults(OptimizerKind::AdamW),

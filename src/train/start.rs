@@ -130,7 +130,7 @@ impl Trainer {
             (None, None)
         };
         Ok(Trainer {
-            model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
+            model: Gpt::with_precision(&model_cfg, &params, cfg.dtype)?,
             metrics,
             config_hash: identity_hash(&cfg)?,
             position: Position::start(cfg.seed, cfg.sampling),
@@ -329,7 +329,7 @@ impl Trainer {
             }
         }
         Ok(Trainer {
-            model: Gpt::with_compute_dtype(&model_cfg, &params, cfg.dtype.compute_dtype())?,
+            model: Gpt::with_precision(&model_cfg, &params, cfg.dtype)?,
             // The first step after the checkpoint opens the new session.
             metrics: root
                 .then(|| Metrics::open(run_dir, Some(ckpt.state.step + 1)))

@@ -30,9 +30,9 @@ use num_traits::Float;
 use rayon::prelude::*;
 use std::sync::Mutex;
 
-pub use super::cpu::MatmulPrecision;
 use super::cpu::{contiguous, strided_matmul, SharedPtr, View};
 use super::simd::{multiversioned, FastExp, LANES};
+pub use super::Precision;
 use head::{causal_softmax_row, softmax_grad_row, Dims};
 #[cfg(target_arch = "x86_64")]
 use head::{head_parts, head_parts_mut};
@@ -258,10 +258,10 @@ enum Kernel {
 
 impl Kernel {
     /// The kernel for qkv of this dtype with products in `precision`, on this CPU.
-    fn choose(dtype: DType, precision: MatmulPrecision) -> Result<Self> {
+    fn choose(dtype: DType, precision: Precision) -> Result<Self> {
         #[cfg(target_arch = "x86_64")]
         {
-            if precision == MatmulPrecision::Bf16 && bf16::available() {
+            if precision == Precision::Bf16 && bf16::available() {
                 if dtype != DType::F32 {
                     bail!("fused attention with bf16 products: qkv must be f32, not {dtype:?}");
                 }
@@ -442,7 +442,7 @@ impl CustomOp2 for CausalAttentionGrad {
 /// keeps them for the backward, which otherwise recomputes them (as flash attention does); the
 /// gradients are the same either way, bit for bit.
 pub fn fused_causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
-    fused_causal_attention_in(qkv, n_head, MatmulPrecision::F32)
+    fused_causal_attention_in(qkv, n_head, Precision::F32)
 }
 
 /// Whether this CPU runs [`fused_causal_attention_in`]'s bf16 products (AVX512-BF16).
@@ -461,7 +461,7 @@ pub fn bf16_attention_supported() -> bool {
 pub fn fused_causal_attention_in(
     qkv: &Tensor,
     n_head: usize,
-    precision: MatmulPrecision,
+    precision: Precision,
 ) -> Result<Tensor> {
     let (batch, t, _) = qkv.dims3()?;
     let kernel = Kernel::choose(qkv.dtype(), precision)?;
