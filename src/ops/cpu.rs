@@ -184,6 +184,26 @@ pub(crate) fn matmul(
     matmul_uninit(mnk, dst, lhs, rhs, bias, accumulate)
 }
 
+/// The f32 and f64 arms of a CPU op, written once: each `name = storage, layout, "what"` binds
+/// `name` to its storage's contiguous slice, the storages all f32 or all f64, and what `$body`
+/// returns goes into a storage of that dtype; any other mix is the error `$error`.
+macro_rules! by_float {
+    ($error:literal; $($name:ident = $storage:expr, $layout:expr, $what:literal);+ => $body:expr) => {
+        match ($($storage,)+) {
+            ($(candle_core::CpuStorage::F32($name),)+) => {
+                $(let $name = $crate::ops::cpu::contiguous($name, $layout, $what)?;)+
+                candle_core::CpuStorage::F32($body)
+            }
+            ($(candle_core::CpuStorage::F64($name),)+) => {
+                $(let $name = $crate::ops::cpu::contiguous($name, $layout, $what)?;)+
+                candle_core::CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!($error),
+        }
+    };
+}
+pub(crate) use by_float;
+
 /// bf16 bits as the f32 values they stand for.
 fn widen_bf16(bits: &[u16]) -> Vec<f32> {
     use rayon::prelude::*;

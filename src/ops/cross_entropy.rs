@@ -5,7 +5,7 @@
 //! over rows, deterministically. On CPU the model goes further and fuses the lm_head into it
 //! ([`super::lm_head_loss`]); this kernel serves CUDA and callers with logits in hand.
 
-use super::cpu::contiguous;
+use super::cpu::{by_float, contiguous};
 use super::simd::{max_lanes, multiversioned, reduce_lanes, sum_lanes, FastExp, LANES};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -220,21 +220,8 @@ impl CustomOp2 for CrossEntropyGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, v) = l1.shape().dims2()?;
         let targets = targets_of(s2, l2)?;
-        let out = match s1 {
-            CpuStorage::F32(x) => CpuStorage::F32(backward(
-                contiguous(x, l1, "logits")?,
-                targets,
-                v,
-                self.scale,
-            )),
-            CpuStorage::F64(x) => CpuStorage::F64(backward(
-                contiguous(x, l1, "logits")?,
-                targets,
-                v,
-                self.scale,
-            )),
-            _ => bail!("fused cross-entropy: logits must be f32 or f64"),
-        };
+        let out = by_float!("fused cross-entropy: logits must be f32 or f64";
+            x = s1, l1, "logits" => backward(x, targets, v, self.scale));
         Ok((out, l1.shape().clone()))
     }
 }

@@ -1,6 +1,6 @@
 //! GPT-2's tanh-approximated GELU with its backward, fused (CPU and CUDA).
 
-use super::cpu::contiguous;
+use super::cpu::{by_float, contiguous};
 use super::simd::written_vec;
 use super::simd::{multiversioned, rounded_by_chunks};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -146,9 +146,8 @@ impl candle_core::CustomOp1 for Gelu {
                 })
             }
             _ if self.rounded => bail!("fused gelu: a rounded output needs f32 input on CPU"),
-            CpuStorage::F32(x) => CpuStorage::F32(gelu_parallel(contiguous(x, l, "input")?, None)),
-            CpuStorage::F64(x) => CpuStorage::F64(gelu_parallel(contiguous(x, l, "input")?, None)),
-            _ => bail!("fused gelu: input must be f32 or f64"),
+            _ => by_float!("fused gelu: input must be f32 or f64";
+                x = s, l, "input" => gelu_parallel(x, None)),
         };
         Ok((out, l.shape().clone()))
     }
@@ -184,20 +183,8 @@ impl CustomOp2 for GeluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        fn both<T: GeluFloat>(x: &[T], g: &[T]) -> Vec<T> {
-            gelu_parallel(x, Some(g))
-        }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(both(
-                contiguous(x, l1, "input")?,
-                contiguous(g, l2, "gradient")?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(both(
-                contiguous(x, l1, "input")?,
-                contiguous(g, l2, "gradient")?,
-            )),
-            _ => bail!("fused gelu: input and gradient must both be f32 or f64"),
-        };
+        let out = by_float!("fused gelu: input and gradient must both be f32 or f64";
+            x = s1, l1, "input"; g = s2, l2, "gradient" => gelu_parallel(x, Some(g)));
         Ok((out, l1.shape().clone()))
     }
 

@@ -1,6 +1,6 @@
 //! LayerNorm over the last dimension with its backward, fused (CPU f32/f64, CUDA f32).
 
-use super::cpu::contiguous;
+use super::cpu::{by_float, contiguous};
 use super::simd::written_vec;
 use super::simd::{
     dot_lanes, multiversioned, reduce_lanes, rounded_by_chunks, sum_lanes, sum_zip_lanes, LANES,
@@ -188,23 +188,11 @@ impl candle_core::CustomOp3 for LayerNorm {
                 })
             }
             _ if self.rounded => bail!("fused layer norm: a rounded output needs f32 on CPU"),
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(layer_norm_rows(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(b, l3, "bias")?,
-                    self.eps,
-                ))
+            _ => {
+                by_float!("fused layer norm on CPU: input, weight and bias must all be f32 or f64";
+                x = s1, l1, "input"; w = s2, l2, "weight"; b = s3, l3, "bias"
+                => layer_norm_rows(x, w, b, self.eps))
             }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(layer_norm_rows(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(b, l3, "bias")?,
-                    self.eps,
-                ))
-            }
-            _ => bail!("fused layer norm on CPU: input, weight and bias must all be f32 or f64"),
         };
         Ok((out, l1.shape().clone()))
     }
@@ -264,25 +252,9 @@ impl candle_core::CustomOp3 for LayerNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(layer_norm_grad(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(g, l3, "gradient")?,
-                    self.eps,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(layer_norm_grad(
-                    contiguous(x, l1, "input")?,
-                    contiguous(w, l2, "weight")?,
-                    contiguous(g, l3, "gradient")?,
-                    self.eps,
-                ))
-            }
-            _ => bail!("fused layer norm gradient on CPU: all must be f32 or f64"),
-        };
+        let out = by_float!("fused layer norm gradient on CPU: all must be f32 or f64";
+            x = s1, l1, "input"; w = s2, l2, "weight"; g = s3, l3, "gradient"
+            => layer_norm_grad(x, w, g, self.eps));
         let (n, c) = (l1.shape().elem_count(), l2.shape().elem_count());
         Ok((out, Shape::from(n + 2 * grad_chunks(n, c) * c)))
     }

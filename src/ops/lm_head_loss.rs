@@ -14,7 +14,7 @@
 //! with no recomputation. Evaluation asks for no gradients
 //! ([`LossGradients::None`]) and does only the first matmul.
 
-use super::cpu::{contiguous, matmul, matmul_by_columns, strided_matmul, Operand};
+use super::cpu::{by_float, contiguous, matmul, matmul_by_columns, strided_matmul, Operand};
 use super::cross_entropy::{loss_and_gradient_in_place, max_and_log_sum_exp};
 use super::simd::{multiversioned, FastExp};
 use super::Precision;
@@ -270,17 +270,8 @@ impl CustomOp3 for LinearCrossEntropy {
             );
         }
         let dims = (n, c, v);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                let (x, w) = (contiguous(x, l1, "x")?, contiguous(w, l2, "weight")?);
-                CpuStorage::F32(vec![self.forward(x, w, targets, dims)?])
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                let (x, w) = (contiguous(x, l1, "x")?, contiguous(w, l2, "weight")?);
-                CpuStorage::F64(vec![self.forward(x, w, targets, dims)?])
-            }
-            _ => bail!("fused lm_head cross-entropy on CPU: x and weight must both be f32 or f64"),
-        };
+        let out = by_float!("fused lm_head cross-entropy on CPU: x and weight must both be f32 or f64";
+            x = s1, l1, "x"; w = s2, l2, "weight" => vec![self.forward(x, w, targets, dims)?]);
         Ok((out, Shape::from(())))
     }
 

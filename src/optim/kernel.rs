@@ -33,46 +33,14 @@ fn clamp<T: Float>(x: T, lo: T, hi: T) -> T {
     }
 }
 
-/// Applies `update` to contiguous slices of one parameter, with the widest vector instructions
-/// this CPU has. The rule is the same code in every version and LLVM neither fuses nor reorders
-/// floating-point operations, so every version gives bitwise the same result.
-fn apply_slices<T: Float>(update: &Update, theta: &mut [T], g: &[T], m: &mut [T], v: &mut [T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
-            return unsafe { apply_slices_avx512(update, theta, g, m, v) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { apply_slices_avx2(update, theta, g, m, v) };
-        }
+crate::ops::simd::multiversioned! {
+    /// Applies `update` to contiguous slices of one parameter, with the widest vector
+    /// instructions this CPU has. The rule is the same code in every version and LLVM neither
+    /// fuses nor reorders floating-point operations, so every version gives bitwise the same
+    /// result.
+    fn apply_slices<T: Float>(update: &Update, theta: &mut [T], g: &[T], m: &mut [T], v: &mut [T]) {
+        apply_slices_portable(update, theta, g, m, v)
     }
-    apply_slices_portable(update, theta, g, m, v)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn apply_slices_avx512<T: Float>(
-    update: &Update,
-    theta: &mut [T],
-    g: &[T],
-    m: &mut [T],
-    v: &mut [T],
-) {
-    apply_slices_portable(update, theta, g, m, v)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn apply_slices_avx2<T: Float>(
-    update: &Update,
-    theta: &mut [T],
-    g: &[T],
-    m: &mut [T],
-    v: &mut [T],
-) {
-    apply_slices_portable(update, theta, g, m, v)
 }
 
 #[inline(always)]
