@@ -21,15 +21,17 @@ mod params;
 pub use config::{GptConfig, Init, ParamSpec};
 pub use params::Params;
 
-use crate::ops::linear::{fused_linear, fused_linear_applies, fused_linear_takes_bf16};
+use crate::ops::attention::causal_attention;
+use crate::ops::dropout::dropout;
+use crate::ops::layer_norm::layer_norm;
+use crate::ops::linear::{fused_linear_takes_bf16, linear};
 use crate::ops::lm_head_loss::{
     fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
 };
 use crate::ops::Precision;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::Distribution;
 
 /// A linear layer `y = x Wᵀ + b` with `W` stored `[out, in]`, computed in `autocast.cast`: the
 /// input, weight and bias are cast to it (differentiably, so gradients reach the master weights in
@@ -63,22 +65,13 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // (B, T, in) → (B·T, in) so one 2-D matmul does the work.
         let (b, t, c) = x.dims3()?;
-        if fused_linear_applies(x, &self.weight) {
-            let y = fused_linear(
-                &x.reshape((b * t, c))?,
-                &self.weight,
-                self.bias.as_ref(),
-                self.autocast.precision,
-            )?;
-            return Ok(y.reshape((b, t, ()))?);
-        }
-        let x = x.to_dtype(self.autocast.cast)?;
-        let weight = self.weight.to_dtype(self.autocast.cast)?;
-        let y = x.reshape((b * t, c))?.matmul(&weight.t()?)?;
-        let y = match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.to_dtype(self.autocast.cast)?)?,
-            None => y,
-        };
+        let y = linear(
+            &x.reshape((b * t, c))?,
+            &self.weight,
+            self.bias.as_ref(),
+            self.autocast.precision,
+            self.autocast.cast,
+        )?;
         Ok(y.reshape((b, t, ()))?)
     }
 }
@@ -118,48 +111,9 @@ impl LayerNorm {
 
     /// Normalises in the weights' dtype whatever the input's (autocast keeps LayerNorm in f32).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = &x.to_dtype(self.weight.dtype())?;
-        if crate::ops::layer_norm::fused_layer_norm_applies(x, &self.weight) {
-            return Ok(crate::ops::layer_norm::fused_layer_norm(
-                x,
-                &self.weight,
-                self.bias.as_ref(),
-                1e-5,
-            )?);
-        }
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-        let y = normed.broadcast_mul(&self.weight)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        let x = x.to_dtype(self.weight.dtype())?;
+        Ok(layer_norm(&x, &self.weight, self.bias.as_ref(), 1e-5)?)
     }
-}
-
-/// Softmax over the last dimension. The max is detached: subtracting it only prevents overflow,
-/// and carries no gradient.
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let exp = x.broadcast_sub(&max)?.exp()?;
-    Ok(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)
-}
-
-/// Inverted dropout with a mask from our seeded RNG (candle's CPU RNG cannot be seeded).
-fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-    let Some(rng) = rng else { return Ok(x.clone()) };
-    if p == 0.0 {
-        return Ok(x.clone());
-    }
-    let keep = rand::distr::Bernoulli::new(1.0 - p)?;
-    let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if keep.sample(rng) { scale as f32 } else { 0.0 })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    Ok(x.mul(&mask)?)
 }
 
 struct CausalSelfAttention {
@@ -176,44 +130,16 @@ impl CausalSelfAttention {
         mask: &Tensor,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let head_dim = c / self.n_head;
         let qkv = self.c_attn.forward(x)?;
-        // The fused CPU kernel has no attention dropout; with dropout on, the composed path runs
-        // (and draws its masks in the same order as always).
-        let attention_dropout = self.dropout > 0.0 && rng.is_some();
-        if !attention_dropout && crate::ops::attention::fused_causal_attention_applies(&qkv) {
-            let y = crate::ops::attention::fused_causal_attention_in(
-                &qkv,
-                self.n_head,
-                self.c_attn.autocast.precision,
-            )?;
-            return dropout(&self.c_proj.forward(&y)?, self.dropout, rng);
-        }
-        // (B, T, C) → (B, n_head, T, head_dim)
-        let split = |i: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(D::Minus1, i * c, c)?
-                .reshape((b, t, self.n_head, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let raw = q.matmul(&k.t()?)?;
-        let att = if crate::ops::softmax::fused_causal_softmax_applies(&raw) {
-            // The mask is causal: the fused kernel applies it itself.
-            crate::ops::softmax::fused_causal_softmax(&raw, scale)?
-        } else {
-            // Mask and softmax in the mask's dtype (f32 under bf16 autocast, as flash attention
-            // keeps its softmax statistics in f32); the probabilities go back to v's dtype.
-            let scores = (raw * scale)?.to_dtype(mask.dtype())?.broadcast_add(mask)?;
-            softmax_last_dim(&scores)?.to_dtype(v.dtype())?
-        };
-        let att = dropout(&att, self.dropout, rng.as_deref_mut())?;
-        // (B, n_head, T, head_dim) → (B, T, C)
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
-        dropout(&self.c_proj.forward(&y)?, self.dropout, rng)
+        let y = causal_attention(
+            &qkv,
+            self.n_head,
+            self.c_attn.autocast.precision,
+            mask,
+            self.dropout,
+            rng.as_deref_mut(),
+        )?;
+        Ok(dropout(&self.c_proj.forward(&y)?, self.dropout, rng)?)
     }
 }
 
@@ -232,7 +158,7 @@ impl Mlp {
         } else {
             crate::ops::gelu::gelu_tanh(&u)?
         };
-        dropout(&self.c_proj.forward(&h)?, self.dropout, rng)
+        Ok(dropout(&self.c_proj.forward(&h)?, self.dropout, rng)?)
     }
 }
 
@@ -406,13 +332,13 @@ impl Gpt {
     fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         // lm_head is tied to wte.
-        if fused_linear_applies(x, &self.wte) {
-            let x = x.reshape((b * t, c))?;
-            let logits = fused_linear(&x, &self.wte, None, self.autocast.precision)?;
-            return Ok(logits.reshape((b, t, ()))?);
-        }
-        let x = x.reshape((b * t, c))?.to_dtype(self.autocast.cast)?;
-        let logits = x.matmul(&self.wte.to_dtype(self.autocast.cast)?.t()?)?;
+        let logits = linear(
+            &x.reshape((b * t, c))?,
+            &self.wte,
+            None,
+            self.autocast.precision,
+            self.autocast.cast,
+        )?;
         Ok(logits.reshape((b, t, ()))?)
     }
 

@@ -5,7 +5,7 @@ use super::simd::written_vec;
 use super::simd::{
     dot_lanes, multiversioned, reduce_lanes, rounded_by_chunks, sum_lanes, sum_zip_lanes, LANES,
 };
-use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -401,6 +401,33 @@ pub fn fused_layer_norm_applies(x: &Tensor, weight: &Tensor) -> bool {
     let on_cpu = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     let on_cuda = cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::F32;
     same && (on_cpu || on_cuda)
+}
+
+/// LayerNorm over the last dimension, `torch.nn.LayerNorm`'s formula: the fused kernel where it
+/// applies ([`fused_layer_norm_applies`]), else [`layer_norm_ops`].
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    if fused_layer_norm_applies(x, weight) {
+        return fused_layer_norm(x, weight, bias, eps);
+    }
+    layer_norm_ops(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] composed of candle ops, in any dtype and on any device.
+pub fn layer_norm_ops(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let y = normed.broadcast_mul(weight)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// The CUDA side: launchers of kernels.cu's layernorm_* kernels (f32).

@@ -233,6 +233,27 @@ pub fn fused_linear(
     }
 }
 
+/// `x·Wᵀ + b` for x (M, K), W (N, K) stored `[out, in]`, b (N): [`fused_linear`] where it
+/// applies, its operands in `precision`; else candle's matmul with x, W and b cast to `cast`
+/// (differentiably, so gradients reach the master weights in their own dtype) and the result
+/// left in it, as under PyTorch's autocast.
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    precision: Precision,
+    cast: DType,
+) -> Result<Tensor> {
+    if fused_linear_applies(x, w) {
+        return fused_linear(x, w, bias, precision);
+    }
+    let y = x.to_dtype(cast)?.matmul(&w.to_dtype(cast)?.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(cast)?),
+        None => Ok(y),
+    }
+}
+
 /// Whether [`fused_linear`] serves these tensors: f32 on CPU, with oneDNN loaded (without it,
 /// candle's own matmul, the same gemm, serves f32). x may also be bf16, stored so by the op
 /// that produced it for a layer that [`fused_linear_takes_bf16`].

@@ -5,7 +5,7 @@
 //! broadcasting ones slow), more than all the layer's matmuls together.
 
 use super::cpu::by_float;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -155,6 +155,28 @@ pub fn fused_causal_softmax_applies(x: &Tensor) -> bool {
         && x.device().is_cuda()
         && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16);
     (on_cpu || on_cuda) && x.rank() >= 2
+}
+
+/// Softmax over the last dimension, composed of candle ops. The max is detached: subtracting it
+/// only prevents overflow, and carries no gradient.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+/// Attention probabilities softmax(scale · scores + mask) for scores (…, T, T): the fused causal
+/// kernel where it applies (it masks by itself), else composed, the mask added and the softmax
+/// taken in the mask's dtype (f32 under bf16 autocast, as flash attention keeps its softmax
+/// statistics in f32) and the probabilities returned in the scores' dtype.
+pub fn causal_softmax(scores: &Tensor, scale: f64, mask: &Tensor) -> Result<Tensor> {
+    if fused_causal_softmax_applies(scores) {
+        return fused_causal_softmax(scores, scale);
+    }
+    let masked = (scores * scale)?
+        .to_dtype(mask.dtype())?
+        .broadcast_add(mask)?;
+    softmax_last_dim(&masked)?.to_dtype(scores.dtype())
 }
 
 /// The CUDA side: launchers of kernels.cu's causal_softmax_fwd_* and softmax_bwd_*.

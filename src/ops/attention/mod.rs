@@ -23,7 +23,7 @@
 
 use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
-    Tensor, WithDType,
+    Tensor, WithDType, D,
 };
 use gemm::Parallelism;
 use num_traits::Float;
@@ -478,6 +478,40 @@ pub fn fused_causal_attention_in(
 /// Whether [`fused_causal_attention`] serves this qkv tensor: CPU, f32 or f64, rank 3.
 pub fn fused_causal_attention_applies(qkv: &Tensor) -> bool {
     qkv.device().is_cpu() && matches!(qkv.dtype(), DType::F32 | DType::F64) && qkv.rank() == 3
+}
+
+/// Causal self-attention of packed qkv (B, T, 3C) over `n_head` heads, heads merged back to
+/// (B, T, C): the fused kernel where it applies and no attention dropout is asked for (it has
+/// none), else composed of candle ops, scores and probabilities materialised, with `dropout` on
+/// the probabilities (its mask drawn as the composed path always drew it). `mask` is the additive
+/// causal mask (T, T) the composed path uses.
+pub fn causal_attention(
+    qkv: &Tensor,
+    n_head: usize,
+    precision: Precision,
+    mask: &Tensor,
+    dropout: f64,
+    rng: Option<&mut rand_chacha::ChaCha8Rng>,
+) -> Result<Tensor> {
+    let attention_dropout = dropout > 0.0 && rng.is_some();
+    if !attention_dropout && fused_causal_attention_applies(qkv) {
+        return fused_causal_attention_in(qkv, n_head, precision);
+    }
+    let (b, t, c3) = qkv.dims3()?;
+    let (c, head_dim) = (c3 / 3, c3 / 3 / n_head);
+    // (B, T, C) → (B, n_head, T, head_dim)
+    let split = |i: usize| -> Result<Tensor> {
+        qkv.narrow(D::Minus1, i * c, c)?
+            .reshape((b, t, n_head, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+    let scores = q.matmul(&k.t()?)?;
+    let att = super::softmax::causal_softmax(&scores, 1.0 / (head_dim as f64).sqrt(), mask)?;
+    let att = super::dropout::dropout(&att, dropout, rng)?;
+    // (B, n_head, T, head_dim) → (B, T, C)
+    att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))
 }
 
 #[cfg(test)]
