@@ -398,11 +398,6 @@ impl TrainConfig {
 
         match self.optimizer {
             OptimizerKind::Adam | OptimizerKind::AdamW => {
-                let d = AdamConfig::defaults(self.optimizer);
-                self.lr.get_or_insert(d.lr);
-                self.betas.get_or_insert([d.beta1, d.beta2]);
-                self.eps.get_or_insert(d.eps);
-                self.weight_decay.get_or_insert(d.weight_decay);
                 if self.decouple.is_some() {
                     bail!("decouple applies to adopt only (adam couples weight decay, adamw decouples it)");
                 }
@@ -414,29 +409,38 @@ impl TrainConfig {
                 }
             }
             OptimizerKind::Adopt => {
-                let d = AdoptConfig::default();
-                self.lr.get_or_insert(d.lr);
-                self.betas.get_or_insert([d.beta1, d.beta2]);
-                self.eps.get_or_insert(d.eps);
-                self.weight_decay.get_or_insert(d.weight_decay);
-                self.decouple.get_or_insert(d.decouple);
-                let variant = *self.variant.get_or_insert(d.variant);
-                let no_clip = ClipExponent::Keyword(NoClip::None);
-                if variant == AdoptVariant::Original {
-                    if let Some(ClipExponent::Exponent(_)) = self.clip_exponent {
-                        bail!("the original ADOPT variant has no clipping; drop clip_exponent");
-                    }
-                    self.clip_exponent = Some(no_clip);
+                let original = self.variant == Some(AdoptVariant::Original);
+                if original && matches!(self.clip_exponent, Some(ClipExponent::Exponent(_))) {
+                    bail!("the original ADOPT variant has no clipping; drop clip_exponent");
                 }
-                self.clip_exponent.get_or_insert(match d.clip_exponent {
+            }
+        }
+        // Every optimizer key the config left out takes its optimizer's default, written into
+        // the config so that it states every value used.
+        match self.optimizer_settings() {
+            crate::optim::OptimizerSettings::Adam(c) => {
+                self.lr = Some(c.lr);
+                self.betas = Some([c.beta1, c.beta2]);
+                self.eps = Some(c.eps);
+                self.weight_decay = Some(c.weight_decay);
+            }
+            crate::optim::OptimizerSettings::Adopt(c) => {
+                self.lr = Some(c.lr);
+                self.betas = Some([c.beta1, c.beta2]);
+                self.eps = Some(c.eps);
+                self.weight_decay = Some(c.weight_decay);
+                self.decouple = Some(c.decouple);
+                self.variant = Some(c.variant);
+                self.clip_exponent = Some(match c.clip_exponent {
                     Some(e) => ClipExponent::Exponent(e),
-                    None => no_clip,
+                    None => ClipExponent::Keyword(NoClip::None),
                 });
             }
         }
-        let lr = self.lr.unwrap();
-        self.min_lr.get_or_insert(lr / 10.0);
-        let decay_steps = *self.lr_decay_steps.get_or_insert(self.max_steps);
+        let lr = self.peak_lr();
+        self.min_lr = Some(self.min_lr_or_default());
+        let decay_steps = self.lr_decay_steps_or_default();
+        self.lr_decay_steps = Some(decay_steps);
         // A cosine that ends before the warmup does holds min_lr from the warmup's end: the lr
         // climbs to lr and drops to min_lr at once at step warmup_steps. Only a run that trains
         // past its warmup meets that drop. The rule reads the values alone, never whether a key
@@ -553,37 +557,62 @@ impl TrainConfig {
         Ok(crate::fsutil::sha256_hex(self.to_toml()?.as_bytes()))
     }
 
-    /// The optimizer's hyperparameters, from a resolved config.
+    /// The optimizer's hyperparameters: each key the config gives, and the optimizer's default for
+    /// each it leaves out (the one place those defaults are applied; [`TrainConfig::resolved`]
+    /// writes them into the config).
     pub fn optimizer_settings(&self) -> crate::optim::OptimizerSettings {
-        let [beta1, beta2] = self.betas.expect("resolved config");
-        let lr = self.lr.expect("resolved config");
-        let eps = self.eps.expect("resolved config");
-        let weight_decay = self.weight_decay.expect("resolved config");
         match self.optimizer {
             OptimizerKind::Adam | OptimizerKind::AdamW => {
+                let d = AdamConfig::defaults(self.optimizer);
+                let [beta1, beta2] = self.betas.unwrap_or([d.beta1, d.beta2]);
                 crate::optim::OptimizerSettings::Adam(AdamConfig {
-                    lr,
+                    lr: self.lr.unwrap_or(d.lr),
                     beta1,
                     beta2,
-                    eps,
-                    weight_decay,
-                    decoupled: self.optimizer == OptimizerKind::AdamW,
+                    eps: self.eps.unwrap_or(d.eps),
+                    weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+                    decoupled: d.decoupled,
                 })
             }
-            OptimizerKind::Adopt => crate::optim::OptimizerSettings::Adopt(AdoptConfig {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                decouple: self.decouple.unwrap_or(false),
-                clip_exponent: match self.clip_exponent {
-                    Some(ClipExponent::Exponent(e)) => Some(e),
-                    _ => None,
-                },
-                variant: self.variant.unwrap_or_default(),
-            }),
+            OptimizerKind::Adopt => {
+                let d = AdoptConfig::default();
+                let [beta1, beta2] = self.betas.unwrap_or([d.beta1, d.beta2]);
+                let variant = self.variant.unwrap_or(d.variant);
+                crate::optim::OptimizerSettings::Adopt(AdoptConfig {
+                    lr: self.lr.unwrap_or(d.lr),
+                    beta1,
+                    beta2,
+                    eps: self.eps.unwrap_or(d.eps),
+                    weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+                    decouple: self.decouple.unwrap_or(d.decouple),
+                    clip_exponent: match (self.clip_exponent, variant) {
+                        (_, AdoptVariant::Original) => None,
+                        (Some(ClipExponent::Exponent(e)), _) => Some(e),
+                        (Some(ClipExponent::Keyword(NoClip::None)), _) => None,
+                        (None, _) => d.clip_exponent,
+                    },
+                    variant,
+                })
+            }
         }
+    }
+
+    /// The peak learning rate: `lr`, or the optimizer's default.
+    pub fn peak_lr(&self) -> f64 {
+        match self.optimizer_settings() {
+            crate::optim::OptimizerSettings::Adam(c) => c.lr,
+            crate::optim::OptimizerSettings::Adopt(c) => c.lr,
+        }
+    }
+
+    /// `min_lr`, or a tenth of the peak learning rate.
+    pub fn min_lr_or_default(&self) -> f64 {
+        self.min_lr.unwrap_or(self.peak_lr() / 10.0)
+    }
+
+    /// `lr_decay_steps`, or `max_steps`.
+    pub fn lr_decay_steps_or_default(&self) -> usize {
+        self.lr_decay_steps.unwrap_or(self.max_steps)
     }
 }
 

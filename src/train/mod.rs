@@ -542,10 +542,10 @@ impl Trainer {
         let cfg = &self.cfg;
         let schedule = Schedule {
             kind: cfg.schedule,
-            lr: cfg.lr.expect("resolved"),
-            min_lr: cfg.min_lr.expect("resolved"),
+            lr: cfg.peak_lr(),
+            min_lr: cfg.min_lr_or_default(),
             warmup_steps: cfg.warmup_steps,
-            decay_steps: cfg.lr_decay_steps.expect("resolved"),
+            decay_steps: cfg.lr_decay_steps_or_default(),
         };
         let quiet = self.quiet;
         if !quiet {

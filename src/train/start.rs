@@ -495,15 +495,15 @@ fn warn_about_schedule(cfg: &TrainConfig, resuming: bool) {
         );
     }
     // The cosine holds min_lr from lr_decay_steps on, or from the warmup's end when that is later.
-    let min_lr_from = cfg.lr_decay_steps.expect("resolved").max(cfg.warmup_steps);
+    let min_lr_from = cfg.lr_decay_steps_or_default().max(cfg.warmup_steps);
     if resuming && cfg.schedule == ScheduleKind::Cosine && cfg.max_steps > min_lr_from {
         eprintln!(
             "warning: max_steps ({}) is past lr_decay_steps ({}), which a resumed run keeps: \
              steps {min_lr_from}-{} train at min_lr ({:e})",
             cfg.max_steps,
-            cfg.lr_decay_steps.expect("resolved"),
+            cfg.lr_decay_steps_or_default(),
             cfg.max_steps,
-            cfg.min_lr.expect("resolved")
+            cfg.min_lr_or_default()
         );
     }
 }
