@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side CPU throughput: gpt-pretrain's `bench` against PyTorch's reference GPT
-# (../shared/bench/torch_gpt_bench.py) on the same shapes, interleaved in rounds so both see the
+# (torch_gpt_bench.py, named by TORCH_BENCH) on the same shapes, interleaved in rounds so both see the
 # same machine noise. Optional extra binaries (an older build, say) run in the same rounds.
 #
 #   bash scripts/cpu_bench.sh [--rounds N] [--presets "tiny baby"] [--threads "1 2"]
@@ -11,7 +11,8 @@
 # `bf16` (torch.autocast("cpu", bfloat16) around the forward, PyTorch's CPU mixed precision).
 #
 # TORCH_PYTHON: a python with torch (default python3; PyTorch is skipped when it has none).
-# TORCH_BENCH: the reference script (default ../shared/bench/torch_gpt_bench.py).
+# TORCH_BENCH: the reference script torch_gpt_bench.py (default: bench/torch_gpt_bench.py beside
+# DATA_MIRROR's folder, where the data mirror keeps it).
 # Prints one line per measurement, then a markdown table of medians over the rounds, with
 # each binary's ratio to PyTorch in the same rounds, both MFUs (against the matmul peak our bench
 # measures) and peak resident memory (PyTorch's includes the interpreter and torch itself).
@@ -40,7 +41,7 @@ for b in "${binaries[@]}"; do
     [ -x "$b" ] || { echo "cpu_bench.sh: $b is not an executable (cargo build --release first)" >&2; exit 1; }
 done
 torch_python="${TORCH_PYTHON:-python3}"
-torch_bench="${TORCH_BENCH:-../shared/bench/torch_gpt_bench.py}"
+torch_bench="${TORCH_BENCH:-${DATA_MIRROR:-data}/../bench/torch_gpt_bench.py}"
 have_torch=0
 if [ -f "$torch_bench" ] && "$torch_python" -c "import torch" 2>/dev/null; then
     have_torch=1

@@ -4,12 +4,12 @@ vocab.json and merges.txt, since tiktoken cannot download here; encode_ordinary_
 same documents, at each thread count, interleaved in rounds. Also checks that prepare's token
 stream equals `tokenizers`' ids (EOT before each document) on every document.
 
-The corpus: the Gutenberg books (../shared/data/gutenberg_en.txt, split at its "<|endoftext|>"
+The corpus: the Gutenberg books (gutenberg_en.txt in --data, default $DATA_MIRROR or data/, split at its "<|endoftext|>"
 separators into 112 documents) as JSON lines; `--repeat N` concatenates N copies (N = 14 is
 about 1 GB).
 
     python scripts/prepare_bench.py [--binary target/release/gpt-pretrain] [--threads 1 2]
-                                    [--rounds 2] [--repeat 1] [--data ../shared/data]
+                                    [--rounds 2] [--repeat 1] [--data DIR]
                                     [--tools ours,tokenizers,tiktoken] [--no-check]
 
 Needs tokenizers and tiktoken (pip install tokenizers tiktoken). Prints one line per
@@ -109,7 +109,7 @@ def main():
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--data", default="../shared/data")
+    p.add_argument("--data", default=os.environ.get("DATA_MIRROR", "data"))
     p.add_argument("--tools", default="ours,tokenizers,tiktoken")
     p.add_argument("--no-check", action="store_true")
     args = p.parse_args()
