@@ -3,7 +3,7 @@
 //! Hugging Face `tokenizers` loads, trains, serializes and decodes them. Encoding, the hot path of
 //! `prepare` and of the token cache, goes through tiktoken's rank-ordered BPE (`tiktoken-rs`)
 //! where that gives the same ids, which is checked on the `tokenizer.json` itself
-//! ([`RankedBpe::from_json`]); `GPT_PRETRAIN_RANKED_BPE=0` keeps every encoding on `tokenizers`.
+//! (`RankedBpe::from_json`); `GPT_PRETRAIN_RANKED_BPE=0` keeps every encoding on `tokenizers`.
 
 use anyhow::{anyhow, bail, Context, Result};
 use rustc_hash::FxHashMap;

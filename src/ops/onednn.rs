@@ -5,7 +5,7 @@
 //! rate) and AVX512-BF16 on AMD Zen 4/5, and its f32 AVX-512 kernels beat gemm's on the model's
 //! shapes on the hosts measured (docs/performance.md). Why at run time: the build and the tests
 //! must work where the library is missing; every caller then falls back to gemm
-//! ([`super::cpu::strided_matmul`]). `GPT_PRETRAIN_ONEDNN=0` switches it off (to compare, or to
+//! (`cpu::strided_matmul`). `GPT_PRETRAIN_ONEDNN=0` switches it off (to compare, or to
 //! get gemm's results bitwise).
 //!
 //! Only the C API of oneDNN 2.x is used (`dnnl_matmul_desc_init` and friends); 3.x removed it, so

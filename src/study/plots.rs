@@ -504,7 +504,7 @@ where
     Ok(())
 }
 
-/// `lr_sensitivity.png` and `.svg`: [`draw_lr_panel`] for every batch size, largest first.
+/// `lr_sensitivity.png` and `.svg`: `draw_lr_panel` for every batch size, largest first.
 pub fn draw_lr_sensitivity(groups: &[Group], out: &Path) -> Result<()> {
     register_fonts();
     let mut batches: Vec<usize> = groups.iter().map(|g| g.batch).collect();

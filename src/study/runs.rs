@@ -153,7 +153,7 @@ fn arm_key(cfg: &TrainConfig) -> Result<String> {
     Ok(toml::to_string(&t)?)
 }
 
-/// Short names for the arms of `configs` (one per distinct [`arm_key`]), as legends want them:
+/// Short names for the arms of `configs` (one per distinct `arm_key`), as legends want them:
 /// `Adam β2=0.95` (AdamW, the paper's "Adam"), `Adam (L2) β2=…` (coupled decay), `ADOPT`,
 /// `ADOPT (original)`; where two arms would share a name, eps, then weight decay, then a number
 /// tell them apart.

@@ -58,7 +58,7 @@ pub struct InputFile {
 pub struct TokenizerRecord {
     /// `gpt2`, or the `tokenizer.json` path given.
     pub name: String,
-    /// SHA-256 of its serialized form ([`Tokenizer::fingerprint`]).
+    /// SHA-256 of its serialized form ([`crate::data::tokenizer::Tokenizer::fingerprint`]).
     pub sha256: String,
     pub vocab_size: usize,
     pub end_of_text: u32,
@@ -121,7 +121,7 @@ pub struct Counts {
     pub documents_with_literal_end_of_text: u64,
     pub skipped: u64,
     pub skipped_by_reason: BTreeMap<String, u64>,
-    /// The first [`LISTED_SKIPS`] skips.
+    /// The first `LISTED_SKIPS` (1,000) skips.
     pub skips: Vec<Skip>,
 }
 
