@@ -534,12 +534,18 @@ impl TrainConfig {
             bail!("data must name a text corpus or token files");
         }
         crate::device::parse_device_spec(&self.device)?;
-        if self.dtype == Precision::Bf16 && !self.device.starts_with("cuda") {
+        if self.cpu_bf16() {
             if let Some(reason) = crate::ops::onednn::bf16_matmuls_unavailable() {
                 bail!("dtype = \"bf16\" on CPU needs oneDNN, and {reason}");
             }
         }
         Ok(())
+    }
+
+    /// Whether this run's bf16 matmuls run on the CPU (oneDNN's, or widened to f32 without its
+    /// bf16 kernels).
+    pub fn cpu_bf16(&self) -> bool {
+        self.dtype == Precision::Bf16 && !self.device.starts_with("cuda")
     }
 
     /// The config as a TOML table (every key explicit once resolved).

@@ -103,9 +103,9 @@ impl Matrix<'_> {
     /// it on some CPUs (Intel Xeons) and falls back to its slower "gemm:jit" (docs/performance.md,
     /// "Tried and dropped"); gemm takes any strides at full speed.
     ///
-    /// bf16 operands go there too where oneDNN has no bf16 matmul for the CPU (oneDNN 2.x needs
-    /// AVX-512), widened to f32: exact, so the products are the bf16 products and only the order
-    /// of the f32 sums differs from oneDNN's.
+    /// Where oneDNN has no bf16 matmul for the CPU (oneDNN 2.x needs AVX-512), [`Operand::bf16`]
+    /// has already widened bf16 operands to f32 (exact, so the products are the bf16 products),
+    /// and a bf16 matrix here would be a bug that gemm refuses.
     fn goes_to_gemm(&self) -> bool {
         match self {
             Matrix::F32(_, _, cs) => *cs != 1,
@@ -347,14 +347,11 @@ fn matmul_uninit(
                 }
             });
     }
-    let (lhs_wide, rhs_wide);
+    // bf16 operands reach here only where oneDNN has no bf16 kernel, and `Operand` widens
+    // those to f32 once, when it is made.
     let ((l, lrs, lcs), (r, rrs, rcs)) = match (lhs, rhs) {
         (Matrix::F32(l, lrs, lcs), Matrix::F32(r, rrs, rcs)) => ((l, lrs, lcs), (r, rrs, rcs)),
-        (Matrix::Bf16(l, lrs, lcs), Matrix::Bf16(r, rrs, rcs)) => {
-            (lhs_wide, rhs_wide) = (widen_bf16(l), widen_bf16(r));
-            ((&lhs_wide[..], lrs, lcs), (&rhs_wide[..], rrs, rcs))
-        }
-        _ => bail!("CPU matmul ({m}×{k} · {k}×{n}): one operand is f32 and the other bf16"),
+        _ => bail!("CPU matmul ({m}×{k} · {k}×{n}): gemm takes f32 operands only"),
     };
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
@@ -432,7 +429,17 @@ impl<'a> Operand<'a> {
     pub(crate) fn new(values: &'a [f32], precision: Precision) -> Self {
         match precision {
             Precision::F32 => Operand::F32(Cow::Borrowed(values)),
-            Precision::Bf16 => Operand::Bf16(Cow::Owned(super::simd::to_bf16_parallel(values))),
+            Precision::Bf16 => Operand::bf16(Cow::Owned(super::simd::to_bf16_parallel(values))),
+        }
+    }
+
+    /// bf16 values as an operand: as they are where oneDNN multiplies bf16, else widened to
+    /// the f32 values they stand for (exact), once for every matmul that reads them.
+    pub(crate) fn bf16(bits: Cow<'a, [u16]>) -> Self {
+        if super::onednn::bf16_kernels() {
+            Operand::Bf16(bits)
+        } else {
+            Operand::F32(Cow::Owned(widen_bf16(&bits)))
         }
     }
 
@@ -447,7 +454,7 @@ impl<'a> Operand<'a> {
         use half::slice::HalfFloatSliceExt;
         match (storage, precision) {
             (CpuStorage::F32(v), _) => Ok(Operand::new(contiguous(v, layout, what)?, precision)),
-            (CpuStorage::BF16(v), Precision::Bf16) => Ok(Operand::Bf16(Cow::Borrowed(
+            (CpuStorage::BF16(v), Precision::Bf16) => Ok(Operand::bf16(Cow::Borrowed(
                 contiguous(v, layout, what)?.reinterpret_cast(),
             ))),
             (s, _) => bail!(

@@ -181,7 +181,7 @@ impl CustomOp3 for LinearGrad {
         let (db, dy) = match (self.bias, self.precision) {
             (true, Precision::Bf16) => {
                 let (db, dy) = super::simd::column_sums_and_bf16(dy_f32, n);
-                (Some(db), Operand::Bf16(dy.into()))
+                (Some(db), Operand::bf16(dy.into()))
             }
             (bias, precision) => (
                 bias.then(|| super::simd::column_sums(dy_f32, n)),

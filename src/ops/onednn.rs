@@ -211,7 +211,7 @@ pub fn bf16_matmuls_unavailable() -> Option<String> {
 }
 
 /// Whether oneDNN has a bf16 matmul kernel for this CPU (oneDNN 2.x has none without AVX-512):
-/// without one, bf16 operands are widened to f32 for gemm, the same values at f32's speed.
+/// without one, bf16 operands are widened to f32 (exact) and multiplied by the f32 matmuls.
 pub fn bf16_kernels() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {

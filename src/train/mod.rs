@@ -244,13 +244,10 @@ fn print_config(
         model_cfg.n_params() as f64 / 1e6
     );
     println!("data: {n_train} train tokens, {n_val} validation tokens");
-    if cfg.dtype == crate::config::Precision::Bf16
-        && !cfg.device.starts_with("cuda")
-        && !crate::ops::onednn::bf16_kernels()
-    {
+    if cfg.cpu_bf16() && !crate::ops::onednn::bf16_kernels() {
         println!(
             "bf16: {} has no bf16 matmul for this CPU (it needs AVX-512): the bf16 operands are \
-             widened to f32, the same values at f32's speed",
+             widened to f32 once each and multiplied in f32 (the same products)",
             crate::ops::onednn::backend_description()
         );
     }
