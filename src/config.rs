@@ -34,6 +34,8 @@ pub const KEYS: &[&str] = &[
     "schedule",
     "warmup_steps",
     "lr_decay_steps",
+    "decay_fraction",
+    "decay_shape",
     "max_steps",
     "betas",
     "eps",
@@ -96,6 +98,29 @@ pub enum ScheduleKind {
     Cosine,
     /// Linear warmup, then `lr` throughout.
     Constant,
+    /// Linear warmup, then linear decay to `min_lr`.
+    Linear,
+    /// Warmup-stable-decay: linear warmup, `lr` until the last `decay_fraction` of
+    /// `lr_decay_steps`, then a `decay_shape` decay to `min_lr` (as modded-nanogpt, llm.c and
+    /// Hägele et al. 2024).
+    Wsd,
+}
+
+/// The share of `lr_decay_steps` a `wsd` schedule's decay takes unless `decay_fraction` says.
+pub const WSD_DECAY_FRACTION: f64 = 0.2;
+
+/// The shape of a `wsd` schedule's final decay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DecayShape {
+    /// `1 − r` of the way from `lr` to `min_lr`.
+    #[serde(rename = "linear")]
+    Linear,
+    /// `½(1 + cos πr)`.
+    #[serde(rename = "cosine")]
+    Cosine,
+    /// `1 − √r`, Hägele et al. 2024's best cooldown.
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
 }
 
 /// What a non-finite loss or gradient does to a run.
@@ -164,8 +189,14 @@ pub struct TrainConfig {
     pub min_lr: Option<f64>,
     pub schedule: ScheduleKind,
     pub warmup_steps: usize,
-    /// Steps over which the cosine decays; default `max_steps`.
+    /// The step at which the decay reaches `min_lr`; default `max_steps`.
     pub lr_decay_steps: Option<usize>,
+    /// `wsd` only: the share of `lr_decay_steps` that its final decay takes (default 0.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decay_fraction: Option<f64>,
+    /// `wsd` only: `linear` (default), `cosine` or `1-sqrt`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decay_shape: Option<DecayShape>,
     pub max_steps: usize,
     pub betas: Option<[f64; 2]>,
     pub eps: Option<f64>,
@@ -239,6 +270,8 @@ impl Default for TrainConfig {
             schedule: ScheduleKind::Cosine,
             warmup_steps: 100,
             lr_decay_steps: None,
+            decay_fraction: None,
+            decay_shape: None,
             max_steps: 2000,
             betas: None,
             eps: None,
@@ -446,7 +479,31 @@ impl TrainConfig {
         // past its warmup meets that drop. The rule reads the values alone, never whether a key
         // was given or derived, so a run's saved config validates exactly as it did when the
         // run started.
-        if self.schedule == ScheduleKind::Cosine
+        if self.schedule == ScheduleKind::Wsd {
+            self.decay_fraction.get_or_insert(WSD_DECAY_FRACTION);
+            self.decay_shape.get_or_insert(DecayShape::Linear);
+        } else if self.decay_fraction.is_some() || self.decay_shape.is_some() {
+            bail!("decay_fraction and decay_shape apply to schedule = \"wsd\" only");
+        }
+        if let Some(fraction) = self.decay_fraction {
+            if !(fraction > 0.0 && fraction <= 1.0) {
+                bail!("decay_fraction must be in (0, 1], got {fraction}");
+            }
+        }
+        let decay_start = self.schedule().decay_start();
+        if self.schedule == ScheduleKind::Wsd
+            && self.warmup_steps > decay_start
+            && self.max_steps > decay_start
+        {
+            bail!(
+                "the wsd decay starts at step {decay_start} (the last decay_fraction = {} of \
+                 lr_decay_steps = {decay_steps}), inside the warmup of {} steps; lower \
+                 decay_fraction or warmup_steps",
+                self.decay_fraction.unwrap_or_default(),
+                self.warmup_steps
+            );
+        }
+        if matches!(self.schedule, ScheduleKind::Cosine | ScheduleKind::Linear)
             && self.warmup_steps > decay_steps
             && self.max_steps > self.warmup_steps
         {
@@ -616,6 +673,18 @@ impl TrainConfig {
         self.min_lr.unwrap_or(self.peak_lr() / 10.0)
     }
 
+    /// The learning-rate schedule this config trains with.
+    pub fn schedule(&self) -> crate::train::schedule::Schedule {
+        crate::train::schedule::Schedule {
+            kind: self.schedule,
+            lr: self.peak_lr(),
+            min_lr: self.min_lr_or_default(),
+            warmup_steps: self.warmup_steps,
+            decay_steps: self.lr_decay_steps_or_default(),
+            wsd: self.decay_fraction.zip(self.decay_shape),
+        }
+    }
+
     /// `lr_decay_steps`, or `max_steps`.
     pub fn lr_decay_steps_or_default(&self) -> usize {
         self.lr_decay_steps.unwrap_or(self.max_steps)
@@ -643,8 +712,15 @@ mod tests {
         cfg.zero_stage = 1;
         let table = cfg.to_table().unwrap();
         let mut from_struct: Vec<&str> = table.keys().map(|k| k.as_str()).collect();
-        // `decouple`, `clip_exponent` and `variant` are unset for AdamW, the default optimizer.
-        from_struct.extend(["decouple", "clip_exponent", "variant"]);
+        // `decouple`, `clip_exponent` and `variant` are unset for AdamW, the default optimizer,
+        // and `decay_fraction` and `decay_shape` for the default schedule.
+        from_struct.extend([
+            "decouple",
+            "clip_exponent",
+            "variant",
+            "decay_fraction",
+            "decay_shape",
+        ]);
         from_struct.sort();
         let mut listed = KEYS.to_vec();
         listed.sort();
@@ -737,7 +813,31 @@ mod tests {
             "bad value for 'optimizer' in the config: unknown variant `sgd`, expected one of \
              `adam`, `adamw`, `adopt`"
         );
-        assert!(err(&["lr=1e-3", "schedule=linear"]).starts_with("bad value for 'schedule'"));
+        assert!(err(&["lr=1e-3", "schedule=step"]).starts_with("bad value for 'schedule'"));
+        assert!(err(&["decay_fraction=0.1"]).contains("apply to schedule = \"wsd\" only"));
+        assert!(err(&["schedule=wsd", "decay_fraction=0"]).contains("decay_fraction must be"));
+        assert!(
+            err(&["schedule=wsd", "decay_shape=sqrt"]).starts_with("bad value for 'decay_shape'")
+        );
+        // 0.97 of 2000 steps leaves 60 steps before the decay, inside a 100-step warmup.
+        assert!(err(&["schedule=wsd", "decay_fraction=0.97"])
+            .contains("the wsd decay starts at step 60"));
+        let wsd = TrainConfig::from_layers(None, &["schedule=wsd".into()]).unwrap();
+        assert_eq!(
+            (wsd.decay_fraction, wsd.decay_shape),
+            (Some(0.2), Some(DecayShape::Linear))
+        );
+        let toml = wsd.to_toml().unwrap();
+        assert!(toml.contains("decay_fraction = 0.2") && toml.contains("decay_shape = \"linear\""));
+        let shape =
+            TrainConfig::from_layers(None, &["schedule=wsd".into(), "decay_shape=1-sqrt".into()]);
+        assert_eq!(shape.unwrap().decay_shape, Some(DecayShape::OneMinusSqrt));
+        // Other schedules keep their saved configs (and checkpoint hashes) as they were.
+        let cosine = TrainConfig::from_layers(None, &[])
+            .unwrap()
+            .to_toml()
+            .unwrap();
+        assert!(!cosine.contains("decay_fraction") && !cosine.contains("decay_shape"));
         assert!(err(&["lr_decay_steps=50", "warmup_steps=60"])
             .contains("warmup_steps (60) exceeds lr_decay_steps (50) and max_steps (2000)"));
         // A run that ends inside its warmup never meets the drop, whether lr_decay_steps was

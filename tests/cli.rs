@@ -18,6 +18,11 @@ fn resume_is_bitwise_identical_for_every_optimizer() {
         ("adopt", if cpu_bf16() { "dtype = \"bf16\"" } else { "" }),
         // Windows without replacement: the sampler resumes at its window count.
         ("adam", "sampling = \"shuffled\""),
+        // Resumed at step 10, inside a 1-sqrt decay over steps 8-20.
+        (
+            "adamw",
+            "schedule = \"wsd\"\ndecay_fraction = 0.6\ndecay_shape = \"1-sqrt\"",
+        ),
     ] {
         let ws = Workspace::new();
         let cfg = ws.config(
@@ -41,6 +46,18 @@ fn resume_is_bitwise_identical_for_every_optimizer() {
         }
         // The loss moved: the steps did something.
         assert!(a[19].1 < a[0].1 - 0.5, "{optimizer}: {a:?}");
+        if extra.contains("wsd") {
+            // Step 12 applied lr_at(11): r = (11 − 8) / 12 = ¼ through the decay, so
+            // min_lr + (1 − √¼)(lr − min_lr) = 1e-3 + ½ · 9e-3; lr until step 8.
+            let lrs: Vec<f64> = read_json_lines(&halves.join("metrics.jsonl"))
+                .iter()
+                .filter(|v| v["split"] == "train")
+                .map(|v| v["lr"].as_f64().unwrap())
+                .collect();
+            assert!((lrs[11] - 5.5e-3).abs() < 1e-12, "{lrs:?}");
+            assert_eq!(lrs[4..8], [1e-2; 4]);
+            assert!((lrs[19] - (1e-3 + (1.0 - (11f64 / 12.0).sqrt()) * 9e-3)).abs() < 1e-12);
+        }
         // keep_last = 2: only the newest two checkpoints remain.
         let ckpts: Vec<String> = std::fs::read_dir(whole.join("checkpoints"))
             .unwrap()

@@ -537,13 +537,7 @@ impl Trainer {
     fn run(mut self) -> Result<TrainSummary> {
         signals::install().context("cannot install signal handlers")?;
         let cfg = &self.cfg;
-        let schedule = Schedule {
-            kind: cfg.schedule,
-            lr: cfg.peak_lr(),
-            min_lr: cfg.min_lr_or_default(),
-            warmup_steps: cfg.warmup_steps,
-            decay_steps: cfg.lr_decay_steps_or_default(),
-        };
+        let schedule = cfg.schedule();
         let quiet = self.quiet;
         if !quiet {
             print_config(

@@ -485,7 +485,7 @@ fn zero_shards(world: &World, cfg: &TrainConfig, params: &Params) -> Option<Shar
 
 /// Says on stderr what a valid schedule will do that its config may not have meant: a run that
 /// ends inside its warmup, and (when resuming, since a resume keeps lr_decay_steps) steps past the
-/// cosine's end, which train at min_lr.
+/// decay's end, which train at min_lr.
 fn warn_about_schedule(cfg: &TrainConfig, resuming: bool) {
     if cfg.warmup_steps > cfg.max_steps {
         eprintln!(
@@ -494,9 +494,9 @@ fn warn_about_schedule(cfg: &TrainConfig, resuming: bool) {
             cfg.warmup_steps, cfg.max_steps
         );
     }
-    // The cosine holds min_lr from lr_decay_steps on, or from the warmup's end when that is later.
+    // The decay holds min_lr from lr_decay_steps on, or from the warmup's end when that is later.
     let min_lr_from = cfg.lr_decay_steps_or_default().max(cfg.warmup_steps);
-    if resuming && cfg.schedule == ScheduleKind::Cosine && cfg.max_steps > min_lr_from {
+    if resuming && cfg.schedule != ScheduleKind::Constant && cfg.max_steps > min_lr_from {
         eprintln!(
             "warning: max_steps ({}) is past lr_decay_steps ({}), which a resumed run keeps: \
              steps {min_lr_from}-{} train at min_lr ({:e})",
