@@ -46,6 +46,9 @@ pub const KEYS: &[&str] = &[
     "variant",
     "grad_clip",
     "nan_policy",
+    "skip_loss_zscore",
+    "skip_grad_zscore",
+    "zscore_window",
     "batch_size",
     "grad_accum",
     "sampling",
@@ -105,6 +108,9 @@ pub enum ScheduleKind {
     /// Hägele et al. 2024).
     Wsd,
 }
+
+/// Steps in the spike policy's windows unless `zscore_window` says (llm.c's window).
+pub const ZSCORE_WINDOW: usize = 128;
 
 /// The share of `lr_decay_steps` a `wsd` schedule's decay takes unless `decay_fraction` says.
 pub const WSD_DECAY_FRACTION: f64 = 0.2;
@@ -213,6 +219,16 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// `stop` (default) or `skip` on a non-finite loss or gradient.
     pub nan_policy: NanPolicy,
+    /// Skip a step whose loss lies more than this many standard deviations above the mean of
+    /// the last `zscore_window` steps' losses (llm.c's `-sl`); 0 disables.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub skip_loss_zscore: f64,
+    /// The same for the (pre-clip) gradient norm (llm.c's `-sg`); 0 disables.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub skip_grad_zscore: f64,
+    /// Steps in the spike policy's windows (default 128, as llm.c); only with a `skip_*_zscore`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zscore_window: Option<usize>,
     /// Sequences per micro-step.
     pub batch_size: usize,
     /// Micro-steps per optimizer step.
@@ -282,6 +298,9 @@ impl Default for TrainConfig {
             variant: None,
             grad_clip: 1.0,
             nan_policy: NanPolicy::Stop,
+            skip_loss_zscore: 0.0,
+            skip_grad_zscore: 0.0,
+            zscore_window: None,
             batch_size: 16,
             grad_accum: 1,
             sampling: crate::data::Sampling::Random,
@@ -485,6 +504,22 @@ impl TrainConfig {
         } else if self.decay_fraction.is_some() || self.decay_shape.is_some() {
             bail!("decay_fraction and decay_shape apply to schedule = \"wsd\" only");
         }
+        for (key, threshold) in [
+            ("skip_loss_zscore", self.skip_loss_zscore),
+            ("skip_grad_zscore", self.skip_grad_zscore),
+        ] {
+            if !(threshold.is_finite() && threshold >= 0.0) {
+                bail!("{key} must be a number of standard deviations ≥ 0 (0 disables), got {threshold}");
+            }
+        }
+        if self.spike_policy() {
+            let window = *self.zscore_window.get_or_insert(ZSCORE_WINDOW);
+            if window < 2 {
+                bail!("zscore_window must be at least 2 steps, got {window}");
+            }
+        } else if self.zscore_window.is_some() {
+            bail!("zscore_window applies only with skip_loss_zscore or skip_grad_zscore above 0");
+        }
         if let Some(fraction) = self.decay_fraction {
             if !(fraction > 0.0 && fraction <= 1.0) {
                 bail!("decay_fraction must be in (0, 1], got {fraction}");
@@ -673,6 +708,11 @@ impl TrainConfig {
         self.min_lr.unwrap_or(self.peak_lr() / 10.0)
     }
 
+    /// Whether steps are judged by the spike policy (a `skip_*_zscore` above 0).
+    pub fn spike_policy(&self) -> bool {
+        self.skip_loss_zscore > 0.0 || self.skip_grad_zscore > 0.0
+    }
+
     /// The learning-rate schedule this config trains with.
     pub fn schedule(&self) -> crate::train::schedule::Schedule {
         crate::train::schedule::Schedule {
@@ -694,6 +734,11 @@ impl TrainConfig {
 /// Whether a count is zero (its default, left out of saved configs to keep their hashes).
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+/// Whether a threshold is zero (off, its default, left out of saved configs likewise).
+fn is_zero_f64(x: &f64) -> bool {
+    *x == 0.0
 }
 
 #[cfg(test)]
@@ -720,6 +765,9 @@ mod tests {
             "variant",
             "decay_fraction",
             "decay_shape",
+            "skip_loss_zscore",
+            "skip_grad_zscore",
+            "zscore_window",
         ]);
         from_struct.sort();
         let mut listed = KEYS.to_vec();
@@ -833,11 +881,17 @@ mod tests {
             TrainConfig::from_layers(None, &["schedule=wsd".into(), "decay_shape=1-sqrt".into()]);
         assert_eq!(shape.unwrap().decay_shape, Some(DecayShape::OneMinusSqrt));
         // Other schedules keep their saved configs (and checkpoint hashes) as they were.
+        assert!(err(&["skip_loss_zscore=-1"]).contains("skip_loss_zscore must be"));
+        assert!(err(&["zscore_window=64"]).contains("zscore_window applies only"));
+        assert!(err(&["skip_grad_zscore=5", "zscore_window=1"]).contains("at least 2"));
+        let spikes = TrainConfig::from_layers(None, &["skip_grad_zscore=5".into()]).unwrap();
+        assert_eq!(spikes.zscore_window, Some(128));
         let cosine = TrainConfig::from_layers(None, &[])
             .unwrap()
             .to_toml()
             .unwrap();
         assert!(!cosine.contains("decay_fraction") && !cosine.contains("decay_shape"));
+        assert!(!cosine.contains("zscore"));
         assert!(err(&["lr_decay_steps=50", "warmup_steps=60"])
             .contains("warmup_steps (60) exceeds lr_decay_steps (50) and max_steps (2000)"));
         // A run that ends inside its warmup never meets the drop, whether lr_decay_steps was

@@ -817,3 +817,69 @@ fn a_build_without_mpi_refuses_several_ranks() {
         &[("OMPI_COMM_WORLD_SIZE", "1")],
     ));
 }
+
+#[test]
+fn spike_policy_skips_the_steps_its_window_flags_and_resumes_bitwise() {
+    let corpus = common::tinyshakespeare();
+    let ws = Workspace::new();
+    let cfg = ws.config(
+        "spikes",
+        &corpus,
+        "skip_grad_zscore = 1.0\nzscore_window = 4\ngrad_clip = 2.0",
+    );
+    let cfg = cfg.to_str().unwrap();
+    ok(&ws.train(&["--config", cfg, "--out", "whole"]));
+    ok(&ws.train(&["--config", cfg, "--out", "halves", "--set", "max_steps=10"]));
+    ok(&ws.train(&["--resume", "halves", "--set", "max_steps=20"]));
+    let (whole, halves) = (ws.path("whole"), ws.path("halves"));
+    assert_eq!(train_losses(&whole), train_losses(&halves));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(file_bytes(&whole, 20, file) == file_bytes(&halves, 20, file));
+    }
+    let steps: Vec<serde_json::Value> = read_json_lines(&halves.join("metrics.jsonl"))
+        .into_iter()
+        .filter(|v| v["split"] == "train")
+        .collect();
+    // The z-score of each norm against the window of the last 4 (itself included), recomputed
+    // here in two passes: mean, then population variance.
+    let norms: Vec<f64> = steps
+        .iter()
+        .map(|v| v["grad_norm"].as_f64().unwrap())
+        .collect();
+    let (mut skipped, mut clipped) = (0, 0);
+    for (i, step) in steps.iter().enumerate() {
+        let expected_z = (i >= 4).then(|| {
+            let window = &norms[i - 3..=i];
+            let mean = window.iter().sum::<f64>() / 4.0;
+            let var = window.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 4.0;
+            (norms[i] - mean) / var.sqrt()
+        });
+        let logged = step["grad_norm_z"].as_f64();
+        assert_eq!(logged.is_some(), expected_z.is_some(), "step {i}: {step}");
+        if let (Some(z), Some(e)) = (logged, expected_z) {
+            assert!((z - e).abs() < 1e-9, "step {i}: z {z}, expected {e}");
+        }
+        let skip = expected_z.is_some_and(|z| z > 1.0);
+        assert_eq!(step["skipped"].as_bool().unwrap_or(false), skip, "step {i}");
+        if skip {
+            skipped += 1;
+            assert_eq!(step["skip_reason"], "grad_zscore");
+            assert_eq!(step["clipped"], false, "a skipped step is not clipped");
+        } else if step["clipped"] == true {
+            assert!(norms[i] > 2.0);
+            clipped += 1;
+        }
+    }
+    // The first four norms fill the window; the run has both kinds of step after them.
+    assert!(skipped > 0 && skipped < 16, "{norms:?}");
+    let header: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(halves.join("run.json")).unwrap()).unwrap();
+    let totals = &header["totals"];
+    assert_eq!(totals["steps"], 20);
+    assert_eq!(totals["skipped_steps"], skipped);
+    assert_eq!(totals["clipped_steps"], clipped);
+    assert_eq!(
+        totals["clipped_share"].as_f64().unwrap(),
+        clipped as f64 / 20.0
+    );
+}

@@ -302,6 +302,14 @@ fn checkpoint_round_trip_is_exact_and_checksummed() {
         best_val_loss: Some(2.5),
         config_hash: "abc".into(),
         skipped_steps: 0,
+        clipped_steps: 1,
+        // Windows with values that JSON must carry to the last bit.
+        spike_windows: Some({
+            let mut w = gpt_pretrain::train::spikes::SpikeWindows::new(3);
+            w.judge(0.1 + 0.2, 1.0 / 3.0, 4.0, 4.0);
+            w.judge(f64::MIN_POSITIVE, 1e300, 4.0, 4.0);
+            w
+        }),
         world_size: 1,
         checksums: Default::default(),
     };
@@ -329,6 +337,8 @@ fn checkpoint_round_trip_is_exact_and_checksummed() {
     assert_eq!(loaded.state.step, 4);
     assert_eq!(loaded.state.data_word_pos, state.data_word_pos);
     assert_eq!(loaded.state.best_val_loss, Some(2.5));
+    assert_eq!(loaded.state.clipped_steps, 1);
+    assert_eq!(loaded.state.spike_windows, state.spike_windows);
     for (name, t) in params.tensors() {
         let a: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         let b: Vec<f32> = loaded.model[&name]

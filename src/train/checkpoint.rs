@@ -38,6 +38,12 @@ pub struct TrainState {
     /// Steps skipped for a non-finite loss or gradient (`nan_policy = "skip"`).
     #[serde(default)]
     pub skipped_steps: u64,
+    /// Steps whose gradients `grad_clip` scaled down (0 in checkpoints older than the field).
+    #[serde(default)]
+    pub clipped_steps: u64,
+    /// The spike policy's windows (`skip_loss_zscore`, `skip_grad_zscore`), when it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spike_windows: Option<crate::train::spikes::SpikeWindows>,
     /// How many data-parallel ranks trained the run (1 for checkpoints older than the field).
     #[serde(default = "one")]
     pub world_size: usize,

@@ -20,12 +20,14 @@ mod run_dir;
 pub mod runlock;
 pub mod schedule;
 pub mod signals;
+pub mod spikes;
 mod start;
 pub mod tensorboard;
 mod zero;
 
 pub use run_dir::{
     load_run_config, load_run_header, load_run_model, load_run_tokenizer, RunHeader, RunModel,
+    RunTotals,
 };
 
 use crate::config::{NanPolicy, TrainConfig};
@@ -44,6 +46,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use runlock::RunLock;
 use schedule::Schedule;
+use spikes::{SkipReason, SpikeWindows, StepZScores};
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -284,18 +287,24 @@ struct Position {
     tokens: u64,
     best_val_loss: Option<f64>,
     skipped_steps: u64,
+    /// Steps whose gradients `grad_clip` scaled down.
+    clipped_steps: u64,
+    /// The spike policy's windows, when it is on.
+    spikes: Option<SpikeWindows>,
     sampler: BatchSampler,
 }
 
 impl Position {
-    /// Step 0 of a run seeded with `seed`.
-    fn start(seed: u64, sampling: crate::data::Sampling) -> Self {
+    /// Step 0 of a run of `cfg`.
+    fn start(cfg: &TrainConfig) -> Self {
         Position {
             step: 0,
             tokens: 0,
             best_val_loss: None,
             skipped_steps: 0,
-            sampler: BatchSampler::new(seed, sampling),
+            clipped_steps: 0,
+            spikes: cfg.zscore_window.map(SpikeWindows::new),
+            sampler: BatchSampler::new(cfg.seed, cfg.sampling),
         }
     }
 }
@@ -305,8 +314,12 @@ struct StepOutcome {
     loss: f64,
     norm: f64,
     lr: f64,
-    /// Skipped for a non-finite loss or gradient (`nan_policy = "skip"`).
-    skipped: bool,
+    /// Why the update was not applied, if it was not.
+    skip: Option<SkipReason>,
+    /// Whether `grad_clip` scaled the gradients down.
+    clipped: bool,
+    /// The spike policy's z-scores, when it is on.
+    z: StepZScores,
     /// Data parallel: seconds this rank spent exchanging losses and gradients, waiting for slower
     /// ranks included.
     reduce_secs: Option<f64>,
@@ -401,6 +414,8 @@ impl Trainer {
             best_val_loss: self.position.best_val_loss,
             config_hash: self.config_hash.clone(),
             skipped_steps: self.position.skipped_steps,
+            clipped_steps: self.position.clipped_steps,
+            spike_windows: self.position.spikes.clone(),
             world_size: self.world.size(),
             checksums: Default::default(),
         };
@@ -452,15 +467,31 @@ impl Trainer {
             reduce_secs,
         } = step.finish()?;
         let norm = grad_norm(&self.params, &grads)?;
-        let finite = loss.is_finite() && norm.is_finite();
-        if !finite {
+        let mut z = StepZScores::default();
+        let skip = if !(loss.is_finite() && norm.is_finite()) {
             match self.cfg.nan_policy {
                 NanPolicy::Stop => return Err(self.non_finite_error(loss, norm)),
-                NanPolicy::Skip => self.position.skipped_steps += 1,
+                NanPolicy::Skip => Some(SkipReason::NonFinite),
             }
+        } else if let Some(windows) = &mut self.position.spikes {
+            let reason;
+            (z, reason) = windows.judge(
+                loss,
+                norm,
+                self.cfg.skip_loss_zscore,
+                self.cfg.skip_grad_zscore,
+            );
+            reason
         } else {
-            let clip = self.cfg.grad_clip;
-            if clip > 0.0 && norm > clip {
+            None
+        };
+        let clip = self.cfg.grad_clip;
+        let clipped = skip.is_none() && clip > 0.0 && norm > clip;
+        if skip.is_some() {
+            self.position.skipped_steps += 1;
+        } else {
+            if clipped {
+                self.position.clipped_steps += 1;
                 // torch.nn.utils.clip_grad_norm_'s coefficient.
                 scale_grads(&self.params, &mut grads, clip / (norm + 1e-6))?;
             }
@@ -481,7 +512,9 @@ impl Trainer {
             loss,
             norm,
             lr,
-            skipped: !finite,
+            skip,
+            clipped,
+            z,
             reduce_secs,
         })
     }
@@ -583,16 +616,41 @@ impl Trainer {
             if let Some(reduce) = out.reduce_secs {
                 event["reduce_ms"] = (reduce * 1e3).into();
             }
-            if out.skipped {
-                // JSON has no NaN: a skipped step logs null loss and norm, and says it was skipped.
-                event["loss"] = serde_json::Value::Null;
-                event["grad_norm"] = serde_json::Value::Null;
+            if self.cfg.grad_clip > 0.0 {
+                event["clipped"] = out.clipped.into();
+            }
+            if let Some(z) = out.z.loss {
+                event["loss_z"] = z.into();
+            }
+            if let Some(z) = out.z.grad_norm {
+                event["grad_norm_z"] = z.into();
+            }
+            if let Some(reason) = out.skip {
+                let why = match reason {
+                    SkipReason::NonFinite => {
+                        // JSON has no NaN: a non-finite step logs null loss and norm.
+                        event["loss"] = serde_json::Value::Null;
+                        event["grad_norm"] = serde_json::Value::Null;
+                        format!("non-finite loss {} or gradient norm {}", out.loss, out.norm)
+                    }
+                    SkipReason::LossZScore(z) => format!(
+                        "loss {:.4} is {z:.2} standard deviations above the window's mean \
+                         (skip_loss_zscore = {})",
+                        out.loss, self.cfg.skip_loss_zscore
+                    ),
+                    SkipReason::GradZScore(z) => format!(
+                        "gradient norm {:.4} is {z:.2} standard deviations above the window's \
+                         mean (skip_grad_zscore = {})",
+                        out.norm, self.cfg.skip_grad_zscore
+                    ),
+                };
                 event["skipped"] = true.into();
+                event["skip_reason"] = reason.name().into();
                 event["skipped_steps"] = self.position.skipped_steps.into();
                 eprintln!(
-                "warning: step {step} skipped: non-finite loss {} or gradient norm {} ({} skipped so far)",
-                out.loss, out.norm, self.position.skipped_steps
-            );
+                    "warning: step {step} skipped: {why} ({} skipped so far)",
+                    self.position.skipped_steps
+                );
             }
             self.log(event)?;
             if let Some(bar) = &progress {
@@ -635,6 +693,18 @@ impl Trainer {
         }
         if let Some(bar) = progress {
             bar.finish_and_clear();
+        }
+        if self.world.is_root() {
+            let p = &self.position;
+            run_dir::record_totals(
+                &self.run_dir,
+                RunTotals {
+                    steps: p.step,
+                    skipped_steps: p.skipped_steps,
+                    clipped_steps: p.clipped_steps,
+                    clipped_share: p.clipped_steps as f64 / p.step.max(1) as f64,
+                },
+            )?;
         }
         Ok(TrainSummary {
             run_dir: self.run_dir,

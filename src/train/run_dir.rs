@@ -36,6 +36,32 @@ pub struct RunHeader {
     /// Changes accepted on resume with `--allow-data-change`, one line each.
     #[serde(default)]
     pub overrides: Vec<String>,
+    /// How the steps went, written when the run reaches `max_steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<RunTotals>,
+}
+
+/// Counts over a finished run's steps (`run.json`'s `totals`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunTotals {
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// Steps not applied (non-finite, or over a spike threshold).
+    pub skipped_steps: u64,
+    /// Steps whose gradients `grad_clip` scaled down.
+    pub clipped_steps: u64,
+    /// `clipped_steps / steps`.
+    pub clipped_share: f64,
+}
+
+/// Records `totals` in the run's `run.json`.
+pub(super) fn record_totals(run_dir: &Path, totals: RunTotals) -> Result<()> {
+    let mut header = load_run_header(run_dir)?;
+    header.totals = Some(totals);
+    crate::fsutil::write_atomic(
+        &run_dir.join(RUN_FILE),
+        serde_json::to_string_pretty(&header)?.as_bytes(),
+    )
 }
 
 fn one() -> usize {

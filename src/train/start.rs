@@ -10,6 +10,7 @@ use super::run_dir::{
     CONFIG_FILE, RUN_FILE, TOKENIZER_FILE,
 };
 use super::runlock::RunLock;
+use super::spikes::SpikeWindows;
 use super::zero::Shards;
 use super::{Position, Reporting, ResumeOptions, Trainer};
 use crate::config::{ScheduleKind, TokenizerKind, TrainConfig, RESUME_OVERRIDABLE};
@@ -114,6 +115,7 @@ impl Trainer {
                 model: model_cfg.clone(),
                 world_size: world.size(),
                 overrides: Vec::new(),
+                totals: None,
             };
             crate::fsutil::write_atomic(
                 &run_dir.join(RUN_FILE),
@@ -133,7 +135,7 @@ impl Trainer {
             model: Gpt::with_precision(&model_cfg, &params, cfg.dtype)?,
             metrics,
             config_hash: identity_hash(&cfg)?,
-            position: Position::start(cfg.seed, cfg.sampling),
+            position: Position::start(&cfg),
             cfg,
             run_dir: run_dir.to_path_buf(),
             device,
@@ -341,6 +343,12 @@ impl Trainer {
                 tokens: ckpt.state.tokens,
                 best_val_loss: ckpt.state.best_val_loss,
                 skipped_steps: ckpt.state.skipped_steps,
+                clipped_steps: ckpt.state.clipped_steps,
+                spikes: ckpt
+                    .state
+                    .spike_windows
+                    .clone()
+                    .or_else(|| cfg.zscore_window.map(SpikeWindows::new)),
             },
             cfg,
             run_dir: run_dir.to_path_buf(),
