@@ -49,6 +49,9 @@ pub const KEYS: &[&str] = &[
     "skip_loss_zscore",
     "skip_grad_zscore",
     "zscore_window",
+    "diag_interval",
+    "diag_granularity",
+    "peak_flops",
     "batch_size",
     "grad_accum",
     "sampling",
@@ -70,6 +73,9 @@ pub const RESUME_OVERRIDABLE: &[&str] = &[
     "max_steps",
     "eval_interval",
     "log_interval",
+    "diag_interval",
+    "diag_granularity",
+    "peak_flops",
     "keep_last",
     "zero_stage",
 ];
@@ -229,6 +235,16 @@ pub struct TrainConfig {
     /// Steps in the spike policy's windows (default 128, as llm.c); only with a `skip_*_zscore`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zscore_window: Option<usize>,
+    /// Log per-layer gradient, update and weight norms every this many steps; 0 disables.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub diag_interval: usize,
+    /// What the diagnostics sum over: `group` (default) or `tensor`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diag_granularity: Option<crate::train::diagnostics::DiagGranularity>,
+    /// The hardware's peak FLOP/s that MFU is taken against (on CUDA the data sheet's, for
+    /// GPUs it knows, when unset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_flops: Option<f64>,
     /// Sequences per micro-step.
     pub batch_size: usize,
     /// Micro-steps per optimizer step.
@@ -301,6 +317,9 @@ impl Default for TrainConfig {
             skip_loss_zscore: 0.0,
             skip_grad_zscore: 0.0,
             zscore_window: None,
+            diag_interval: 0,
+            diag_granularity: None,
+            peak_flops: None,
             batch_size: 16,
             grad_accum: 1,
             sampling: crate::data::Sampling::Random,
@@ -519,6 +538,17 @@ impl TrainConfig {
             }
         } else if self.zscore_window.is_some() {
             bail!("zscore_window applies only with skip_loss_zscore or skip_grad_zscore above 0");
+        }
+        if self.diag_interval > 0 {
+            self.diag_granularity
+                .get_or_insert(crate::train::diagnostics::DiagGranularity::Group);
+        } else if self.diag_granularity.is_some() {
+            bail!("diag_granularity applies only with diag_interval above 0");
+        }
+        if let Some(peak) = self.peak_flops {
+            if !(peak.is_finite() && peak > 0.0) {
+                bail!("peak_flops must be a positive number of FLOP/s, got {peak}");
+            }
         }
         if let Some(fraction) = self.decay_fraction {
             if !(fraction > 0.0 && fraction <= 1.0) {
@@ -768,6 +798,9 @@ mod tests {
             "skip_loss_zscore",
             "skip_grad_zscore",
             "zscore_window",
+            "diag_interval",
+            "diag_granularity",
+            "peak_flops",
         ]);
         from_struct.sort();
         let mut listed = KEYS.to_vec();

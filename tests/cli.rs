@@ -18,10 +18,12 @@ fn resume_is_bitwise_identical_for_every_optimizer() {
         ("adopt", if cpu_bf16() { "dtype = \"bf16\"" } else { "" }),
         // Windows without replacement: the sampler resumes at its window count.
         ("adam", "sampling = \"shuffled\""),
-        // Resumed at step 10, inside a 1-sqrt decay over steps 8-20.
+        // Resumed at step 10, inside a 1-sqrt decay over steps 8-20, with every instrument on.
         (
             "adamw",
-            "schedule = \"wsd\"\ndecay_fraction = 0.6\ndecay_shape = \"1-sqrt\"",
+            "schedule = \"wsd\"\ndecay_fraction = 0.6\ndecay_shape = \"1-sqrt\"\n\
+             diag_interval = 3\ndiag_granularity = \"tensor\"\npeak_flops = 1e11\n\
+             skip_loss_zscore = 1.6\nskip_grad_zscore = 1.6\nzscore_window = 4",
         ),
     ] {
         let ws = Workspace::new();
@@ -882,4 +884,87 @@ fn spike_policy_skips_the_steps_its_window_flags_and_resumes_bitwise() {
         totals["clipped_share"].as_f64().unwrap(),
         clipped as f64 / 20.0
     );
+}
+
+#[test]
+fn diagnostics_match_the_checkpoints_and_change_no_value() {
+    let corpus = common::tinyshakespeare();
+    let ws = Workspace::new();
+    let cfg = ws.config(
+        "diag",
+        &corpus,
+        "max_steps = 5\neval_interval = 1\ngrad_clip = 0.5",
+    );
+    let cfg = cfg.to_str().unwrap();
+    ok(&ws.train(&["--config", cfg, "--out", "plain"]));
+    ok(&ws.train(&[
+        "--config",
+        cfg,
+        "--out",
+        "diag",
+        "--set",
+        "diag_interval=5",
+        "--set",
+        "peak_flops=1e12",
+    ]));
+    let (plain, diag) = (ws.path("plain"), ws.path("diag"));
+    assert_eq!(train_losses(&plain), train_losses(&diag));
+    assert!(
+        file_bytes(&plain, 5, "model.safetensors") == file_bytes(&diag, 5, "model.safetensors")
+    );
+    let events = read_json_lines(&diag.join("metrics.jsonl"));
+    let train: Vec<&serde_json::Value> = events.iter().filter(|v| v["split"] == "train").collect();
+    let figures: Vec<&serde_json::Value> = events.iter().filter(|v| v["split"] == "diag").collect();
+    assert_eq!(figures.len(), 1, "one diag event, at step 5");
+    let figures = figures[0].as_object().unwrap();
+    assert_eq!(figures["step"], 5);
+    // MFU is tokens/s × FLOPs per token over the peak given. The model has 34,688 parameters
+    // (wte 256·32, wpe 32·32, per block 12,704 with biases, ln_f 64): 6·(34,688 − 1,024) for
+    // the weights without the position table and 12·L·C·T = 12·2·32·32 for attention.
+    let mfu = train[4]["mfu"].as_f64().unwrap();
+    let tok_per_s = train[4]["tok_per_s"].as_f64().unwrap();
+    let flops_per_token = 6.0 * 33_664.0 + 12.0 * 2.0 * 32.0 * 32.0;
+    assert!(
+        (mfu * 1e12 / tok_per_s / flops_per_token - 1.0).abs() < 1e-9,
+        "{mfu}"
+    );
+
+    // The update and weight norms from the checkpoints of steps 4 and 5, summed here in f64 per
+    // group: the step's update is their difference.
+    let load = |step: u64| {
+        candle_core::safetensors::load(
+            diag.join(format!("checkpoints/step-{step:08}/model.safetensors")),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (before, after) = (load(4), load(5));
+    let mut sums: std::collections::BTreeMap<String, [f64; 3]> = Default::default();
+    for (name, old) in &before {
+        let old: Vec<f32> = old.flatten_all().unwrap().to_vec1().unwrap();
+        let new: Vec<f32> = after[name].flatten_all().unwrap().to_vec1().unwrap();
+        let group = gpt_pretrain::train::diagnostics::group_of(name);
+        let s = sums.entry(group).or_default();
+        for (o, n) in old.iter().zip(&new) {
+            s[0] += (*n as f64 - *o as f64).powi(2);
+            s[1] += (*o as f64).powi(2);
+            s[2] += (*n as f64).powi(2);
+        }
+    }
+    assert!(sums.contains_key("block.1.mlp") && sums.contains_key("layernorm"));
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1e-12);
+    let mut grad_sq = 0.0;
+    for (group, [update, weight_before, weight_after]) in &sums {
+        let got = |key: &str| figures[&format!("{key}/{group}")].as_f64().unwrap();
+        assert!(close(got("update_norm"), update.sqrt()), "{group}");
+        assert!(close(got("weight_norm"), weight_after.sqrt()), "{group}");
+        let ratio = update.sqrt() / weight_before.sqrt();
+        assert!(close(got("update_weight_ratio"), ratio), "{group}");
+        grad_sq += got("grad_norm").powi(2);
+    }
+    // The groups partition the parameters: their gradient norms make up the global one.
+    assert!(close(
+        grad_sq.sqrt(),
+        train[4]["grad_norm"].as_f64().unwrap()
+    ));
 }

@@ -129,6 +129,13 @@ impl GptConfig {
             .map(|s| s.shape.iter().product::<usize>())
             .sum()
     }
+
+    /// Training FLOPs per token as nanoGPT's `estimate_mfu` counts them: 6·N (N without the
+    /// position table) + 12·L·C·T for attention.
+    pub fn training_flops_per_token(&self) -> f64 {
+        let n = (self.n_params() - self.block_size * self.n_embd) as f64;
+        6.0 * n + 12.0 * (self.n_layer * self.n_embd * self.block_size) as f64
+    }
 }
 
 /// How a parameter starts.

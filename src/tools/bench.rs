@@ -102,12 +102,9 @@ impl BenchSetup {
         }
     }
 
-    /// Training FLOPs per token as nanoGPT's `estimate_mfu` counts them: 6·N (N without the
-    /// position table) + 12·L·C·T for attention.
+    /// Training FLOPs per token ([`GptConfig::training_flops_per_token`]).
     pub fn flops_per_token(&self) -> f64 {
-        let m = self.model_config();
-        let n = (m.n_params() - m.block_size * m.n_embd) as f64;
-        6.0 * n + 12.0 * (m.n_layer * m.n_embd * m.block_size) as f64
+        self.model_config().training_flops_per_token()
     }
 }
 
@@ -371,45 +368,6 @@ fn matmul_peak(setup: &BenchSetup, device: &Device, dtype: DType) -> Result<f64>
     Ok(2.0 * (m * k * n) as f64 / best / 1e9)
 }
 
-/// The GPU's name (None on CPU).
-fn device_name(device: &Device) -> Option<String> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cuda) = device {
-        return cuda.cuda_stream().context().name().ok();
-    }
-    let _ = device;
-    None
-}
-
-/// Data-sheet dense tensor-core peaks in GFLOP/s (no sparsity): H100/H200 SXM 989.4 TFLOP/s bf16
-/// and 494.7 tf32 (f32 matmuls run as tf32 only when enabled; candle's default is full f32, 67),
-/// H100 PCIe 756.5 bf16, A100 312 bf16 and 19.5 f32.
-fn nominal_peak_gflops(name: &str, dtype: DType) -> Option<f64> {
-    let bf16 = dtype == DType::BF16;
-    let tflops = if name.contains("H100") && name.contains("PCIe") {
-        if bf16 {
-            756.5
-        } else {
-            51.2
-        }
-    } else if name.contains("H100") || name.contains("H200") {
-        if bf16 {
-            989.4
-        } else {
-            66.9
-        }
-    } else if name.contains("A100") {
-        if bf16 {
-            312.0
-        } else {
-            19.5
-        }
-    } else {
-        return None;
-    };
-    Some(tflops * 1e3)
-}
-
 fn peak_rss_mb() -> f64 {
     // SAFETY: getrusage fills the struct we pass.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -488,10 +446,10 @@ pub fn run(setup: &BenchSetup, steps: usize, device: &Device) -> Result<BenchRep
         Some(peaks) => peaks.best(setup.dtype),
         None => matmul_peak(setup, device, compute)?,
     };
-    let name = device_name(device);
+    let name = crate::device::device_name(device);
     let nominal = name
         .as_deref()
-        .and_then(|n| nominal_peak_gflops(n, compute));
+        .and_then(|n| crate::device::nominal_peak_gflops(n, compute));
     Ok(BenchReport {
         setup: setup.clone(),
         threads: candle_core::utils::get_num_threads(),

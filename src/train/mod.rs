@@ -14,6 +14,7 @@
 //! one process with `grad_accum` N times as large.
 
 pub mod checkpoint;
+pub mod diagnostics;
 pub mod faults;
 pub mod metrics;
 mod run_dir;
@@ -41,6 +42,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use checkpoint::TrainState;
+use diagnostics::BeforeUpdate;
 use metrics::Metrics;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -320,6 +322,8 @@ struct StepOutcome {
     clipped: bool,
     /// The spike policy's z-scores, when it is on.
     z: StepZScores,
+    /// Per-layer figures (`diag_interval` steps on rank 0), as metrics keys.
+    diagnostics: Option<serde_json::Map<String, serde_json::Value>>,
     /// Data parallel: seconds this rank spent exchanging losses and gradients, waiting for slower
     /// ranks included.
     reduce_secs: Option<f64>,
@@ -485,6 +489,16 @@ impl Trainer {
         } else {
             None
         };
+        let before_update = match self.cfg.diag_granularity {
+            Some(granularity)
+                if skip.is_none()
+                    && world.is_root()
+                    && (self.position.step + 1).is_multiple_of(self.cfg.diag_interval as u64) =>
+            {
+                Some(BeforeUpdate::capture(&self.params, &grads, granularity)?)
+            }
+            _ => None,
+        };
         let clip = self.cfg.grad_clip;
         let clipped = skip.is_none() && clip > 0.0 && norm > clip;
         if skip.is_some() {
@@ -501,6 +515,9 @@ impl Trainer {
                 shards.share_params(&world, &self.params)?;
             }
         }
+        let diagnostics = before_update
+            .map(|before| before.after(&self.params))
+            .transpose()?;
         if self.position.step == 0 && world.size() > 1 && faults::desync_rank(world.rank()) {
             let first = self.params.vars().next().expect("a model has parameters");
             first.set(&(first.as_tensor() + 1e-3)?)?;
@@ -515,6 +532,7 @@ impl Trainer {
             skip,
             clipped,
             z,
+            diagnostics,
             reduce_secs,
         })
     }
@@ -602,6 +620,12 @@ impl Trainer {
         });
         let tokens_per_step =
             (self.cfg.batch_size * self.global_accum() * self.model.config().block_size) as f64;
+        let flops_per_token = self.model.config().training_flops_per_token();
+        let peak_flops = self.cfg.peak_flops.or_else(|| {
+            let name = crate::device::device_name(&self.device)?;
+            crate::device::nominal_peak_gflops(&name, self.cfg.dtype.compute_dtype())
+                .map(|gflops| gflops * 1e9)
+        });
 
         while self.position.step < max_steps {
             let started = Instant::now();
@@ -613,6 +637,10 @@ impl Trainer {
                 "step": step, "tokens": self.position.tokens, "split": "train", "loss": out.loss, "lr": out.lr,
                 "grad_norm": out.norm, "ms": secs * 1e3, "tok_per_s": tok_per_s,
             });
+            let mfu = peak_flops.map(|peak| tok_per_s * flops_per_token / peak);
+            if let Some(mfu) = mfu {
+                event["mfu"] = mfu.into();
+            }
             if let Some(reduce) = out.reduce_secs {
                 event["reduce_ms"] = (reduce * 1e3).into();
             }
@@ -653,12 +681,23 @@ impl Trainer {
                 );
             }
             self.log(event)?;
+            if let Some(figures) = out.diagnostics {
+                let mut event = serde_json::json!({
+                    "step": step, "tokens": self.position.tokens, "split": "diag",
+                });
+                event.as_object_mut().expect("an object").extend(figures);
+                self.log(event)?;
+            }
+            let mfu_text = mfu.map_or_else(String::new, |m| format!(" | MFU {:.1}%", m * 100.0));
             if let Some(bar) = &progress {
                 bar.set_position(step);
-                bar.set_message(format!("loss {:.4} | {tok_per_s:.0} tok/s", out.loss));
+                bar.set_message(format!(
+                    "loss {:.4} | {tok_per_s:.0} tok/s{mfu_text}",
+                    out.loss
+                ));
             } else if !quiet && (step.is_multiple_of(self.cfg.log_interval as u64) || step == 1) {
                 println!(
-                "step {step}/{max_steps} | loss {:.4} | lr {:.3e} | grad norm {:.3} | {:.0} ms | {tok_per_s:.0} tok/s",
+                "step {step}/{max_steps} | loss {:.4} | lr {:.3e} | grad norm {:.3} | {:.0} ms | {tok_per_s:.0} tok/s{mfu_text}",
                 out.loss,
                 out.lr,
                 out.norm,
