@@ -200,6 +200,10 @@ struct CompareArgs {
     /// instead of every pair that differs only in the optimizer.
     #[arg(long, value_name = "FILE")]
     tests: Option<PathBuf>,
+    /// Also plot and test a logged metric by its metrics.jsonl name, e.g.
+    /// update_weight_ratio/block.3.mlp or grad_norm (repeatable); each run enters as its mean.
+    #[arg(long, value_name = "NAME")]
+    metric: Vec<String>,
 }
 
 #[derive(Args)]
@@ -449,7 +453,13 @@ fn sweep(args: SweepArgs) -> Result<()> {
 fn compare(args: CompareArgs) -> Result<()> {
     use gpt_pretrain::study::compare::{compare, TestPlan};
     let plan = args.tests.as_deref().map(TestPlan::read).transpose()?;
-    let report = compare(&args.runs, &args.out, args.target_loss, plan.as_ref())?;
+    let report = compare(
+        &args.runs,
+        &args.out,
+        args.target_loss,
+        plan.as_ref(),
+        &args.metric,
+    )?;
     println!("{report}");
     println!(
         "wrote {}/report.md and plots (val_loss, train_loss, lr_grad_norm, lr_sensitivity, beta2 .png/.svg)",

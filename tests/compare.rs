@@ -463,3 +463,79 @@ best_of = [["ADOPT β2=0.95", "ADOPT β2=0.999"], ["Adam β2=0.95", "Adam β2=0.
     std::fs::write(&empty, "[[family]]\nname = \"x\"\n").unwrap();
     fails_with(&compare(&empty), "family 'x' needs either pairs or best_of");
 }
+
+#[test]
+fn compare_plots_and_tests_a_logged_metric_by_name() {
+    let ws = Workspace::new();
+    sweep(
+        &ws,
+        &[
+            "--set",
+            "diag_interval=3",
+            "--grid",
+            "optimizer=adamw,adopt",
+        ],
+        "0,1,2",
+    );
+    let name = "update_weight_ratio/block.0.mlp";
+    let compare = |metric: &str| {
+        bin()
+            .current_dir(ws.dir.path())
+            .args(["compare", "sweep", "--out", "report", "--metric", metric])
+            .output()
+            .unwrap()
+    };
+    ok(&compare(name));
+    let report = std::fs::read_to_string(ws.path("report/report.md")).unwrap();
+    let section = report
+        .split_once(&format!("## Metric `{name}`"))
+        .unwrap_or_else(|| panic!("no metric section: {report}"))
+        .1;
+    // Each group's mean of its runs' means, recomputed from metrics.jsonl.
+    let mut by_optimizer: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for run in std::fs::read_dir(ws.path("sweep")).unwrap() {
+        let run = run.unwrap().path();
+        if !run.join("config.toml").exists() {
+            continue;
+        }
+        let cfg: toml::Table =
+            toml::from_str(&std::fs::read_to_string(run.join("config.toml")).unwrap()).unwrap();
+        let values: Vec<f64> = read_json_lines(&run.join("metrics.jsonl"))
+            .iter()
+            .filter(|v| v["split"] == "diag")
+            .map(|v| v[name].as_f64().unwrap())
+            .collect();
+        assert_eq!(values.len(), 4, "steps 3, 6, 9, 12");
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        by_optimizer
+            .entry(cfg["optimizer"].as_str().unwrap().to_string())
+            .or_default()
+            .push(mean);
+    }
+    for (optimizer, label) in [
+        ("adamw", "| Adam β2=0.999, batch 4"),
+        ("adopt", "| ADOPT, batch 4"),
+    ] {
+        let means = &by_optimizer[optimizer];
+        let expected = means.iter().sum::<f64>() / 3.0;
+        let row = section
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no row {label}: {section}"));
+        let mean_cell = row.split('|').map(str::trim).nth(4).unwrap();
+        let got: f64 = mean_cell.split(' ').next().unwrap().parse().unwrap();
+        assert!((got - expected).abs() < 1e-6, "{row}: expected {expected}");
+    }
+    // The same pairwise test as the loss's, on the metric.
+    assert!(section.contains("Welch t"), "{section}");
+    for ext in ["png", "svg"] {
+        let plot = ws.path(&format!(
+            "report/metric_update_weight_ratio_block.0.mlp.{ext}"
+        ));
+        assert!(std::fs::metadata(plot).unwrap().len() > 10_000);
+    }
+    fails_with(
+        &compare("update_weight_ratio/block.9.mlp"),
+        "no run logged the metric 'update_weight_ratio/block.9.mlp'",
+    );
+}

@@ -508,6 +508,113 @@ pub fn report(
     }
     clipping_section(&mut md, groups, all);
     let _ = writeln!(md, "\n## Pairwise differences in final validation loss\n");
+    pairwise_sections(&mut md, groups, all, cells, plan);
+    let _ = writeln!(
+        md,
+        "\nDefinitions: final/best = last/lowest validation evaluation (fixed windows, same for every run). \
+         A loss spike is a train loss above {SPIKE_FACTOR}× the median of the previous {SPIKE_WINDOW} train losses \
+         (once {SPIKE_MIN_HISTORY} exist), or a skipped non-finite step. Diverged = a non-finite train loss. \
+         Significance (the verdict): Welch's two-sided t-test across seeds, Holm–Bonferroni-adjusted p < 0.05, the \
+         family being every row of one table; the raw p is shown beside it. The paired column tests the per-seed \
+         differences instead (runs with the same seed start from the same weights and see the same batches), \
+         two-sided, n − 1 degrees of freedom, Holm-adjusted over the same rows. Clipped steps: the share of a \
+         run's steps whose gradient norm before clipping exceeded `grad_clip`. Intervals are 95% t intervals \
+         (Welch's standard error and degrees of freedom; the paired differences' for the paired column). \
+         Runs still going or stopped early are included as they are (see \"finished\")."
+    );
+    md
+}
+
+/// A logged metric's section: each run's mean over the steps that logged it, and the same
+/// pairwise tests as the final loss's, on those means.
+fn metric_section(
+    md: &mut String,
+    groups: &[Group],
+    all: &[GroupStats],
+    cells: &[LrCell],
+    plan: Option<&TestPlan>,
+    name: &str,
+) -> Result<()> {
+    let run_mean = |r: &crate::study::runs::RunData| {
+        let values: Vec<f64> = r
+            .series
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|&(_, v)| v)
+            .filter(|v| v.is_finite())
+            .collect();
+        if values.is_empty() {
+            f64::NAN
+        } else {
+            mean_sd(&values).0
+        }
+    };
+    let means: Vec<Vec<f64>> = groups
+        .iter()
+        .map(|g| g.runs.iter().map(run_mean).collect())
+        .collect();
+    if means.iter().flatten().all(|m| m.is_nan()) {
+        bail!(
+            "no run logged the metric '{name}' (per-layer figures need diag_interval > 0; \
+             names are those of metrics.jsonl, e.g. update_weight_ratio/block.0.mlp)"
+        );
+    }
+    let _ = writeln!(md, "\n## Metric `{name}`\n");
+    let _ = writeln!(
+        md,
+        "Each run's mean of `{name}` over the steps that logged it (`metric_{}.png`).\n",
+        metric_file_stem(name)
+    );
+    let _ = writeln!(md, "| group | seeds | per run | mean |");
+    let _ = writeln!(md, "|---|---|---|---:|");
+    for (g, m) in groups.iter().zip(&means) {
+        let seeds: Vec<String> = g.runs.iter().map(|r| r.cfg.seed.to_string()).collect();
+        let per_run: Vec<String> = m.iter().map(|x| format!("{x:.4e}")).collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            g.label,
+            seeds.join(", "),
+            per_run.join(", "),
+            fmt_mean_sd(m, 6)
+        );
+    }
+    let on_metric: Vec<GroupStats> = all
+        .iter()
+        .zip(means)
+        .map(|(s, m)| GroupStats {
+            final_val: m,
+            ..s.clone()
+        })
+        .collect();
+    let _ = writeln!(md);
+    pairwise_sections(md, groups, &on_metric, cells, plan);
+    Ok(())
+}
+
+/// A metric's name as a file name: `update_weight_ratio/block.3.mlp` → `update_weight_ratio_block.3.mlp`.
+pub fn metric_file_stem(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The pairwise tables of `all`'s `final_val`: the families of `plan`, or else the pairs of
+/// tested groups that differ only in the optimizer (every pair when none does).
+fn pairwise_sections(
+    md: &mut String,
+    groups: &[Group],
+    all: &[GroupStats],
+    cells: &[LrCell],
+    plan: Option<&TestPlan>,
+) {
     match plan {
         Some(plan) => {
             let _ = writeln!(
@@ -525,7 +632,7 @@ pub fn report(
                         "{not_run} of the family's comparisons lack runs at one side and are left out.\n"
                     );
                 }
-                pairwise_table(&mut md, groups, all, &pairs);
+                pairwise_table(md, groups, all, &pairs);
             }
         }
         None => {
@@ -552,23 +659,9 @@ pub fn report(
                 );
                 optimizer_pairs
             };
-            pairwise_table(&mut md, groups, all, &pairs);
+            pairwise_table(md, groups, all, &pairs);
         }
     }
-    let _ = writeln!(
-        md,
-        "\nDefinitions: final/best = last/lowest validation evaluation (fixed windows, same for every run). \
-         A loss spike is a train loss above {SPIKE_FACTOR}× the median of the previous {SPIKE_WINDOW} train losses \
-         (once {SPIKE_MIN_HISTORY} exist), or a skipped non-finite step. Diverged = a non-finite train loss. \
-         Significance (the verdict): Welch's two-sided t-test across seeds, Holm–Bonferroni-adjusted p < 0.05, the \
-         family being every row of one table; the raw p is shown beside it. The paired column tests the per-seed \
-         differences instead (runs with the same seed start from the same weights and see the same batches), \
-         two-sided, n − 1 degrees of freedom, Holm-adjusted over the same rows. Clipped steps: the share of a \
-         run's steps whose gradient norm before clipping exceeded `grad_clip`. Intervals are 95% t intervals \
-         (Welch's standard error and degrees of freedom; the paired differences' for the paired column). \
-         Runs still going or stopped early are included as they are (see \"finished\")."
-    );
-    md
 }
 
 /// The table of pairwise differences in final validation loss for `pairs` (A, B) of groups:
@@ -724,6 +817,7 @@ pub fn compare(
     out: &Path,
     target: Option<f64>,
     plan: Option<&TestPlan>,
+    metrics: &[String],
 ) -> Result<String> {
     let dirs = expand_run_dirs(paths)?;
     let runs = dirs
@@ -736,7 +830,10 @@ pub fn compare(
     if let Some(plan) = plan {
         plan.check_arms(&cells)?;
     }
-    let md = report(&groups, &all, &cells, target, plan);
+    let mut md = report(&groups, &all, &cells, target, plan);
+    for name in metrics {
+        metric_section(&mut md, &groups, &all, &cells, plan, name)?;
+    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     crate::fsutil::write_atomic(&out.join("report.md"), md.as_bytes())?;
     // The curves show the groups the tests compare: with lrs swept, every lr of every arm would
@@ -747,6 +844,9 @@ pub fn compare(
         .collect();
     crate::study::plots::draw_all(&curve_groups, out)?;
     crate::study::plots::draw_lr_sensitivity(&groups, out)?;
+    for name in metrics {
+        crate::study::plots::draw_metric(&curve_groups, name, out)?;
+    }
     let beta2 = beta2_panels(&groups, &all, &cells);
     if !beta2.is_empty() {
         crate::study::plots::draw_beta2(&beta2, out)?;

@@ -381,6 +381,49 @@ pub fn draw_all(groups: &[Group], out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `out/metric_NAME.png` and `.svg`: a logged metric over the steps, one line per group
+/// (the mean over its seeds).
+pub fn draw_metric(groups: &[Group], name: &str, out: &Path) -> Result<()> {
+    register_fonts();
+    let lines: Vec<Line> = groups
+        .iter()
+        .map(|g| {
+            let stats = across_seeds(
+                g.runs
+                    .iter()
+                    .map(|r| {
+                        r.series
+                            .get(name)
+                            .into_iter()
+                            .flatten()
+                            .map(|&(step, v)| (step as f64, v))
+                            .collect()
+                    })
+                    .collect(),
+            );
+            (
+                g.label.clone(),
+                stats.iter().map(|s| (s.0, s.1)).collect(),
+                vec![],
+                vec![],
+            )
+        })
+        .collect();
+    let mut curves = Curves {
+        title: format!("{name} (seed mean)"),
+        x_label: "step",
+        y_label: "value",
+        lines,
+        y_cap: None,
+    };
+    curves.y_cap = ten_medians(&curves.lines);
+    let stem = format!("metric_{}", crate::study::compare::metric_file_stem(name));
+    png_and_svg!(out, stem, (1200, 650), (1, 1), [&curves], |area, c| {
+        draw_curves(area, c)
+    });
+    Ok(())
+}
+
 /// One line of final validation losses at each x of one batch size: its name and (x, each
 /// seed's loss).
 pub type ArmLosses = (String, Vec<(f64, Vec<f64>)>);

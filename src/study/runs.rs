@@ -20,6 +20,9 @@ pub struct RunData {
     /// (step, tokens, loss)
     pub val: Vec<(u64, u64, f64)>,
     pub tok_per_s: Vec<f64>,
+    /// Every number that training and diagnostics events log (`grad_norm`,
+    /// `update_weight_ratio/block.3.mlp`, …) by name: (step, value).
+    pub series: BTreeMap<String, Vec<(u64, f64)>>,
 }
 
 /// Reads a run directory (tolerating a torn last metrics line; a later event for a step wins).
@@ -31,6 +34,7 @@ pub fn read_run(dir: &Path) -> Result<RunData> {
     let mut train = BTreeMap::new();
     let mut val = BTreeMap::new();
     let mut speed = BTreeMap::new();
+    let mut series: BTreeMap<String, BTreeMap<u64, f64>> = BTreeMap::new();
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<Value>(line) else {
             continue;
@@ -39,6 +43,13 @@ pub fn read_run(dir: &Path) -> Result<RunData> {
             continue;
         };
         let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        if matches!(v["split"].as_str(), Some("train" | "diag")) {
+            for (key, value) in v.as_object().into_iter().flatten() {
+                if let (Some(x), false) = (value.as_f64(), key == "step" || key == "tokens") {
+                    series.entry(key.clone()).or_default().insert(step, x);
+                }
+            }
+        }
         match v["split"].as_str() {
             Some("train") => {
                 train.insert(
@@ -60,6 +71,10 @@ pub fn read_run(dir: &Path) -> Result<RunData> {
         train: train.into_values().collect(),
         val: val.into_values().collect(),
         tok_per_s: speed.into_values().filter(|x| x.is_finite()).collect(),
+        series: series
+            .into_iter()
+            .map(|(k, by_step)| (k, by_step.into_iter().collect()))
+            .collect(),
     })
 }
 
