@@ -52,6 +52,9 @@ pub const KEYS: &[&str] = &[
     "diag_interval",
     "diag_granularity",
     "peak_flops",
+    "sample_interval",
+    "sample_prompt",
+    "sample_tokens",
     "batch_size",
     "grad_accum",
     "sampling",
@@ -76,6 +79,9 @@ pub const RESUME_OVERRIDABLE: &[&str] = &[
     "diag_interval",
     "diag_granularity",
     "peak_flops",
+    "sample_interval",
+    "sample_prompt",
+    "sample_tokens",
     "keep_last",
     "zero_stage",
 ];
@@ -114,6 +120,9 @@ pub enum ScheduleKind {
     /// Hägele et al. 2024).
     Wsd,
 }
+
+/// Tokens per sample during training unless `sample_tokens` says (llm.c's `genT`).
+pub const SAMPLE_TOKENS: usize = 64;
 
 /// Steps in the spike policy's windows unless `zscore_window` says (llm.c's window).
 pub const ZSCORE_WINDOW: usize = 128;
@@ -245,6 +254,15 @@ pub struct TrainConfig {
     /// GPUs it knows, when unset).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_flops: Option<f64>,
+    /// Write a sample of generated text every this many steps; 0 disables.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub sample_interval: usize,
+    /// The samples' prompt; empty starts from `<|endoftext|>` (or a newline for bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_prompt: Option<String>,
+    /// Tokens per sample (default 64, as llm.c); only with `sample_interval`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_tokens: Option<usize>,
     /// Sequences per micro-step.
     pub batch_size: usize,
     /// Micro-steps per optimizer step.
@@ -320,6 +338,9 @@ impl Default for TrainConfig {
             diag_interval: 0,
             diag_granularity: None,
             peak_flops: None,
+            sample_interval: 0,
+            sample_prompt: None,
+            sample_tokens: None,
             batch_size: 16,
             grad_accum: 1,
             sampling: crate::data::Sampling::Random,
@@ -544,6 +565,14 @@ impl TrainConfig {
                 .get_or_insert(crate::train::diagnostics::DiagGranularity::Group);
         } else if self.diag_granularity.is_some() {
             bail!("diag_granularity applies only with diag_interval above 0");
+        }
+        if self.sample_interval > 0 {
+            self.sample_prompt.get_or_insert_with(String::new);
+            if *self.sample_tokens.get_or_insert(SAMPLE_TOKENS) == 0 {
+                bail!("sample_tokens must be at least 1");
+            }
+        } else if self.sample_prompt.is_some() || self.sample_tokens.is_some() {
+            bail!("sample_prompt and sample_tokens apply only with sample_interval above 0");
         }
         if let Some(peak) = self.peak_flops {
             if !(peak.is_finite() && peak > 0.0) {
@@ -801,6 +830,9 @@ mod tests {
             "diag_interval",
             "diag_granularity",
             "peak_flops",
+            "sample_interval",
+            "sample_prompt",
+            "sample_tokens",
         ]);
         from_struct.sort();
         let mut listed = KEYS.to_vec();

@@ -23,17 +23,26 @@ fn tensorboard_python() -> PathBuf {
     venv
 }
 
-/// (tag, step) → value, as TensorBoard reads the run's event files.
-fn tensorboard_scalars(run: &Path) -> BTreeMap<(String, u64), f64> {
+/// Every line the TensorBoard reader prints for the run's event files.
+fn tensorboard_lines(run: &Path) -> Vec<serde_json::Value> {
     let out = Command::new(tensorboard_python())
         .arg(project_root().join("tests/fixtures/read_tensorboard.py"))
         .arg(run)
         .output()
         .unwrap();
-    let stdout = ok(&out);
+    ok(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (tag, step) → value, as TensorBoard reads the run's event files.
+fn tensorboard_scalars(run: &Path) -> BTreeMap<(String, u64), f64> {
     let mut scalars = BTreeMap::new();
-    for line in stdout.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    for v in tensorboard_lines(run) {
+        if v.get("text").is_some() {
+            continue;
+        }
         let key = (
             v["tag"].as_str().unwrap().to_string(),
             v["step"].as_u64().unwrap(),
@@ -134,4 +143,63 @@ fn tensorboard_scalars_equal_the_metrics_also_after_a_crash_and_resume() {
         train_losses(&ws.path("whole")),
         "resume is bitwise"
     );
+}
+
+#[test]
+fn samples_during_training_reach_the_metrics_and_tensorboard_and_change_nothing() {
+    let ws = Workspace::new();
+    let corpus = tinyshakespeare();
+    let cfg = ws.config("s", &corpus, "max_steps = 12\neval_interval = 4");
+    let cfg = cfg.to_str().unwrap();
+    ok(&ws.train(&["--config", cfg, "--out", "plain"]));
+    let sampling = [
+        "--set",
+        "sample_interval=4",
+        "--set",
+        "sample_prompt=ROMEO:",
+        "--set",
+        "sample_tokens=16",
+    ];
+    let mut args = vec!["--config", cfg, "--out", "sampled"];
+    args.extend(sampling);
+    ok(&ws.train(&args));
+    let (plain, sampled) = (ws.path("plain"), ws.path("sampled"));
+    assert_eq!(train_losses(&plain), train_losses(&sampled));
+    assert!(
+        file_bytes(&plain, 12, "model.safetensors")
+            == file_bytes(&sampled, 12, "model.safetensors")
+    );
+    let samples: Vec<serde_json::Value> = read_json_lines(&sampled.join("metrics.jsonl"))
+        .into_iter()
+        .filter(|v| v["split"] == "sample")
+        .collect();
+    assert_eq!(
+        samples
+            .iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [4, 8, 12]
+    );
+    for s in &samples {
+        assert_eq!(s["prompt"], "ROMEO:");
+        // 16 byte tokens decode to at most 16 bytes (fewer where bytes do not form UTF-8).
+        let text = s["text"].as_str().unwrap();
+        assert!(!text.is_empty() && text.len() <= 16 * 3, "{text:?}");
+    }
+    let texts: BTreeMap<(String, u64), String> = tensorboard_lines(&sampled)
+        .into_iter()
+        .filter_map(|v| {
+            let text = v.get("text")?.as_str()?.to_string();
+            Some(((v["tag"].as_str()?.to_string(), v["step"].as_u64()?), text))
+        })
+        .collect();
+    for s in &samples {
+        let step = s["step"].as_u64().unwrap();
+        assert_eq!(
+            texts[&("sample/text".to_string(), step)],
+            s["text"].as_str().unwrap()
+        );
+        assert_eq!(texts[&("sample/prompt".to_string(), step)], "ROMEO:");
+    }
+    assert_same_scalars(&sampled);
 }

@@ -15,6 +15,7 @@
 //! ops.
 
 mod config;
+pub mod generate;
 pub mod hf;
 mod params;
 

@@ -272,6 +272,8 @@ struct Trainer {
     params: Params,
     model: Gpt,
     optimizer: Box<dyn Optimizer>,
+    /// For the samples written during training.
+    tokenizer: crate::data::tokenizer::Tokenizer,
     position: Position,
     /// Rank 0's; the other ranks write nothing.
     metrics: Option<Metrics>,
@@ -361,6 +363,31 @@ impl Trainer {
             "step": self.position.step, "tokens": self.position.tokens, "split": "val", "loss": val, "train_loss": train,
         }))?;
         Ok((val, train))
+    }
+
+    /// Generates a sample of `sample_tokens` after `sample_prompt` (temperature 0.8 among the
+    /// 200 likeliest tokens, as `sample`'s defaults, from a seed keyed by the run's and the
+    /// step) and logs it; reading the model only.
+    fn sample(&mut self) -> Result<String> {
+        let prompt = self.cfg.sample_prompt.clone().unwrap_or_default();
+        let how = crate::model::generate::Generation {
+            max_new_tokens: self
+                .cfg
+                .sample_tokens
+                .unwrap_or(crate::config::SAMPLE_TOKENS),
+            temperature: 0.8,
+            top_k: Some(200),
+            seed: self.cfg.seed.wrapping_add(self.position.step),
+        };
+        let (model, tokenizer, device) = (&self.model, &self.tokenizer, &self.device);
+        let text = on_worker_thread_if_cpu(device, || {
+            crate::model::generate::generate(model, tokenizer, &prompt, &how, device, |_| {})
+        })?;
+        self.log(serde_json::json!({
+            "step": self.position.step, "tokens": self.position.tokens, "split": "sample",
+            "prompt": prompt, "text": text,
+        }))?;
+        Ok(text)
     }
 
     /// Appends an event to the metrics (rank 0).
@@ -687,6 +714,18 @@ impl Trainer {
                 });
                 event.as_object_mut().expect("an object").extend(figures);
                 self.log(event)?;
+            }
+            if self.cfg.sample_interval > 0
+                && step.is_multiple_of(self.cfg.sample_interval as u64)
+                && self.world.is_root()
+            {
+                let text = match &progress {
+                    Some(bar) => bar.suspend(|| self.sample())?,
+                    None => self.sample()?,
+                };
+                if !quiet {
+                    println!("step {step} sample: {text:?}");
+                }
             }
             let mfu_text = mfu.map_or_else(String::new, |m| format!(" | MFU {:.1}%", m * 100.0));
             if let Some(bar) = &progress {

@@ -44,13 +44,75 @@ struct Summary {
     value: Vec<SummaryValue>,
 }
 
-/// `tensorflow.Summary.Value` (scalars only).
+/// `tensorflow.Summary.Value`: a scalar, or a text summary (a string tensor with the text
+/// plugin's metadata).
 #[derive(Clone, PartialEq, Message)]
 struct SummaryValue {
     #[prost(string, tag = "1")]
     tag: String,
     #[prost(float, optional, tag = "2")]
     simple_value: Option<f32>,
+    #[prost(message, optional, tag = "8")]
+    tensor: Option<TensorProto>,
+    #[prost(message, optional, tag = "9")]
+    metadata: Option<SummaryMetadata>,
+}
+
+/// `tensorflow.TensorProto`, a scalar string (`dtype` 7 = DT_STRING, shape empty).
+#[derive(Clone, PartialEq, Message)]
+struct TensorProto {
+    #[prost(int32, tag = "1")]
+    dtype: i32,
+    #[prost(message, optional, tag = "2")]
+    tensor_shape: Option<TensorShapeProto>,
+    #[prost(bytes = "vec", repeated, tag = "8")]
+    string_val: Vec<Vec<u8>>,
+}
+
+/// `tensorflow.TensorShapeProto` with no dimensions: a scalar.
+#[derive(Clone, PartialEq, Message)]
+struct TensorShapeProto {}
+
+/// `tensorflow.SummaryMetadata`: which plugin shows the value.
+#[derive(Clone, PartialEq, Message)]
+struct SummaryMetadata {
+    #[prost(message, optional, tag = "1")]
+    plugin_data: Option<PluginData>,
+}
+
+/// `tensorflow.SummaryMetadata.PluginData`.
+#[derive(Clone, PartialEq, Message)]
+struct PluginData {
+    #[prost(string, tag = "1")]
+    plugin_name: String,
+}
+
+impl SummaryValue {
+    fn scalar(tag: String, x: f32) -> Self {
+        Self {
+            tag,
+            simple_value: Some(x),
+            ..Default::default()
+        }
+    }
+
+    /// A text summary, as `tf.summary.text` writes one.
+    fn text(tag: String, text: &str) -> Self {
+        Self {
+            tag,
+            tensor: Some(TensorProto {
+                dtype: 7,
+                tensor_shape: Some(TensorShapeProto {}),
+                string_val: vec![text.as_bytes().to_vec()],
+            }),
+            metadata: Some(SummaryMetadata {
+                plugin_data: Some(PluginData {
+                    plugin_name: "text".into(),
+                }),
+            }),
+            ..Default::default()
+        }
+    }
 }
 
 /// `tensorflow.SessionLog`.
@@ -140,8 +202,8 @@ impl EventWriter {
             .with_context(|| format!("cannot append to {}", self.path.display()))
     }
 
-    /// The scalars of one metrics event: every finite number but `step` and `tokens`, tagged
-    /// `split/field`.
+    /// The scalars of one metrics event, every finite number but `step` and `tokens`, and its
+    /// strings (a sample's `prompt` and `text`) as text summaries, tagged `split/field`.
     pub fn write_metrics(&mut self, event: &serde_json::Value) -> Result<()> {
         let (Some(step), Some(fields)) = (event["step"].as_u64(), event.as_object()) else {
             return Ok(());
@@ -151,11 +213,12 @@ impl EventWriter {
             .iter()
             .filter(|(k, _)| !matches!(k.as_str(), "step" | "tokens" | "split"))
             .filter_map(|(k, v)| {
+                let tag = format!("{split}/{k}");
+                if let Some(text) = v.as_str() {
+                    return Some(SummaryValue::text(tag, text));
+                }
                 let x = v.as_f64()?;
-                x.is_finite().then(|| SummaryValue {
-                    tag: format!("{split}/{k}"),
-                    simple_value: Some(x as f32),
-                })
+                x.is_finite().then(|| SummaryValue::scalar(tag, x as f32))
             })
             .collect();
         if value.is_empty() {
