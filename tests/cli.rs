@@ -940,16 +940,35 @@ fn diagnostics_match_the_checkpoints_and_change_no_value() {
     };
     let (before, after) = (load(4), load(5));
     let mut sums: std::collections::BTreeMap<String, [f64; 3]> = Default::default();
+    // AdamW (weight decay 0.01 on 2-D tensors): θ′ = θ·(1 − lr·wd) − lr·u, so the normalised
+    // update u = (θ·(1 − lr·wd) − θ′) / lr; its sum of squares and count per group.
+    let lr = train[4]["lr"].as_f64().unwrap();
+    let mut normalized: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
     for (name, old) in &before {
+        let decay = if old.rank() >= 2 { 0.01 } else { 0.0 };
         let old: Vec<f32> = old.flatten_all().unwrap().to_vec1().unwrap();
         let new: Vec<f32> = after[name].flatten_all().unwrap().to_vec1().unwrap();
         let group = gpt_pretrain::train::diagnostics::group_of(name);
-        let s = sums.entry(group).or_default();
+        let s = sums.entry(group.clone()).or_default();
+        let u = normalized.entry(group).or_default();
         for (o, n) in old.iter().zip(&new) {
             s[0] += (*n as f64 - *o as f64).powi(2);
             s[1] += (*o as f64).powi(2);
             s[2] += (*n as f64).powi(2);
+            u.0 += ((*o as f64 * (1.0 - lr * decay) - *n as f64) / lr).powi(2);
+            u.1 += 1;
         }
+    }
+    for (group, (sum, count)) in &normalized {
+        let expected = (sum / *count as f64).sqrt();
+        let got = figures[&format!("normalized_update_rms/{group}")]
+            .as_f64()
+            .unwrap();
+        // θ is f32: θ − θ′ carries its rounding, about 1e-7·|θ| against lr·|u|.
+        assert!(
+            (got - expected).abs() < 1e-3 * expected,
+            "{group}: {got} vs {expected}"
+        );
     }
     assert!(sums.contains_key("block.1.mlp") && sums.contains_key("layernorm"));
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1e-12);

@@ -124,9 +124,108 @@ impl BeforeUpdate {
     }
 }
 
+/// The root mean square of each key's normalised update, the direction that the lr scales,
+/// from the optimizer's state after its step: Adam's and AdamW's
+/// m̂ / (√v̂ + eps) with m̂ = m / (1 − β1ᵗ), v̂ = v / (1 − β2ᵗ) (torch.optim.Adam's), and ADOPT's
+/// m (its update is lr · m). Weight decay is not part of it. Keys as
+/// `normalized_update_rms/K`.
+pub fn normalized_update_rms(
+    state: &BTreeMap<String, Tensor>,
+    settings: &crate::optim::OptimizerSettings,
+    granularity: DiagGranularity,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    use crate::optim::OptimizerSettings;
+    use candle_core::DType;
+    let mut squares = SquareSums::default();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (state_name, m) in state {
+        let Some(name) = state_name.strip_prefix("exp_avg.") else {
+            continue;
+        };
+        let m = m.to_dtype(DType::F64)?;
+        let update = match settings {
+            OptimizerSettings::Adopt(_) => m,
+            OptimizerSettings::Adam(c) => {
+                let (Some(v), Some(step)) = (
+                    state.get(&format!("exp_avg_sq.{name}")),
+                    state.get(&format!("step.{name}")),
+                ) else {
+                    continue;
+                };
+                let t = step.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
+                if t < 1.0 {
+                    continue;
+                }
+                let m_hat = (m / (1.0 - c.beta1.powf(t)))?;
+                let v_hat = (v.to_dtype(DType::F64)? / (1.0 - c.beta2.powf(t)))?;
+                (m_hat / (v_hat.sqrt()? + c.eps)?)?
+            }
+        };
+        let k = key(granularity, name);
+        *counts.entry(k.clone()).or_insert(0) += update.elem_count();
+        squares.add(k, sum_of_squares(&update)?);
+    }
+    Ok(squares
+        .0
+        .iter()
+        .map(|(k, &sum)| {
+            let rms = (sum / counts[k].max(1) as f64).sqrt();
+            (format!("normalized_update_rms/{k}"), rms.into())
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adams_normalised_update_is_bias_corrected_and_adopts_is_its_moment() {
+        use crate::optim::{AdamConfig, AdoptConfig, OptimizerKind, OptimizerSettings};
+        let cpu = candle_core::Device::Cpu;
+        let t = |v: &[f64]| Tensor::new(v, &cpu).unwrap();
+        let state = BTreeMap::from([
+            (
+                "exp_avg.transformer.wte.weight".to_string(),
+                t(&[0.1, -0.3]),
+            ),
+            (
+                "exp_avg_sq.transformer.wte.weight".to_string(),
+                t(&[0.04, 0.01]),
+            ),
+            (
+                "step.transformer.wte.weight".to_string(),
+                Tensor::new(&[2i64], &cpu).unwrap(),
+            ),
+        ]);
+        let adam = AdamConfig {
+            eps: 1e-8,
+            beta1: 0.9,
+            beta2: 0.999,
+            ..AdamConfig::defaults(OptimizerKind::Adam)
+        };
+        let rms = normalized_update_rms(
+            &state,
+            &OptimizerSettings::Adam(adam),
+            DiagGranularity::Group,
+        )
+        .unwrap();
+        // t = 2: m̂ = m / 0.19, v̂ = v / 0.001999; u = m̂ / (√v̂ + 1e-8).
+        let u = |m: f64, v: f64| (m / 0.19) / ((v / 0.001999f64).sqrt() + 1e-8);
+        let expected = ((u(0.1, 0.04).powi(2) + u(-0.3, 0.01).powi(2)) / 2.0).sqrt();
+        let got = rms["normalized_update_rms/embedding"].as_f64().unwrap();
+        assert!(
+            (got - expected).abs() < 1e-12 * expected,
+            "{got} vs {expected}"
+        );
+        let adopt = OptimizerSettings::Adopt(AdoptConfig::default());
+        let rms = normalized_update_rms(&state, &adopt, DiagGranularity::Tensor).unwrap();
+        let expected = ((0.01f64 + 0.09) / 2.0).sqrt();
+        let got = rms["normalized_update_rms/transformer.wte.weight"]
+            .as_f64()
+            .unwrap();
+        assert!((got - expected).abs() < 1e-15, "{got}");
+    }
 
     #[test]
     fn gpt2_names_fall_into_their_groups() {

@@ -42,7 +42,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use checkpoint::TrainState;
-use diagnostics::BeforeUpdate;
+use diagnostics::{BeforeUpdate, DiagGranularity};
 use metrics::Metrics;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -542,9 +542,22 @@ impl Trainer {
                 shards.share_params(&world, &self.params)?;
             }
         }
-        let diagnostics = before_update
-            .map(|before| before.after(&self.params))
-            .transpose()?;
+        let diagnostics = match before_update {
+            Some(before) => {
+                let mut figures = before.after(&self.params)?;
+                // Sharded optimizer state holds only this rank's part.
+                if self.shards.is_none() {
+                    let granularity = self.cfg.diag_granularity.unwrap_or(DiagGranularity::Group);
+                    figures.extend(diagnostics::normalized_update_rms(
+                        &self.optimizer.state_tensors()?,
+                        &self.cfg.optimizer_settings(),
+                        granularity,
+                    )?);
+                }
+                Some(figures)
+            }
+            None => None,
+        };
         if self.position.step == 0 && world.size() > 1 && faults::desync_rank(world.rank()) {
             let first = self.params.vars().next().expect("a model has parameters");
             first.set(&(first.as_tensor() + 1e-3)?)?;
