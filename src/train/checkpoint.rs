@@ -35,7 +35,8 @@ pub struct TrainState {
     pub best_val_loss: Option<f64>,
     /// SHA-256 of the resolved config.
     pub config_hash: String,
-    /// Steps skipped for a non-finite loss or gradient (`nan_policy = "skip"`).
+    /// Steps not applied: a non-finite loss or gradient (`nan_policy = "skip"`) or a spike over
+    /// `skip_loss_zscore` / `skip_grad_zscore`.
     #[serde(default)]
     pub skipped_steps: u64,
     /// Steps whose gradients `grad_clip` scaled down (0 in checkpoints older than the field).
