@@ -23,7 +23,8 @@ fn resume_is_bitwise_identical_for_every_optimizer() {
             "adamw",
             "schedule = \"wsd\"\ndecay_fraction = 0.6\ndecay_shape = \"1-sqrt\"\n\
              diag_interval = 3\ndiag_granularity = \"tensor\"\npeak_flops = 1e11\n\
-             skip_loss_zscore = 1.6\nskip_grad_zscore = 1.6\nzscore_window = 4",
+             skip_loss_zscore = 1.6\nskip_grad_zscore = 1.6\nzscore_window = 4\n\
+             z_loss = 1e-3\nsample_interval = 7\nsample_tokens = 4",
         ),
     ] {
         let ws = Workspace::new();
@@ -59,6 +60,24 @@ fn resume_is_bitwise_identical_for_every_optimizer() {
             assert!((lrs[11] - 5.5e-3).abs() < 1e-12, "{lrs:?}");
             assert_eq!(lrs[4..8], [1e-2; 4]);
             assert!((lrs[19] - (1e-3 + (1.0 - (11f64 / 12.0).sqrt()) * 9e-3)).abs() < 1e-12);
+            // The z-loss term is logged beside the cross-entropy on every step, and the samples
+            // at steps 7 and 14.
+            let events = read_json_lines(&halves.join("metrics.jsonl"));
+            let z: Vec<f64> = events
+                .iter()
+                .filter(|v| v["split"] == "train")
+                .map(|v| v["z_loss"].as_f64().unwrap())
+                .collect();
+            assert!(
+                z.len() == 20 && z.iter().all(|&z| z > 0.0 && z.is_finite()),
+                "{z:?}"
+            );
+            let samples: Vec<u64> = events
+                .iter()
+                .filter(|v| v["split"] == "sample")
+                .map(|v| v["step"].as_u64().unwrap())
+                .collect();
+            assert_eq!(samples, [7, 14]);
         }
         // keep_last = 2: only the newest two checkpoints remain.
         let ckpts: Vec<String> = std::fs::read_dir(whole.join("checkpoints"))
@@ -986,4 +1005,66 @@ fn diagnostics_match_the_checkpoints_and_change_no_value() {
         grad_sq.sqrt(),
         train[4]["grad_norm"].as_f64().unwrap()
     ));
+}
+
+#[test]
+fn a_token_budget_sets_the_step_count_and_pins_the_schedule() {
+    let corpus = common::tinyshakespeare();
+    let ws = Workspace::new();
+    // batch 4 × block 32 = 128 tokens per step: 1,000 tokens take ⌈1000 / 128⌉ = 8 steps.
+    let base = std::fs::read_to_string(ws.config("base", &corpus, "")).unwrap();
+    let budget: String = base
+        .lines()
+        .filter(|l| !l.starts_with("max_steps") && !l.starts_with("lr_decay_steps"))
+        .map(|l| format!("{l}\n"))
+        .chain(["max_tokens = 1000\n".to_string()])
+        .collect();
+    let cfg = ws.path("budget.toml");
+    std::fs::write(&cfg, budget).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    ok(&ws.train(&["--config", cfg, "--out", "tok"]));
+    let run = ws.path("tok");
+    assert_eq!(train_losses(&run).len(), 8);
+    let saved: toml::Table =
+        toml::from_str(&std::fs::read_to_string(run.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(saved["max_steps"].as_integer(), Some(8));
+    assert_eq!(saved["lr_decay_steps"].as_integer(), Some(8));
+    let last = read_json_lines(&run.join("metrics.jsonl"))
+        .into_iter()
+        .rfind(|v| v["split"] == "train")
+        .unwrap();
+    assert_eq!(last["tokens"], 1024);
+    // A larger budget extends the run; the decay stays where it was pinned (min_lr after 8).
+    ok(&ws.train(&["--resume", "tok", "--set", "max_tokens=1300"]));
+    let lrs: Vec<f64> = read_json_lines(&run.join("metrics.jsonl"))
+        .iter()
+        .filter(|v| v["split"] == "train")
+        .map(|v| v["lr"].as_f64().unwrap())
+        .collect();
+    assert_eq!(lrs.len(), 11);
+    assert_eq!(lrs[8..], [1e-3; 3]);
+    fails_with(
+        &ws.train(&["--resume", "tok", "--set", "max_steps=30"]),
+        "max_tokens",
+    );
+    // On the command line the budget replaces the file's max_steps; both at once are refused.
+    let file = ws.config("steps", &corpus, "");
+    let file = file.to_str().unwrap();
+    ok(&ws.train(&["--config", file, "--out", "cli", "--set", "max_tokens=600"]));
+    assert_eq!(train_losses(&ws.path("cli")).len(), 5);
+    for (args, needle) in [
+        (
+            ["--set", "max_steps=5", "--set", "max_tokens=600"],
+            "both given",
+        ),
+        (
+            ["--set", "max_tokens=0", "--set", "eval_iters=2"],
+            "max_tokens must be",
+        ),
+    ] {
+        let mut all = vec!["--config", file, "--out", "bad"];
+        all.extend(args);
+        fails_with(&ws.train(&all), needle);
+        assert!(!ws.path("bad").exists());
+    }
 }

@@ -413,3 +413,69 @@ fn eval_loss_equals_the_training_loss() {
     let eval = model.eval_loss(&x, &y).unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(train, eval);
 }
+
+#[test]
+fn training_loss_adds_the_z_loss_of_the_models_logits() {
+    // In f64, against the composed reference from the model's own logits: objective =
+    // CE + z · mean(logsumexp(logits)²), in value and in every parameter's gradient.
+    let cfg = small(64, 8, true);
+    let params = Params::init(&cfg, 4, DType::F64, &Device::Cpu).unwrap();
+    let model = Gpt::new(&cfg, &params).unwrap();
+    let (x, y) = (random_ids(3, 8, 64, 7), random_ids(3, 8, 64, 8));
+    let z_loss = 0.3;
+    let terms = model.training_loss(&x, &y, None, z_loss).unwrap();
+    let logits = model.forward(&x, None).unwrap().flatten_to(1).unwrap();
+    let ce = cross_entropy(&logits, &y.flatten_all().unwrap()).unwrap();
+    let term = (logits
+        .log_sum_exp(1)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        * z_loss)
+        .unwrap();
+    let reference = (&ce + &term).unwrap();
+    let value = |t: &Tensor| t.to_scalar::<f64>().unwrap();
+    assert!((value(&terms.objective) - value(&reference)).abs() < 1e-12);
+    assert!((value(&terms.cross_entropy) - value(&ce)).abs() < 1e-12);
+    assert!((value(terms.z_loss.as_ref().unwrap()) - value(&term)).abs() < 1e-12);
+    assert!(
+        value(&term) > 1e-3,
+        "a z-term too small to test: {}",
+        value(&term)
+    );
+    let (got, want) = (
+        terms.objective.backward().unwrap(),
+        reference.backward().unwrap(),
+    );
+    for (name, var) in params.named_vars() {
+        let a: Vec<f64> = got
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f64> = want
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-12, "{name}: {worst:e}");
+    }
+    // Without a z-loss the objective is the loss itself.
+    let plain = model.training_loss(&x, &y, None, 0.0).unwrap();
+    assert!(plain.z_loss.is_none());
+    assert_eq!(
+        value(&plain.objective),
+        value(&model.loss(&x, &y, None).unwrap())
+    );
+}

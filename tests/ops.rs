@@ -994,3 +994,107 @@ fn fused_lm_head_cross_entropy_matches_candle_ops_in_value_and_gradients() {
         fused_linear_cross_entropy(&x, &w, &bad, LossGradients::Eager, Precision::F32).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
 }
+
+#[test]
+fn fused_z_loss_matches_an_f64_reference_in_value_and_gradients() {
+    use gpt_pretrain::ops::cross_entropy::cross_entropy_ops;
+    use gpt_pretrain::ops::linear::Precision;
+    use gpt_pretrain::ops::lm_head_loss::{
+        fused_linear_cross_entropy, fused_linear_cross_entropy_with_z_loss, LossGradients,
+    };
+    require_onednn();
+    let mut rng = ChaCha8Rng::seed_from_u64(43);
+    // A coefficient large enough that the z-term moves the gradient well beyond the tolerance;
+    // logits of a few units, so log Z is far from 0. 400 rows of GPT-2's vocabulary are three
+    // row groups.
+    let z_loss = 0.05;
+    for (n, c, v) in [(37usize, 12usize, 65usize), (400, 8, 50304)] {
+        let xs: Vec<f64> = (0..n * c).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let ws: Vec<f64> = (0..v * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let ts: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+        let targets = Tensor::from_vec(ts, n, &Device::Cpu).unwrap();
+        let f64_var = |v: &[f64], shape: (usize, usize)| {
+            Var::from_tensor(&Tensor::from_slice(v, shape, &Device::Cpu).unwrap()).unwrap()
+        };
+        // The reference: f64 candle ops and autograd, objective = CE + z · mean(logsumexp²).
+        let (xr, wr) = (f64_var(&xs, (n, c)), f64_var(&ws, (v, c)));
+        let logits = xr.as_tensor().matmul(&wr.as_tensor().t().unwrap()).unwrap();
+        let ce = cross_entropy_ops(&logits, &targets).unwrap();
+        let log_z_sq = logits
+            .log_sum_exp(1)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let objective = (&ce + (&log_z_sq * z_loss).unwrap()).unwrap();
+        let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let (ce_ref, lz2_ref, obj_ref) = (scalar(&ce), scalar(&log_z_sq), scalar(&objective));
+        let g = (objective * 3.0).unwrap().backward().unwrap();
+        let dx_ref = as_f64_vec(g.get(xr.as_tensor()).unwrap());
+        let dw_ref = as_f64_vec(g.get(wr.as_tensor()).unwrap());
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+            let var = |v: &[f64], shape: (usize, usize)| {
+                let t = Tensor::from_slice(v, shape, &Device::Cpu).unwrap();
+                Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+            };
+            let (x, w) = (var(&xs, (n, c)), var(&ws, (v, c)));
+            let terms = fused_linear_cross_entropy_with_z_loss(
+                x.as_tensor(),
+                w.as_tensor(),
+                &targets,
+                LossGradients::Eager,
+                Precision::F32,
+                z_loss,
+            )
+            .unwrap();
+            let values = terms
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for (name, got, want) in [
+                ("objective", values[0], obj_ref),
+                ("cross-entropy", values[1], ce_ref),
+                ("log²Z", values[2], lz2_ref),
+            ] {
+                assert!(
+                    (got - want).abs() <= tol * want.abs(),
+                    "({n}, {c}, {v}) {dtype:?} {name}: {got} vs {want}"
+                );
+            }
+            let g = (terms.get(0).unwrap() * 3.0).unwrap().backward().unwrap();
+            let dx = as_f64_vec(g.get(x.as_tensor()).unwrap());
+            let dw = as_f64_vec(g.get(w.as_tensor()).unwrap());
+            for (name, a, b) in [("dx", &dx, &dx_ref), ("dw", &dw, &dw_ref)] {
+                let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                let worst = max_abs_diff(a, b);
+                assert!(
+                    worst <= tol * scale,
+                    "({n}, {c}, {v}) {dtype:?} {name}: {worst:e} (largest {scale:e})"
+                );
+            }
+            // The z-term's share of the gradient is far above the tolerance: without it the
+            // cross-entropy's gradient alone misses the reference.
+            let plain = fused_linear_cross_entropy(
+                x.as_tensor(),
+                w.as_tensor(),
+                &targets,
+                LossGradients::Eager,
+                Precision::F32,
+            )
+            .unwrap();
+            let g = (plain * 3.0).unwrap().backward().unwrap();
+            let dx_plain = as_f64_vec(g.get(x.as_tensor()).unwrap());
+            let scale = dx_ref.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            assert!(max_abs_diff(&dx_plain, &dx_ref) > 100.0 * tol * scale);
+            // Gradients through the logged terms are refused.
+            let err = (terms.get(1).unwrap() + terms.get(0).unwrap())
+                .unwrap()
+                .backward()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("for logging"), "{err}");
+        }
+    }
+}

@@ -30,11 +30,15 @@ pub struct StepGradients<'a> {
     terms: Vec<Vec<f32>>,
     /// Each micro-step's loss, still on the device: one transfer per step.
     losses: Vec<Tensor>,
+    /// Each micro-step's z-loss term, when the objective has one.
+    z_losses: Vec<Tensor>,
 }
 
 /// A reduced step: the mean loss over every micro-step of every rank and the summed gradients.
 pub struct ReducedStep {
     pub loss: f64,
+    /// The mean z-loss term, when the objective has one.
+    pub z_loss: Option<f64>,
     pub grads: GradStore,
     /// Seconds spent exchanging gradients and losses (several ranks only).
     pub reduce_secs: Option<f64>,
@@ -50,6 +54,7 @@ impl<'a> StepGradients<'a> {
             grads: None,
             terms: Vec::new(),
             losses: Vec::with_capacity(grad_accum),
+            z_losses: Vec::new(),
         }
     }
 
@@ -64,10 +69,11 @@ impl<'a> StepGradients<'a> {
         self.world.rank() * per_rank..(self.world.rank() + 1) * per_rank
     }
 
-    /// Adds this rank's next micro-step: its loss (a scalar tensor, not divided by the number of
-    /// micro-steps) and the gradients of its backward pass.
-    pub fn add(&mut self, loss: Tensor, grads: GradStore) -> Result<()> {
+    /// Adds this rank's next micro-step: its loss and z-loss term if any (f64 scalar tensors,
+    /// not divided by the number of micro-steps) and the gradients of its backward pass.
+    pub fn add(&mut self, loss: Tensor, z_loss: Option<Tensor>, grads: GradStore) -> Result<()> {
         self.losses.push(loss);
+        self.z_losses.extend(z_loss);
         if !self.world.is_root() && !self.world.sums_on_device() {
             self.terms.push(flatten(self.params, &grads)?);
             self.grads.get_or_insert(grads);
@@ -94,24 +100,14 @@ impl<'a> StepGradients<'a> {
         let world = self.world;
         let mut grads = self.grads.context("a step has at least one micro-step")?;
         let started = Instant::now();
-        let accum = self.micro_steps as f64;
-        let loss = if world.size() == 1 {
-            Tensor::stack(&self.losses, 0)?
-                .sum_all()?
-                .to_scalar::<f64>()?
-                / accum
-        } else {
-            // Every micro-step's loss in global order, summed as one process would.
-            let local = self
-                .losses
-                .iter()
-                .map(|l| l.to_scalar::<f64>())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let all = world.gather_f64(&local);
-            Tensor::from_vec(all, self.micro_steps, &Device::Cpu)?
-                .sum_all()?
-                .to_scalar::<f64>()?
-                / accum
+        let loss = mean_over_micro_steps(world, &self.losses, self.micro_steps)?;
+        let z_loss = match self.z_losses.is_empty() {
+            true => None,
+            false => Some(mean_over_micro_steps(
+                world,
+                &self.z_losses,
+                self.micro_steps,
+            )?),
         };
         if world.sums_on_device() {
             sum_on_device(world, self.params, &mut grads)?;
@@ -125,10 +121,30 @@ impl<'a> StepGradients<'a> {
         }
         Ok(ReducedStep {
             loss,
+            z_loss,
             grads,
             reduce_secs: (world.size() > 1).then(|| started.elapsed().as_secs_f64()),
         })
     }
+}
+
+/// The mean of one value per micro-step over every micro-step of every rank: this rank's
+/// `values`, gathered in global order and summed as one process would.
+fn mean_over_micro_steps(world: &World, values: &[Tensor], micro_steps: usize) -> Result<f64> {
+    let accum = micro_steps as f64;
+    Ok(if world.size() == 1 {
+        Tensor::stack(values, 0)?.sum_all()?.to_scalar::<f64>()? / accum
+    } else {
+        let local = values
+            .iter()
+            .map(|l| l.to_scalar::<f64>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let all = world.gather_f64(&local);
+        Tensor::from_vec(all, micro_steps, &Device::Cpu)?
+            .sum_all()?
+            .to_scalar::<f64>()?
+            / accum
+    })
 }
 
 /// The gradients of `params` in name order, as one f32 vector (what ranks exchange).

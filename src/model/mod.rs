@@ -27,11 +27,12 @@ use crate::ops::dropout::dropout;
 use crate::ops::layer_norm::layer_norm;
 use crate::ops::linear::{fused_linear_takes_bf16, linear};
 use crate::ops::lm_head_loss::{
-    fused_linear_cross_entropy, fused_linear_cross_entropy_applies, LossGradients,
+    fused_linear_cross_entropy, fused_linear_cross_entropy_applies,
+    fused_linear_cross_entropy_with_z_loss, LossGradients,
 };
 use crate::ops::Precision;
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, D};
 use rand_chacha::ChaCha8Rng;
 
 /// A linear layer `y = x Wᵀ + b` with `W` stored `[out, in]`, computed in `autocast.cast`: the
@@ -385,6 +386,59 @@ impl Gpt {
         self.loss_with(idx, targets, dropout_rng, LossGradients::Eager)
     }
 
+    /// [`Gpt::loss`] with PaLM's z-loss added when `z_loss` > 0: the objective is the mean of
+    /// cross-entropy + `z_loss` · log²Z over the positions (log Z the log-sum-exp of a
+    /// position's logits), which keeps the logits' normaliser near 1. On CPU the term is fused
+    /// into the lm_head loss; elsewhere it is composed from the logits.
+    pub fn training_loss(
+        &self,
+        idx: &Tensor,
+        targets: &Tensor,
+        dropout_rng: Option<&mut ChaCha8Rng>,
+        z_loss: f64,
+    ) -> Result<TrainingLoss> {
+        if z_loss == 0.0 {
+            let objective = self.loss(idx, targets, dropout_rng)?;
+            return Ok(TrainingLoss {
+                cross_entropy: objective.clone(),
+                objective,
+                z_loss: None,
+            });
+        }
+        let x = self.final_hidden(idx, dropout_rng)?;
+        let targets = targets.flatten_all()?;
+        if self.autocast.cast == self.wte.dtype()
+            && fused_linear_cross_entropy_applies(&x, &self.wte)
+        {
+            let terms = fused_linear_cross_entropy_with_z_loss(
+                &x.flatten_to(1)?,
+                &self.wte,
+                &targets,
+                LossGradients::Eager,
+                self.autocast.precision,
+                z_loss,
+            )?;
+            return Ok(TrainingLoss {
+                objective: terms.get(0)?,
+                cross_entropy: terms.get(1)?.detach(),
+                z_loss: Some((terms.get(2)? * z_loss)?.detach()),
+            });
+        }
+        let logits = self.lm_head(&x)?.flatten_to(1)?;
+        let cross_entropy = self.cross_entropy_of_logits(&logits, &targets)?;
+        let log_z_sq = logits
+            .to_dtype(self.wte.dtype())?
+            .log_sum_exp(D::Minus1)?
+            .sqr()?
+            .mean_all()?;
+        let term = (log_z_sq * z_loss)?;
+        Ok(TrainingLoss {
+            objective: (&cross_entropy + &term)?,
+            cross_entropy: cross_entropy.detach(),
+            z_loss: Some(term.detach()),
+        })
+    }
+
     /// [`Gpt::loss`] for evaluation: the same value, without computing gradients (on CPU a
     /// backward pass through it is an error).
     pub fn eval_loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -412,16 +466,32 @@ impl Gpt {
             )?);
         }
         let logits = self.lm_head(&x)?.flatten_to(1)?;
+        self.cross_entropy_of_logits(&logits, &targets)
+    }
+
+    /// Mean cross-entropy of `targets` (N,) under `logits` (N, V) in the compute dtype.
+    fn cross_entropy_of_logits(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         // The fused kernel reads bf16 logits directly and computes in f32 (autocast's upcast,
         // without materialising an f32 copy of the largest tensor of the step).
-        if crate::ops::cross_entropy::fused_cross_entropy_applies(&logits) {
+        if crate::ops::cross_entropy::fused_cross_entropy_applies(logits) {
             return Ok(crate::ops::cross_entropy::fused_cross_entropy(
-                &logits, &targets,
+                logits, targets,
             )?);
         }
         Ok(crate::ops::cross_entropy::cross_entropy(
             &logits.to_dtype(self.wte.dtype())?,
-            &targets,
+            targets,
         )?)
     }
+}
+
+/// A training step's loss ([`Gpt::training_loss`]): what the backward pass runs through, and
+/// what the log shows.
+pub struct TrainingLoss {
+    /// The objective to differentiate: the cross-entropy, plus the z-loss term when one is on.
+    pub objective: Tensor,
+    /// The mean cross-entropy.
+    pub cross_entropy: Tensor,
+    /// The z-loss term added to the objective (`z_loss` · mean log²Z); `None` without one.
+    pub z_loss: Option<Tensor>,
 }

@@ -72,7 +72,20 @@ fn exp_shifted_in_place<T: FastExp>(row: &mut [T], max: T) -> T {
 /// A row of e^(logit − max) with sum `sum_exp`, in place, to (softmax − one-hot(target)) · scale.
 #[inline(always)]
 fn scale_minus_one_hot<T: FastExp>(row: &mut [T], sum_exp: T, target: usize, scale: T) {
-    let k = scale / sum_exp;
+    scale_softmax_minus_one_hot(row, sum_exp, target, scale, scale);
+}
+
+/// A row of e^(logit − max) with sum `sum_exp`, in place, to
+/// softmax · softmax_scale − one-hot(target) · scale.
+#[inline(always)]
+fn scale_softmax_minus_one_hot<T: FastExp>(
+    row: &mut [T],
+    sum_exp: T,
+    target: usize,
+    softmax_scale: T,
+    scale: T,
+) {
+    let k = softmax_scale / sum_exp;
     for x in row.iter_mut() {
         *x = *x * k;
     }
@@ -90,6 +103,27 @@ pub(crate) fn loss_and_gradient_in_place<T: FastExp>(row: &mut [T], target: usiz
     let sum_exp = exp_shifted_in_place(row, max);
     scale_minus_one_hot(row, sum_exp, target, scale);
     max + sum_exp.ln() - target_logit
+}
+
+/// [`loss_and_gradient_in_place`] with PaLM's z-loss: the row's objective is its cross-entropy
+/// plus `z_loss` · log²Z (Z the softmax's normaliser, log Z the row's log-sum-exp), whose gradient
+/// is 2 · `z_loss` · log Z · softmax. The row turns into (softmax · (1 + 2 · z_loss · log Z) −
+/// one-hot(target)) · scale; returns the cross-entropy and log Z.
+#[inline(always)]
+pub(crate) fn loss_and_z_gradient_in_place<T: FastExp>(
+    row: &mut [T],
+    target: usize,
+    scale: T,
+    z_loss: T,
+) -> (T, T) {
+    let max = max_lanes(row);
+    let target_logit = row[target];
+    let sum_exp = exp_shifted_in_place(row, max);
+    let log_z = max + sum_exp.ln();
+    let two = T::one() + T::one();
+    let softmax_scale = scale * (T::one() + two * z_loss * log_z);
+    scale_softmax_minus_one_hot(row, sum_exp, target, softmax_scale, scale);
+    (log_z - target_logit, log_z)
 }
 
 multiversioned! {

@@ -15,7 +15,9 @@
 //! ([`LossGradients::None`]) and does only the first matmul.
 
 use super::cpu::{by_float, contiguous, matmul, matmul_by_columns, strided_matmul, Operand};
-use super::cross_entropy::{loss_and_gradient_in_place, max_and_log_sum_exp};
+use super::cross_entropy::{
+    loss_and_gradient_in_place, loss_and_z_gradient_in_place, max_and_log_sum_exp,
+};
 use super::simd::{multiversioned, FastExp};
 use super::Precision;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -42,6 +44,8 @@ const GROUP_LOGITS: usize = 1 << 23;
 struct LinearCrossEntropy {
     gradients: LossGradients,
     precision: Precision,
+    /// PaLM's z-loss coefficient; with one the op returns [objective, cross-entropy, mean log²Z].
+    z_loss: Option<f64>,
     /// (dx, dw) of the mean loss for an upstream gradient of 1, from the forward pass.
     stash: Mutex<Option<(Tensor, Tensor)>>,
 }
@@ -87,7 +91,32 @@ multiversioned! {
     }
 }
 
-/// Mean loss and, with `grad`, (dx, dw) of it.
+multiversioned! {
+    /// [`loss_rows`] with a z-loss of coefficient `z_loss`: also each row's log²Z, and with
+    /// `grad` the rows turn into the gradient of cross-entropy + z_loss · log²Z.
+    fn z_loss_rows<T: FastExp>(z: &mut [T], targets: &[u32], v: usize, scale_and_z_loss: [T; 2], grad: bool, losses: &mut [f64], log_z_sq: &mut [f64]) {
+        let [scale, z_loss] = scale_and_z_loss;
+        for (((row, &t), loss), lz2) in z.chunks_mut(v).zip(targets).zip(losses.iter_mut()).zip(log_z_sq.iter_mut()) {
+            let (loss_value, log_z) = if grad {
+                loss_and_z_gradient_in_place(row, t as usize, scale, z_loss)
+            } else {
+                let (_, lse) = max_and_log_sum_exp(row);
+                (lse - row[t as usize], lse)
+            };
+            *loss = loss_value.to_f64().unwrap_or(f64::NAN);
+            *lz2 = log_z.to_f64().map_or(f64::NAN, |l| l * l);
+        }
+    }
+}
+
+/// A step's loss terms, means over the rows.
+struct LossMeans {
+    cross_entropy: f64,
+    /// Mean log²Z, when a z-loss was asked for.
+    log_z_sq: Option<f64>,
+}
+
+/// Mean loss terms and, with `grad`, (dx, dw) of the objective (cross-entropy + z_loss · log²Z).
 #[allow(clippy::type_complexity)]
 fn run<T: LossFloat>(
     x: &[T],
@@ -96,7 +125,8 @@ fn run<T: LossFloat>(
     (n, c, v): (usize, usize, usize),
     grad: bool,
     precision: Precision,
-) -> Result<(f64, Option<(Vec<T>, Vec<T>)>)> {
+    z_loss: Option<f64>,
+) -> Result<(LossMeans, Option<(Vec<T>, Vec<T>)>)> {
     if n == 0 {
         bail!("fused cross-entropy: no rows");
     }
@@ -114,6 +144,7 @@ fn run<T: LossFloat>(
     let scale = T::from(1.0 / n as f64).expect("finite scale");
     let mut z = vec![T::zero(); group * v];
     let mut losses = vec![0f64; n];
+    let mut log_z_sq = vec![0f64; if z_loss.is_some() { n } else { 0 }];
     let (mut dx, mut dw) = if grad {
         (vec![T::zero(); n * c], vec![T::zero(); v * c])
     } else {
@@ -165,10 +196,24 @@ fn run<T: LossFloat>(
                 );
             }
         }
-        z.par_chunks_mut(rows_per_task * v)
-            .zip(targets[g0..g0 + m].par_chunks(rows_per_task))
-            .zip(losses[g0..g0 + m].par_chunks_mut(rows_per_task))
-            .for_each(|((z, t), l)| loss_rows(z, t, v, scale, grad, l));
+        let (targets, losses) = (&targets[g0..g0 + m], &mut losses[g0..g0 + m]);
+        match z_loss {
+            None => z
+                .par_chunks_mut(rows_per_task * v)
+                .zip(targets.par_chunks(rows_per_task))
+                .zip(losses.par_chunks_mut(rows_per_task))
+                .for_each(|((z, t), l)| loss_rows(z, t, v, scale, grad, l)),
+            Some(coefficient) => {
+                let coefficient = T::from(coefficient).expect("finite z_loss");
+                z.par_chunks_mut(rows_per_task * v)
+                    .zip(targets.par_chunks(rows_per_task))
+                    .zip(losses.par_chunks_mut(rows_per_task))
+                    .zip(log_z_sq[g0..g0 + m].par_chunks_mut(rows_per_task))
+                    .for_each(|(((z, t), l), lz2)| {
+                        z_loss_rows(z, t, v, [scale, coefficient], grad, l, lz2)
+                    })
+            }
+        }
         if let (true, Some((x, w))) = (grad, &onednn) {
             let dz = Operand::new(T::f32s(z).expect("f32 logits"), precision);
             // dx = dz·w
@@ -210,8 +255,11 @@ fn run<T: LossFloat>(
         }
     }
     // Per-row losses summed in row order: the same result on every run.
-    let mean = losses.iter().sum::<f64>() / n as f64;
-    Ok((mean, grad.then_some((dx, dw))))
+    let means = LossMeans {
+        cross_entropy: losses.iter().sum::<f64>() / n as f64,
+        log_z_sq: z_loss.map(|_| log_z_sq.iter().sum::<f64>() / n as f64),
+    };
+    Ok((means, grad.then_some((dx, dw))))
 }
 
 impl LinearCrossEntropy {
@@ -221,22 +269,30 @@ impl LinearCrossEntropy {
         w: &[T],
         targets: &[u32],
         dims: (usize, usize, usize),
-    ) -> Result<T> {
+    ) -> Result<Vec<T>> {
         let (n, c, v) = dims;
-        let (mean, grads) = run(
+        let (means, grads) = run(
             x,
             w,
             targets,
             dims,
             self.gradients == LossGradients::Eager,
             self.precision,
+            self.z_loss,
         )?;
         if let Some((dx, dw)) = grads {
             let dx = Tensor::from_vec(dx, (n, c), &Device::Cpu)?;
             let dw = Tensor::from_vec(dw, (v, c), &Device::Cpu)?;
             *self.stash.lock().expect("stash lock") = Some((dx, dw));
         }
-        Ok(T::from_f64(mean))
+        Ok(match (self.z_loss, means.log_z_sq) {
+            (Some(coefficient), Some(log_z_sq)) => vec![
+                T::from_f64(means.cross_entropy + coefficient * log_z_sq),
+                T::from_f64(means.cross_entropy),
+                T::from_f64(log_z_sq),
+            ],
+            _ => vec![T::from_f64(means.cross_entropy)],
+        })
     }
 }
 
@@ -271,8 +327,12 @@ impl CustomOp3 for LinearCrossEntropy {
         }
         let dims = (n, c, v);
         let out = by_float!("fused lm_head cross-entropy on CPU: x and weight must both be f32 or f64";
-            x = s1, l1, "x"; w = s2, l2, "weight" => vec![self.forward(x, w, targets, dims)?]);
-        Ok((out, Shape::from(())))
+            x = s1, l1, "x"; w = s2, l2, "weight" => self.forward(x, w, targets, dims)?);
+        let shape = match self.z_loss {
+            Some(_) => Shape::from(3),
+            None => Shape::from(()),
+        };
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -287,7 +347,16 @@ impl CustomOp3 for LinearCrossEntropy {
         let Some((dx, dw)) = stash.as_ref() else {
             bail!("this loss was computed for evaluation, without gradients (Gpt::eval_loss); train with Gpt::loss");
         };
-        let upstream = grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let upstream = match self.z_loss {
+            None => grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            Some(_) => {
+                let upstream = grad_res.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                if upstream[1..].iter().any(|&u| u != 0.0) {
+                    bail!("the cross-entropy and log²Z terms of the fused loss are for logging; differentiate the objective (element 0)");
+                }
+                upstream[0]
+            }
+        };
         if upstream == 1.0 {
             return Ok((Some(dx.clone()), Some(dw.clone()), None));
         }
@@ -309,6 +378,32 @@ pub fn fused_linear_cross_entropy(
     let op = LinearCrossEntropy {
         gradients,
         precision,
+        z_loss: None,
+        stash: Mutex::new(None),
+    };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &targets.contiguous()?, op)
+}
+
+/// [`fused_linear_cross_entropy`] with PaLM's z-loss (Chowdhery et al. 2022, §5): the objective
+/// is the mean of cross-entropy + `z_loss` · log²Z over the rows, log Z being a row's log-sum-exp
+/// of the logits. Returns a (3,) tensor: the objective (differentiate this one), the mean
+/// cross-entropy and the mean log²Z (both for logging; a gradient through them is an error).
+pub fn fused_linear_cross_entropy_with_z_loss(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    gradients: LossGradients,
+    precision: Precision,
+    z_loss: f64,
+) -> Result<Tensor> {
+    if !(z_loss.is_finite() && z_loss >= 0.0) {
+        bail!("z_loss must be a finite coefficient ≥ 0, got {z_loss}");
+    }
+    let op = LinearCrossEntropy {
+        gradients,
+        precision,
+        z_loss: Some(z_loss),
         stash: Mutex::new(None),
     };
     x.contiguous()?

@@ -316,6 +316,8 @@ impl Position {
 /// What one optimizer step produced.
 struct StepOutcome {
     loss: f64,
+    /// The z-loss term of the objective, when `z_loss` is on.
+    z_loss: Option<f64>,
     norm: f64,
     lr: f64,
     /// Why the update was not applied, if it was not.
@@ -488,18 +490,21 @@ impl Trainer {
                 self.cfg.batch_size,
             );
             if step.mine().contains(&micro) {
-                let (loss, grads) = self.forward_backward(&starts, micro, step.micro_steps())?;
-                step.add(loss, grads)?;
+                let (loss, z_loss, grads) =
+                    self.forward_backward(&starts, micro, step.micro_steps())?;
+                step.add(loss, z_loss, grads)?;
             }
         }
         let ReducedStep {
             loss,
+            z_loss,
             mut grads,
             reduce_secs,
         } = step.finish()?;
         let norm = grad_norm(&self.params, &grads)?;
         let mut z = StepZScores::default();
-        let skip = if !(loss.is_finite() && norm.is_finite()) {
+        let finite = loss.is_finite() && norm.is_finite() && z_loss.is_none_or(f64::is_finite);
+        let skip = if !finite {
             match self.cfg.nan_policy {
                 NanPolicy::Stop => return Err(self.non_finite_error(loss, norm)),
                 NanPolicy::Skip => Some(SkipReason::NonFinite),
@@ -567,6 +572,7 @@ impl Trainer {
         self.position.tokens += (self.cfg.batch_size * self.global_accum() * block) as u64;
         Ok(StepOutcome {
             loss,
+            z_loss,
             norm,
             lr,
             skip,
@@ -577,14 +583,15 @@ impl Trainer {
         })
     }
 
-    /// Micro-step `micro` of `micro_steps` on the windows at `starts`: its loss (undivided, f64,
-    /// on the device) and the gradients of the loss divided by `micro_steps`.
+    /// Micro-step `micro` of `micro_steps` on the windows at `starts`: its cross-entropy and
+    /// z-loss term (undivided, f64, on the device) and the gradients of the objective divided
+    /// by `micro_steps`.
     fn forward_backward(
         &self,
         starts: &[usize],
         micro: usize,
         micro_steps: usize,
-    ) -> Result<(Tensor, GradStore)> {
+    ) -> Result<(Tensor, Option<Tensor>, GradStore)> {
         let block = self.model.config().block_size;
         let (x, y) = self.data.batch(Split::Train, starts, block, &self.device)?;
         // Dropout masks come from a stream keyed by (seed, micro-step index): no state to save.
@@ -593,19 +600,22 @@ impl Trainer {
             rng.set_stream(1 + self.position.step * micro_steps as u64 + micro as u64);
             rng
         });
-        let (model, step) = (&self.model, self.position.step);
+        let (model, step, z_loss) = (&self.model, self.position.step, self.cfg.z_loss);
         on_worker_thread_if_cpu(&self.device, || {
-            let mut loss = model.loss(&x, &y, dropout_rng.as_mut())?;
+            let terms = model.training_loss(&x, &y, dropout_rng.as_mut(), z_loss)?;
+            let (mut loss, mut value) = (terms.objective, terms.cross_entropy);
             if faults::nan_at(step + 1) {
                 loss = (loss * f64::NAN)?;
+                value = (value * f64::NAN)?;
             }
-            let value = loss.detach().to_dtype(DType::F64)?;
+            let value = value.detach().to_dtype(DType::F64)?;
+            let z_value = terms.z_loss.map(|z| z.to_dtype(DType::F64)).transpose()?;
             let loss = if micro_steps > 1 {
                 (loss / micro_steps as f64)?
             } else {
                 loss
             };
-            Ok((value, loss.backward()?))
+            Ok((value, z_value, loss.backward()?))
         })
     }
 
@@ -683,6 +693,9 @@ impl Trainer {
             }
             if let Some(reduce) = out.reduce_secs {
                 event["reduce_ms"] = (reduce * 1e3).into();
+            }
+            if let Some(z_loss) = out.z_loss {
+                event["z_loss"] = z_loss.into();
             }
             if self.cfg.grad_clip > 0.0 {
                 event["clipped"] = out.clipped.into();

@@ -65,6 +65,7 @@ impl Trainer {
             true => Some(adopt_pretrained_shape(&mut cfg, tokenizer.vocab_size())?),
             false => None,
         };
+        let cfg = cfg.for_world(world.size())?;
         let model_cfg = cfg.model_config(tokenizer.vocab_size())?;
         let data = token_data(
             &world,
@@ -188,9 +189,12 @@ impl Trainer {
                     RESUME_OVERRIDABLE.join(", ")
                 );
             }
+            if key == "max_steps" && table.contains_key("max_tokens") {
+                bail!("this run's length is set by max_tokens; extend it with --set max_tokens=N");
+            }
             table.insert(key, value);
         }
-        let cfg = TrainConfig::from_table(table)?;
+        let cfg = TrainConfig::from_table(table)?.for_world(world.size())?;
         let mut header = load_run_header(run_dir)?;
 
         let device = crate::device::parse_device(&world.device_spec(&cfg.device)?)?;

@@ -37,6 +37,7 @@ pub const KEYS: &[&str] = &[
     "decay_fraction",
     "decay_shape",
     "max_steps",
+    "max_tokens",
     "betas",
     "eps",
     "weight_decay",
@@ -49,6 +50,7 @@ pub const KEYS: &[&str] = &[
     "skip_loss_zscore",
     "skip_grad_zscore",
     "zscore_window",
+    "z_loss",
     "diag_interval",
     "diag_granularity",
     "peak_flops",
@@ -74,6 +76,7 @@ pub const KEYS: &[&str] = &[
 /// reports and how its state is spread over ranks, never what a completed step computes.
 pub const RESUME_OVERRIDABLE: &[&str] = &[
     "max_steps",
+    "max_tokens",
     "eval_interval",
     "log_interval",
     "diag_interval",
@@ -219,6 +222,10 @@ pub struct TrainConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decay_shape: Option<DecayShape>,
     pub max_steps: usize,
+    /// Train this many tokens (over every rank) instead of `max_steps`: the step count is the
+    /// budget over the tokens per step, rounded up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
     pub betas: Option<[f64; 2]>,
     pub eps: Option<f64>,
     pub weight_decay: Option<f64>,
@@ -244,6 +251,10 @@ pub struct TrainConfig {
     /// Steps in the spike policy's windows (default 128, as llm.c); only with a `skip_*_zscore`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zscore_window: Option<usize>,
+    /// PaLM's z-loss: add this coefficient times the mean log²Z of the logits to the training
+    /// objective (the logged `loss` stays the cross-entropy); 0 disables.
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub z_loss: f64,
     /// Log per-layer gradient, update and weight norms every this many steps; 0 disables.
     #[serde(skip_serializing_if = "is_zero")]
     pub diag_interval: usize,
@@ -323,6 +334,7 @@ impl Default for TrainConfig {
             decay_fraction: None,
             decay_shape: None,
             max_steps: 2000,
+            max_tokens: None,
             betas: None,
             eps: None,
             weight_decay: None,
@@ -335,6 +347,7 @@ impl Default for TrainConfig {
             skip_loss_zscore: 0.0,
             skip_grad_zscore: 0.0,
             zscore_window: None,
+            z_loss: 0.0,
             diag_interval: 0,
             diag_granularity: None,
             peak_flops: None,
@@ -418,11 +431,24 @@ impl TrainConfig {
     /// validates it and fills in preset and optimizer defaults.
     pub fn from_layers(file: Option<toml::Table>, overrides: &[String]) -> Result<Self> {
         let mut table = file.unwrap_or_default();
+        let mut given = std::collections::HashSet::new();
         for assignment in overrides {
             let (key, value) = parse_override(assignment)?;
+            // A run's length is max_steps or max_tokens: either on the command line replaces
+            // the other from the file.
+            match key.as_str() {
+                "max_steps" => table.remove("max_tokens"),
+                "max_tokens" => table.remove("max_steps"),
+                _ => None,
+            };
+            given.insert(key.clone());
             table.insert(key, value);
         }
         check_keys(&table, "the config")?;
+        // In a file max_tokens decides, since a run's saved config states both.
+        if given.contains("max_steps") && given.contains("max_tokens") {
+            bail!("--set max_steps and max_tokens both given; a run's length is one or the other");
+        }
         Self::from_table(table)
     }
 
@@ -470,227 +496,22 @@ impl TrainConfig {
         self.init_from != "scratch"
     }
 
-    /// Checks every value and fills optimizer and schedule defaults, so the saved config is explicit.
-    pub fn resolved(mut self) -> Result<Self> {
-        let preset = GptConfig::preset(&self.model)?;
-        self.dropout.get_or_insert(preset.dropout);
-        if self.init_from.is_empty() {
-            bail!("init_from must be scratch, a GPT-2 model name or a directory");
-        }
-        // With pretrained weights the shape is theirs, filled in when they are read.
-        if !self.pretrained() {
-            self.n_layer.get_or_insert(preset.n_layer);
-            self.n_head.get_or_insert(preset.n_head);
-            self.n_embd.get_or_insert(preset.n_embd);
-            self.block_size.get_or_insert(preset.block_size);
-            self.bias.get_or_insert(preset.bias);
-            // The vocabulary comes from the tokenizer; 256 stands in here only to validate the shape.
-            self.model_config(256)?;
-        }
-
-        match self.optimizer {
-            OptimizerKind::Adam | OptimizerKind::AdamW => {
-                if self.decouple.is_some() {
-                    bail!("decouple applies to adopt only (adam couples weight decay, adamw decouples it)");
-                }
-                if self.clip_exponent.is_some() {
-                    bail!("clip_exponent applies to adopt only");
-                }
-                if self.variant.is_some() {
-                    bail!("variant applies to adopt only");
-                }
-            }
-            OptimizerKind::Adopt => {
-                let original = self.variant == Some(AdoptVariant::Original);
-                if original && matches!(self.clip_exponent, Some(ClipExponent::Exponent(_))) {
-                    bail!("the original ADOPT variant has no clipping; drop clip_exponent");
-                }
-            }
-        }
-        // Every optimizer key the config left out takes its optimizer's default, written into
-        // the config so that it states every value used.
-        match self.optimizer_settings() {
-            crate::optim::OptimizerSettings::Adam(c) => {
-                self.lr = Some(c.lr);
-                self.betas = Some([c.beta1, c.beta2]);
-                self.eps = Some(c.eps);
-                self.weight_decay = Some(c.weight_decay);
-            }
-            crate::optim::OptimizerSettings::Adopt(c) => {
-                self.lr = Some(c.lr);
-                self.betas = Some([c.beta1, c.beta2]);
-                self.eps = Some(c.eps);
-                self.weight_decay = Some(c.weight_decay);
-                self.decouple = Some(c.decouple);
-                self.variant = Some(c.variant);
-                self.clip_exponent = Some(match c.clip_exponent {
-                    Some(e) => ClipExponent::Exponent(e),
-                    None => ClipExponent::Keyword(NoClip::None),
-                });
-            }
-        }
-        let lr = self.peak_lr();
-        self.min_lr = Some(self.min_lr_or_default());
-        let decay_steps = self.lr_decay_steps_or_default();
-        self.lr_decay_steps = Some(decay_steps);
-        // A cosine that ends before the warmup does holds min_lr from the warmup's end: the lr
-        // climbs to lr and drops to min_lr at once at step warmup_steps. Only a run that trains
-        // past its warmup meets that drop. The rule reads the values alone, never whether a key
-        // was given or derived, so a run's saved config validates exactly as it did when the
-        // run started.
-        if self.schedule == ScheduleKind::Wsd {
-            self.decay_fraction.get_or_insert(WSD_DECAY_FRACTION);
-            self.decay_shape.get_or_insert(DecayShape::Linear);
-        } else if self.decay_fraction.is_some() || self.decay_shape.is_some() {
-            bail!("decay_fraction and decay_shape apply to schedule = \"wsd\" only");
-        }
-        for (key, threshold) in [
-            ("skip_loss_zscore", self.skip_loss_zscore),
-            ("skip_grad_zscore", self.skip_grad_zscore),
-        ] {
-            if !(threshold.is_finite() && threshold >= 0.0) {
-                bail!("{key} must be a number of standard deviations ≥ 0 (0 disables), got {threshold}");
-            }
-        }
-        if self.spike_policy() {
-            let window = *self.zscore_window.get_or_insert(ZSCORE_WINDOW);
-            if window < 2 {
-                bail!("zscore_window must be at least 2 steps, got {window}");
-            }
-        } else if self.zscore_window.is_some() {
-            bail!("zscore_window applies only with skip_loss_zscore or skip_grad_zscore above 0");
-        }
-        if self.diag_interval > 0 {
-            self.diag_granularity
-                .get_or_insert(crate::train::diagnostics::DiagGranularity::Group);
-        } else if self.diag_granularity.is_some() {
-            bail!("diag_granularity applies only with diag_interval above 0");
-        }
-        if self.sample_interval > 0 {
-            self.sample_prompt.get_or_insert_with(String::new);
-            if *self.sample_tokens.get_or_insert(SAMPLE_TOKENS) == 0 {
-                bail!("sample_tokens must be at least 1");
-            }
-        } else if self.sample_prompt.is_some() || self.sample_tokens.is_some() {
-            bail!("sample_prompt and sample_tokens apply only with sample_interval above 0");
-        }
-        if let Some(peak) = self.peak_flops {
-            if !(peak.is_finite() && peak > 0.0) {
-                bail!("peak_flops must be a positive number of FLOP/s, got {peak}");
-            }
-        }
-        if let Some(fraction) = self.decay_fraction {
-            if !(fraction > 0.0 && fraction <= 1.0) {
-                bail!("decay_fraction must be in (0, 1], got {fraction}");
-            }
-        }
-        let decay_start = self.schedule().decay_start();
-        if self.schedule == ScheduleKind::Wsd
-            && self.warmup_steps > decay_start
-            && self.max_steps > decay_start
-        {
-            bail!(
-                "the wsd decay starts at step {decay_start} (the last decay_fraction = {} of \
-                 lr_decay_steps = {decay_steps}), inside the warmup of {} steps; lower \
-                 decay_fraction or warmup_steps",
-                self.decay_fraction.unwrap_or_default(),
-                self.warmup_steps
-            );
-        }
-        if matches!(self.schedule, ScheduleKind::Cosine | ScheduleKind::Linear)
-            && self.warmup_steps > decay_steps
-            && self.max_steps > self.warmup_steps
-        {
-            bail!(
-                "warmup_steps ({warmup}) exceeds lr_decay_steps ({decay_steps}) and max_steps \
-                 ({}) trains past it: at step {warmup} the lr would drop from lr to min_lr at \
-                 once; keep max_steps at most {warmup}, lower warmup_steps or raise lr_decay_steps",
-                self.max_steps,
-                warmup = self.warmup_steps,
-            );
-        }
-        self.validate(lr)?;
-        Ok(self)
+    /// Checks every value and fills optimizer and schedule defaults, so the saved config is
+    /// explicit. A `max_tokens` budget is turned into steps for one process; a run turns it into
+    /// steps for its ranks with [`TrainConfig::for_world`].
+    pub fn resolved(self) -> Result<Self> {
+        self.resolved_for_world(1)
     }
 
-    /// Checks every value of a config whose optimizer defaults are filled in (`lr` is its
-    /// resolved peak learning rate).
-    fn validate(&self, lr: f64) -> Result<()> {
-        if !(lr.is_finite() && lr > 0.0) {
-            bail!("lr must be a positive number, got {lr}");
+    /// The config resolved for `world_size` ranks: with `max_tokens`, `max_steps` becomes the
+    /// budget over the tokens that many ranks train per step, and `lr_decay_steps` (unless
+    /// given) that step count, pinned so that a resumed run keeps its schedule.
+    pub fn for_world(self, world_size: usize) -> Result<Self> {
+        let mut cfg = self.resolved_for_world(world_size)?;
+        if cfg.max_tokens.is_some() {
+            cfg.lr_decay_steps.get_or_insert(cfg.max_steps);
         }
-        if let Some(min_lr) = self.min_lr {
-            if !(min_lr.is_finite() && min_lr >= 0.0 && min_lr <= lr) {
-                bail!("min_lr must be in [0, lr], got {min_lr}");
-            }
-        }
-        if let Some([b1, b2]) = self.betas {
-            for (name, b) in [("betas[0]", b1), ("betas[1]", b2)] {
-                if !(0.0..1.0).contains(&b) {
-                    bail!("{name} must be in [0, 1), got {b}");
-                }
-            }
-        }
-        if let Some(eps) = self.eps {
-            if !(eps.is_finite() && eps > 0.0) {
-                bail!("eps must be positive, got {eps}");
-            }
-        }
-        if let Some(wd) = self.weight_decay {
-            if !(wd.is_finite() && wd >= 0.0) {
-                bail!("weight_decay must be >= 0, got {wd}");
-            }
-        }
-        if let Some(ClipExponent::Exponent(e)) = self.clip_exponent {
-            if !(e.is_finite() && e > 0.0) {
-                bail!("clip_exponent must be positive or \"none\", got {e}");
-            }
-        }
-        if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
-            bail!("val_fraction must be in (0, 1), got {}", self.val_fraction);
-        }
-        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
-            bail!(
-                "grad_clip must be >= 0 (0 disables), got {}",
-                self.grad_clip
-            );
-        }
-        for (name, v) in [
-            ("max_steps", self.max_steps),
-            ("batch_size", self.batch_size),
-            ("grad_accum", self.grad_accum),
-            ("eval_interval", self.eval_interval),
-            ("eval_iters", self.eval_iters),
-            ("eval_batch_size", self.eval_batch_size.unwrap_or(1)),
-            ("log_interval", self.log_interval),
-            ("keep_last", self.keep_last),
-        ] {
-            if v == 0 {
-                bail!("{name} must be at least 1");
-            }
-        }
-        if self.zero_stage > 1 {
-            bail!(
-                "zero_stage must be 0 (optimizer state on every rank) or 1 (sharded across ranks), got {}",
-                self.zero_stage
-            );
-        }
-        if self.tokenizer == TokenizerKind::Bpe && !(257..=65536).contains(&self.bpe_vocab_size) {
-            bail!(
-                "bpe_vocab_size must be in [257, 65536], got {}",
-                self.bpe_vocab_size
-            );
-        }
-        if self.data.is_empty() {
-            bail!("data must name a text corpus or token files");
-        }
-        crate::device::parse_device_spec(&self.device)?;
-        if self.cpu_bf16() {
-            if let Some(reason) = crate::ops::onednn::bf16_matmuls_unavailable() {
-                bail!("dtype = \"bf16\" on CPU needs oneDNN, and {reason}");
-            }
-        }
-        Ok(())
+        Ok(cfg)
     }
 
     /// Whether this run's bf16 matmuls run on the CPU (oneDNN's, or widened to f32 without its
@@ -800,176 +621,6 @@ fn is_zero_f64(x: &f64) -> bool {
     *x == 0.0
 }
 
+mod resolve;
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_list_matches_struct_fields() {
-        // Keys that are saved only when in use are put to use, with the keys they bring.
-        let in_use: Vec<String> = [
-            "schedule=wsd",
-            "skip_loss_zscore=1",
-            "diag_interval=1",
-            "peak_flops=1e12",
-            "sample_interval=1",
-        ]
-        .map(String::from)
-        .to_vec();
-        let mut cfg = TrainConfig::from_layers(None, &in_use).unwrap();
-        cfg.tokenizer_path = Some("x".into());
-        cfg.eval_batch_size = Some(1);
-        cfg.val_data = Some("x".into());
-        // The default `sampling`, `zero_stage` and `data_format` are left out of saved configs.
-        cfg.sampling = crate::data::Sampling::Shuffled;
-        cfg.data_format = crate::data::shards::DataFormat::NanoGpt;
-        cfg.zero_stage = 1;
-        let table = cfg.to_table().unwrap();
-        let mut from_struct: Vec<&str> = table.keys().map(|k| k.as_str()).collect();
-        // `decouple`, `clip_exponent` and `variant` are unset for AdamW, the default optimizer,
-        // and one threshold of the spike policy is enough to bring its window.
-        from_struct.extend(["decouple", "clip_exponent", "variant", "skip_grad_zscore"]);
-        from_struct.sort();
-        let mut listed = KEYS.to_vec();
-        listed.sort();
-        assert_eq!(from_struct, listed);
-    }
-
-    /// Every command reads a run back through `from_table` of the saved, resolved config, so a
-    /// config `train` accepted must resolve again, to itself.
-    #[test]
-    fn a_saved_config_loads_back_as_itself() {
-        let cases: &[&[&str]] = &[
-            &[],
-            // A short run of a config with a longer warmup (lr_decay_steps defaults to 20).
-            &["warmup_steps=50", "max_steps=20"],
-            &["warmup_steps=50", "max_steps=50", "lr_decay_steps=10"],
-            &["optimizer=adopt", "variant=\"original\""],
-            &["optimizer=adopt", "clip_exponent=\"none\""],
-            &["optimizer=adam", "schedule=\"constant\"", "warmup_steps=0"],
-            &["init_from=\"gpt2\""],
-        ];
-        for overrides in cases {
-            let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-            let fresh = TrainConfig::from_layers(None, &overrides).unwrap();
-            let saved = fresh.to_table().unwrap();
-            let loaded = TrainConfig::from_table(saved)
-                .unwrap_or_else(|e| panic!("{overrides:?} does not load back: {e}"));
-            assert_eq!(
-                loaded.to_toml().unwrap(),
-                fresh.to_toml().unwrap(),
-                "{overrides:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn overrides_parse_as_toml_or_bare_strings() {
-        assert_eq!(
-            parse_override("lr=3e-4").unwrap().1,
-            toml::Value::Float(3e-4)
-        );
-        assert_eq!(
-            parse_override("optimizer=adam").unwrap().1,
-            toml::Value::String("adam".into())
-        );
-        assert_eq!(
-            parse_override("betas=[0.9, 0.95]").unwrap().1,
-            toml::Value::Array(vec![toml::Value::Float(0.9), toml::Value::Float(0.95)])
-        );
-        assert!(parse_override("lr").is_err());
-    }
-
-    #[test]
-    fn unset_optimizer_hyperparameters_take_that_optimizers_defaults() {
-        let adopt = TrainConfig::from_layers(None, &["optimizer=adopt".into()]).unwrap();
-        assert_eq!(adopt.betas, Some([0.9, 0.9999]));
-        assert_eq!(adopt.eps, Some(1e-6));
-        assert_eq!(adopt.weight_decay, Some(0.0));
-        assert_eq!(adopt.clip_exponent, Some(ClipExponent::Exponent(0.25)));
-        let adamw = TrainConfig::from_layers(None, &["optimizer=adamw".into()]).unwrap();
-        assert_eq!(adamw.betas, Some([0.9, 0.999]));
-        assert_eq!(adamw.eps, Some(1e-8));
-        assert_eq!(adamw.weight_decay, Some(0.01));
-        let adam = TrainConfig::from_layers(None, &["optimizer=adam".into()]).unwrap();
-        assert_eq!(adam.weight_decay, Some(0.0));
-        let none = TrainConfig::from_layers(
-            None,
-            &["optimizer=adopt".into(), "clip_exponent=\"none\"".into()],
-        )
-        .unwrap();
-        assert_eq!(
-            none.clip_exponent,
-            Some(ClipExponent::Keyword(NoClip::None))
-        );
-    }
-
-    #[test]
-    fn bad_values_are_rejected_with_the_key_named() {
-        let err = |o: &[&str]| {
-            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
-            TrainConfig::from_layers(None, &o).unwrap_err().to_string()
-        };
-        assert!(err(&["lr=-1"]).contains("lr must be"));
-        assert!(err(&["betas=[0.9, 1.0]"]).contains("betas[1]"));
-        assert!(err(&["block_size=4096"]).contains("larger than"));
-        assert!(err(&["nonsense=1"]).contains("unknown config key 'nonsense'"));
-        assert!(err(&["batch_size=0"]).contains("batch_size"));
-        assert!(err(&["eval_batch_size=0"]).contains("eval_batch_size"));
-        assert_eq!(
-            err(&["optimizer=sgd"]),
-            "bad value for 'optimizer' in the config: unknown variant `sgd`, expected one of \
-             `adam`, `adamw`, `adopt`"
-        );
-        assert!(err(&["lr=1e-3", "schedule=step"]).starts_with("bad value for 'schedule'"));
-        assert!(err(&["decay_fraction=0.1"]).contains("apply to schedule = \"wsd\" only"));
-        assert!(err(&["schedule=wsd", "decay_fraction=0"]).contains("decay_fraction must be"));
-        assert!(
-            err(&["schedule=wsd", "decay_shape=sqrt"]).starts_with("bad value for 'decay_shape'")
-        );
-        // 0.97 of 2000 steps leaves 60 steps before the decay, inside a 100-step warmup.
-        assert!(err(&["schedule=wsd", "decay_fraction=0.97"])
-            .contains("the wsd decay starts at step 60"));
-        let wsd = TrainConfig::from_layers(None, &["schedule=wsd".into()]).unwrap();
-        assert_eq!(
-            (wsd.decay_fraction, wsd.decay_shape),
-            (Some(0.2), Some(DecayShape::Linear))
-        );
-        let toml = wsd.to_toml().unwrap();
-        assert!(toml.contains("decay_fraction = 0.2") && toml.contains("decay_shape = \"linear\""));
-        let shape =
-            TrainConfig::from_layers(None, &["schedule=wsd".into(), "decay_shape=1-sqrt".into()]);
-        assert_eq!(shape.unwrap().decay_shape, Some(DecayShape::OneMinusSqrt));
-        // Other schedules keep their saved configs (and checkpoint hashes) as they were.
-        assert!(err(&["skip_loss_zscore=-1"]).contains("skip_loss_zscore must be"));
-        assert!(err(&["zscore_window=64"]).contains("zscore_window applies only"));
-        assert!(err(&["skip_grad_zscore=5", "zscore_window=1"]).contains("at least 2"));
-        let spikes = TrainConfig::from_layers(None, &["skip_grad_zscore=5".into()]).unwrap();
-        assert_eq!(spikes.zscore_window, Some(128));
-        let cosine = TrainConfig::from_layers(None, &[])
-            .unwrap()
-            .to_toml()
-            .unwrap();
-        assert!(!cosine.contains("decay_fraction") && !cosine.contains("decay_shape"));
-        assert!(!cosine.contains("zscore"));
-        assert!(err(&["lr_decay_steps=50", "warmup_steps=60"])
-            .contains("warmup_steps (60) exceeds lr_decay_steps (50) and max_steps (2000)"));
-        // A run that ends inside its warmup never meets the drop, whether lr_decay_steps was
-        // given or defaulted to max_steps.
-        assert!(TrainConfig::from_layers(
-            None,
-            &[
-                "lr_decay_steps=20".into(),
-                "warmup_steps=50".into(),
-                "max_steps=50".into()
-            ]
-        )
-        .is_ok());
-        assert!(TrainConfig::from_layers(
-            None,
-            &["lr_decay_steps=50".into(), "warmup_steps=50".into()]
-        )
-        .is_ok());
-        assert!(err(&["optimizer=adam", "decouple=true"]).contains("adopt only"));
-    }
-}
+mod tests;
