@@ -358,7 +358,7 @@ impl Moments {
 }
 
 /// `torch.lerp` on tensors, same branch rule as [`lerp`].
-fn lerp_tensors(start: &Tensor, end: &Tensor, weight: f64) -> Result<Tensor> {
+pub(crate) fn lerp_tensors(start: &Tensor, end: &Tensor, weight: f64) -> Result<Tensor> {
     let diff = (end - start)?;
     if weight < 0.5 {
         start + (diff * weight)?

@@ -15,6 +15,7 @@
 
 pub use adam::{Adam, AdamConfig};
 pub use adopt::{Adopt, AdoptConfig, AdoptVariant};
+pub use muon::{AdjustLr, Muon, MuonConfig, NewtonSchulzPrecision};
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Tensor, Var};
@@ -152,6 +153,7 @@ mod adopt;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod kernel;
+mod muon;
 pub mod replay;
 mod update;
 

@@ -2,13 +2,19 @@
 //! parameters after each step. `gpt-pretrain optim replay FILE.json` and the PyTorch fixture tests
 //! (`tests/fixtures/optim/`, written by `scripts/optim_fixtures.py`) run through here.
 //!
-//! Input: `{"optimizer": "adam"|"adamw"|"adopt", "hyperparameters": {"lr", "betas", "eps",
-//! "weight_decay", "decouple", "clip_exponent" (null: no clipping), "variant"}, "dtype": "f32"|"f64",
-//! "params": {name: nested list}, "grads": [{name: nested list}, … one per step]}`; hyperparameters
-//! left out take the optimizer's defaults. Weight decay applies to every tensor, as in PyTorch.
-//! Output: `{"steps": [{name: nested list}, …]}`.
+//! Input: `{"optimizer": "adam"|"adamw"|"adopt"|"muon", "hyperparameters": {…}, "dtype":
+//! "f32"|"f64", "params": {name: nested list}, "grads": [{name: nested list}, … one per step]}`.
+//! Hyperparameters: `lr, betas, eps, weight_decay`, for ADOPT also `decouple, clip_exponent`
+//! (null: no clipping) and `variant`; for Muon `lr, momentum, nesterov, weight_decay, ns_steps,
+//! ns_coefficients, eps, adjust_lr` ("original" | "match_rms_adamw" | "spectral_unclamped") and
+//! `newton_schulz_dtype` ("bf16" | "f32" | "f64"), its parameters 2-D. Left out, a
+//! hyperparameter takes the optimizer's default. Weight decay applies to every tensor, as in
+//! PyTorch. Output: `{"steps": [{name: nested list}, …]}`.
 
-use super::{Adam, AdamConfig, Adopt, AdoptConfig, AdoptVariant, Optimizer, OptimizerKind, Param};
+use super::{
+    Adam, AdamConfig, AdjustLr, Adopt, AdoptConfig, AdoptVariant, Muon, MuonConfig,
+    NewtonSchulzPrecision, Optimizer, OptimizerKind, Param,
+};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Deserialize;
@@ -28,6 +34,39 @@ pub struct FixtureHyperparameters {
     #[serde(default, deserialize_with = "present_or_null")]
     pub clip_exponent: Option<Option<f64>>,
     pub variant: Option<AdoptVariant>,
+    pub momentum: Option<f64>,
+    pub nesterov: Option<bool>,
+    pub ns_steps: Option<usize>,
+    pub ns_coefficients: Option<[f64; 3]>,
+    pub adjust_lr: Option<AdjustLr>,
+    pub newton_schulz_dtype: Option<NewtonSchulzPrecision>,
+}
+
+impl FixtureHyperparameters {
+    /// The Muon-only keys this fixture sets.
+    fn muon_keys(&self) -> Vec<&'static str> {
+        [
+            ("momentum", self.momentum.is_some()),
+            ("nesterov", self.nesterov.is_some()),
+            ("ns_steps", self.ns_steps.is_some()),
+            ("ns_coefficients", self.ns_coefficients.is_some()),
+            ("adjust_lr", self.adjust_lr.is_some()),
+            ("newton_schulz_dtype", self.newton_schulz_dtype.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+}
+
+/// The optimizers a fixture may name: the training ones and Muon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FixtureOptimizer {
+    Adam,
+    AdamW,
+    Adopt,
+    Muon,
 }
 
 fn present_or_null<'de, D: serde::Deserializer<'de>>(
@@ -39,7 +78,7 @@ fn present_or_null<'de, D: serde::Deserializer<'de>>(
 /// A fixture's input part.
 #[derive(Debug, Deserialize)]
 pub struct Fixture {
-    pub optimizer: OptimizerKind,
+    pub optimizer: FixtureOptimizer,
     #[serde(default)]
     pub hyperparameters: FixtureHyperparameters,
     pub dtype: String,
@@ -130,12 +169,49 @@ impl Fixture {
                 weight_decay: 0.0,
             });
         }
+        let muon_keys = h.muon_keys();
+        if self.optimizer != FixtureOptimizer::Muon && !muon_keys.is_empty() {
+            bail!("{} apply to muon only", muon_keys.join(", "));
+        }
+        let kind = match self.optimizer {
+            FixtureOptimizer::Adam => OptimizerKind::Adam,
+            FixtureOptimizer::AdamW => OptimizerKind::AdamW,
+            FixtureOptimizer::Adopt | FixtureOptimizer::Muon => OptimizerKind::Adopt,
+        };
+        let mut lr = opt_lr(h, kind);
         let mut opt: Box<dyn Optimizer> = match self.optimizer {
-            OptimizerKind::Adam | OptimizerKind::AdamW => {
+            FixtureOptimizer::Muon => {
+                if h.betas.is_some() || h.decouple.is_some() || h.clip_exponent.is_some() {
+                    bail!("betas, decouple and clip_exponent do not apply to muon");
+                }
+                if h.variant.is_some() {
+                    bail!("variant applies to adopt only");
+                }
+                let d = MuonConfig::default();
+                let cfg = MuonConfig {
+                    lr: h.lr.unwrap_or(d.lr),
+                    momentum: h.momentum.unwrap_or(d.momentum),
+                    nesterov: h.nesterov.unwrap_or(d.nesterov),
+                    weight_decay: h.weight_decay.unwrap_or(d.weight_decay),
+                    ns_steps: h.ns_steps.unwrap_or(d.ns_steps),
+                    ns_coefficients: h.ns_coefficients.unwrap_or(d.ns_coefficients),
+                    eps: h.eps.unwrap_or(d.eps),
+                    adjust_lr: h.adjust_lr.unwrap_or(d.adjust_lr),
+                    newton_schulz_precision: h
+                        .newton_schulz_dtype
+                        .unwrap_or(d.newton_schulz_precision),
+                };
+                lr = cfg.lr;
+                for p in &mut params {
+                    p.weight_decay = cfg.weight_decay;
+                }
+                Box::new(Muon::with_params(params.clone(), cfg)?)
+            }
+            FixtureOptimizer::Adam | FixtureOptimizer::AdamW => {
                 if h.decouple.is_some() || h.clip_exponent.is_some() || h.variant.is_some() {
                     bail!("decouple, clip_exponent and variant apply to adopt only");
                 }
-                let d = AdamConfig::defaults(self.optimizer);
+                let d = AdamConfig::defaults(kind);
                 let cfg = AdamConfig {
                     lr: h.lr.unwrap_or(d.lr),
                     beta1: h.betas.map_or(d.beta1, |b| b[0]),
@@ -151,7 +227,7 @@ impl Fixture {
                 adam.set_fused(fused)?;
                 Box::new(adam)
             }
-            OptimizerKind::Adopt => {
+            FixtureOptimizer::Adopt => {
                 let d = AdoptConfig::default();
                 let variant = h.variant.unwrap_or(d.variant);
                 let default_clip = match variant {
@@ -199,10 +275,7 @@ impl Fixture {
             if let Some(extra) = grads.keys().find(|k| !shapes.contains_key(*k)) {
                 bail!("grads[{i}] has {extra}, which is not a parameter");
             }
-            opt.update(
-                &loss.backward()?,
-                opt_lr(&self.hyperparameters, self.optimizer),
-            )?;
+            opt.update(&loss.backward()?, lr)?;
             let mut out = BTreeMap::new();
             for p in &params {
                 let values: Vec<f64> = p

@@ -6,4 +6,5 @@ pub mod plots;
 pub mod runs;
 pub mod stats;
 pub mod sweep;
+pub mod test_plan;
 pub mod toy;
