@@ -18,6 +18,11 @@ fn resume_is_bitwise_identical_for_every_optimizer() {
         ("adopt", if cpu_bf16() { "dtype = \"bf16\"" } else { "" }),
         // Windows without replacement: the sampler resumes at its window count.
         ("adam", "sampling = \"shuffled\""),
+        // Muon's momentum buffers and its AdamW's moments, with gradient accumulation.
+        (
+            "muon",
+            "grad_accum = 2\nadamw_lr = 3e-3\nweight_decay = 0.01",
+        ),
         // Resumed at step 10, inside a 1-sqrt decay over steps 8-20, with every instrument on.
         (
             "adamw",

@@ -173,6 +173,7 @@ fn run(
                 o.set_fused(false).unwrap();
                 Box::new(o)
             }
+            OptimizerSettings::Muon { .. } => unreachable!("Muon has no fused kernel"),
         };
     }
     let mut thetas = Vec::new();

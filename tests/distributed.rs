@@ -142,6 +142,39 @@ fn two_ranks_equal_one_process_with_twice_the_accumulation() {
         .unwrap();
         assert_eq!(header["world_size"], 2);
     }
+    // Muon, with its state sharded (whole tensors per rank, as its orthogonalisation needs):
+    // two ranks equal one process, bit for bit.
+    let muon = ws.config(
+        "muon",
+        &tinyshakespeare(),
+        "max_steps = 12\nlr_decay_steps = 12\neval_interval = 6\noptimizer = \"muon\"\nweight_decay = 0.01",
+    );
+    let muon = muon.to_str().unwrap();
+    mpi_ok(&mpirun_output(
+        &ws,
+        2,
+        &[
+            "--config",
+            muon,
+            "--out",
+            "muon-zero",
+            "--set",
+            "zero_stage=1",
+        ],
+        &[],
+    ));
+    ok(&single(
+        &ws,
+        &[
+            "--config",
+            muon,
+            "--out",
+            "muon-one",
+            "--set",
+            "grad_accum=2",
+        ],
+    ));
+    assert_same_run(&ws.path("muon-zero"), &ws.path("muon-one"), 12);
     // The comparison can fail: one rank with the same per-rank batch trains on half the data.
     ok(&single(&ws, &["--config", cfg, "--out", "half"]));
     assert_ne!(

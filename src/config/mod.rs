@@ -45,6 +45,16 @@ pub const KEYS: &[&str] = &[
     "decouple",
     "clip_exponent",
     "variant",
+    "momentum",
+    "nesterov",
+    "ns_steps",
+    "ns_coefficients",
+    "adjust_lr",
+    "newton_schulz_dtype",
+    "adamw_lr",
+    "adamw_betas",
+    "adamw_eps",
+    "adamw_weight_decay",
     "grad_clip",
     "nan_policy",
     "skip_loss_zscore",
@@ -126,6 +136,20 @@ pub enum ScheduleKind {
 
 /// Tokens per sample during training unless `sample_tokens` says (llm.c's `genT`).
 pub const SAMPLE_TOKENS: usize = 64;
+
+/// Muon's defaults in training: `torch.optim.Muon`'s, except the lr (modded-nanogpt's order of
+/// magnitude, with the `original` shape adjustment) and no weight decay.
+pub const MUON_TRAINING_DEFAULTS: crate::optim::MuonConfig = crate::optim::MuonConfig {
+    lr: 0.02,
+    momentum: 0.95,
+    nesterov: true,
+    weight_decay: 0.0,
+    ns_steps: 5,
+    ns_coefficients: [3.4445, -4.775, 2.0315],
+    eps: 1e-7,
+    adjust_lr: crate::optim::AdjustLr::Original,
+    newton_schulz_precision: crate::optim::NewtonSchulzPrecision::Bf16,
+};
 
 /// Steps in the spike policy's windows unless `zscore_window` says (llm.c's window).
 pub const ZSCORE_WINDOW: usize = 128;
@@ -237,6 +261,36 @@ pub struct TrainConfig {
     pub clip_exponent: Option<ClipExponent>,
     /// ADOPT only: `release` (torch-adopt 0.1.0) or `original` (the first published code).
     pub variant: Option<AdoptVariant>,
+    /// Muon only: the momentum μ.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub momentum: Option<f64>,
+    /// Muon only: Nesterov momentum.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nesterov: Option<bool>,
+    /// Muon only: Newton–Schulz iterations.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ns_steps: Option<usize>,
+    /// Muon only: the iteration's (a, b, c).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ns_coefficients: Option<[f64; 3]>,
+    /// Muon only: `original`, `match_rms_adamw` or `spectral_unclamped`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adjust_lr: Option<crate::optim::AdjustLr>,
+    /// Muon only: the iteration's precision, `bf16`, `f32` or `f64`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub newton_schulz_dtype: Option<crate::optim::NewtonSchulzPrecision>,
+    /// Muon only: the peak lr of the AdamW that updates every tensor Muon does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adamw_lr: Option<f64>,
+    /// Muon only: that AdamW's betas.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adamw_betas: Option<[f64; 2]>,
+    /// Muon only: that AdamW's eps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adamw_eps: Option<f64>,
+    /// Muon only: that AdamW's decoupled weight decay (on 2-D tensors, and 1-D with `decay_1d`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adamw_weight_decay: Option<f64>,
     /// Clip gradients to this global L2 norm; 0 disables.
     pub grad_clip: f64,
     /// `stop` (default) or `skip` on a non-finite loss or gradient.
@@ -342,6 +396,16 @@ impl Default for TrainConfig {
             decouple: None,
             clip_exponent: None,
             variant: None,
+            momentum: None,
+            nesterov: None,
+            ns_steps: None,
+            ns_coefficients: None,
+            adjust_lr: None,
+            newton_schulz_dtype: None,
+            adamw_lr: None,
+            adamw_betas: None,
+            adamw_eps: None,
+            adamw_weight_decay: None,
             grad_clip: 1.0,
             nan_policy: NanPolicy::Stop,
             skip_loss_zscore: 0.0,
@@ -572,6 +636,34 @@ impl TrainConfig {
                     variant,
                 })
             }
+            OptimizerKind::Muon => {
+                let d = MUON_TRAINING_DEFAULTS;
+                let a = AdamConfig::defaults(OptimizerKind::AdamW);
+                let [beta1, beta2] = self.adamw_betas.unwrap_or([a.beta1, a.beta2]);
+                crate::optim::OptimizerSettings::Muon {
+                    muon: crate::optim::MuonConfig {
+                        lr: self.lr.unwrap_or(d.lr),
+                        momentum: self.momentum.unwrap_or(d.momentum),
+                        nesterov: self.nesterov.unwrap_or(d.nesterov),
+                        weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+                        ns_steps: self.ns_steps.unwrap_or(d.ns_steps),
+                        ns_coefficients: self.ns_coefficients.unwrap_or(d.ns_coefficients),
+                        eps: self.eps.unwrap_or(d.eps),
+                        adjust_lr: self.adjust_lr.unwrap_or(d.adjust_lr),
+                        newton_schulz_precision: self
+                            .newton_schulz_dtype
+                            .unwrap_or(d.newton_schulz_precision),
+                    },
+                    adamw: AdamConfig {
+                        lr: self.adamw_lr.unwrap_or(a.lr),
+                        beta1,
+                        beta2,
+                        eps: self.adamw_eps.unwrap_or(a.eps),
+                        weight_decay: self.adamw_weight_decay.unwrap_or(a.weight_decay),
+                        decoupled: true,
+                    },
+                }
+            }
         }
     }
 
@@ -580,6 +672,7 @@ impl TrainConfig {
         match self.optimizer_settings() {
             crate::optim::OptimizerSettings::Adam(c) => c.lr,
             crate::optim::OptimizerSettings::Adopt(c) => c.lr,
+            crate::optim::OptimizerSettings::Muon { muon, .. } => muon.lr,
         }
     }
 

@@ -21,7 +21,36 @@ impl TrainConfig {
             self.model_config(256)?;
         }
 
+        let muon_keys = [
+            ("momentum", self.momentum.is_some()),
+            ("nesterov", self.nesterov.is_some()),
+            ("ns_steps", self.ns_steps.is_some()),
+            ("ns_coefficients", self.ns_coefficients.is_some()),
+            ("adjust_lr", self.adjust_lr.is_some()),
+            ("newton_schulz_dtype", self.newton_schulz_dtype.is_some()),
+            ("adamw_lr", self.adamw_lr.is_some()),
+            ("adamw_betas", self.adamw_betas.is_some()),
+            ("adamw_eps", self.adamw_eps.is_some()),
+            ("adamw_weight_decay", self.adamw_weight_decay.is_some()),
+        ];
+        if self.optimizer != OptimizerKind::Muon {
+            if let Some((key, _)) = muon_keys.iter().find(|(_, set)| *set) {
+                bail!("{key} applies to optimizer = \"muon\" only");
+            }
+        }
         match self.optimizer {
+            OptimizerKind::Muon => {
+                for (key, set) in [
+                    ("betas", self.betas.is_some()),
+                    ("decouple", self.decouple.is_some()),
+                    ("clip_exponent", self.clip_exponent.is_some()),
+                    ("variant", self.variant.is_some()),
+                ] {
+                    if set {
+                        bail!("{key} does not apply to muon (its AdamW part takes adamw_betas, adamw_eps, adamw_lr, adamw_weight_decay)");
+                    }
+                }
+            }
             OptimizerKind::Adam | OptimizerKind::AdamW => {
                 if self.decouple.is_some() {
                     bail!("decouple applies to adopt only (adam couples weight decay, adamw decouples it)");
@@ -60,6 +89,22 @@ impl TrainConfig {
                     Some(e) => ClipExponent::Exponent(e),
                     None => ClipExponent::Keyword(NoClip::None),
                 });
+            }
+            crate::optim::OptimizerSettings::Muon { muon, adamw } => {
+                muon.check().map_err(anyhow::Error::from)?;
+                self.lr = Some(muon.lr);
+                self.eps = Some(muon.eps);
+                self.weight_decay = Some(muon.weight_decay);
+                self.momentum = Some(muon.momentum);
+                self.nesterov = Some(muon.nesterov);
+                self.ns_steps = Some(muon.ns_steps);
+                self.ns_coefficients = Some(muon.ns_coefficients);
+                self.adjust_lr = Some(muon.adjust_lr);
+                self.newton_schulz_dtype = Some(muon.newton_schulz_precision);
+                self.adamw_lr = Some(adamw.lr);
+                self.adamw_betas = Some([adamw.beta1, adamw.beta2]);
+                self.adamw_eps = Some(adamw.eps);
+                self.adamw_weight_decay = Some(adamw.weight_decay);
             }
         }
         let lr = self.peak_lr();
@@ -192,6 +237,25 @@ impl TrainConfig {
         if let Some(wd) = self.weight_decay {
             if !(wd.is_finite() && wd >= 0.0) {
                 bail!("weight_decay must be >= 0, got {wd}");
+            }
+        }
+        if let Some([b1, b2]) = self.adamw_betas {
+            for (name, b) in [("adamw_betas[0]", b1), ("adamw_betas[1]", b2)] {
+                if !(0.0..1.0).contains(&b) {
+                    bail!("{name} must be in [0, 1), got {b}");
+                }
+            }
+        }
+        for (name, value) in [("adamw_lr", self.adamw_lr), ("adamw_eps", self.adamw_eps)] {
+            if let Some(v) = value {
+                if !(v.is_finite() && v > 0.0) {
+                    bail!("{name} must be positive, got {v}");
+                }
+            }
+        }
+        if let Some(wd) = self.adamw_weight_decay {
+            if !(wd.is_finite() && wd >= 0.0) {
+                bail!("adamw_weight_decay must be >= 0, got {wd}");
             }
         }
         if let Some(ClipExponent::Exponent(e)) = self.clip_exponent {

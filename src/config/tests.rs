@@ -20,6 +20,18 @@ fn keys_list_matches_struct_fields() {
         .unwrap()
         .for_world(1)
         .unwrap();
+    // Muon's keys, as a muon config resolves them.
+    let muon = TrainConfig::from_layers(None, &["optimizer=\"muon\"".to_string()]).unwrap();
+    cfg.momentum = muon.momentum;
+    cfg.nesterov = muon.nesterov;
+    cfg.ns_steps = muon.ns_steps;
+    cfg.ns_coefficients = muon.ns_coefficients;
+    cfg.adjust_lr = muon.adjust_lr;
+    cfg.newton_schulz_dtype = muon.newton_schulz_dtype;
+    cfg.adamw_lr = muon.adamw_lr;
+    cfg.adamw_betas = muon.adamw_betas;
+    cfg.adamw_eps = muon.adamw_eps;
+    cfg.adamw_weight_decay = muon.adamw_weight_decay;
     cfg.tokenizer_path = Some("x".into());
     cfg.eval_batch_size = Some(1);
     cfg.val_data = Some("x".into());
@@ -123,7 +135,7 @@ fn bad_values_are_rejected_with_the_key_named() {
     assert_eq!(
         err(&["optimizer=sgd"]),
         "bad value for 'optimizer' in the config: unknown variant `sgd`, expected one of \
-         `adam`, `adamw`, `adopt`"
+         `adam`, `adamw`, `adopt`, `muon`"
     );
     assert!(err(&["lr=1e-3", "schedule=step"]).starts_with("bad value for 'schedule'"));
     assert!(err(&["decay_fraction=0.1"]).contains("apply to schedule = \"wsd\" only"));
@@ -200,4 +212,28 @@ fn a_token_budget_counts_the_tokens_of_every_rank() {
     assert_eq!(two.clone().for_world(2).unwrap(), two);
     let one = cfg.for_world(1).unwrap();
     assert_eq!((one.max_steps, one.lr_decay_steps), (14, Some(14)));
+}
+
+#[test]
+fn muon_fills_its_keys_and_refuses_the_adam_ones() {
+    let muon = TrainConfig::from_layers(None, &["optimizer=\"muon\"".to_string()]).unwrap();
+    assert_eq!(muon.lr, Some(0.02));
+    assert_eq!(muon.momentum, Some(0.95));
+    assert_eq!(muon.nesterov, Some(true));
+    assert_eq!(muon.ns_coefficients, Some([3.4445, -4.775, 2.0315]));
+    assert_eq!(muon.adamw_lr, Some(1e-3));
+    assert_eq!(muon.adamw_betas, Some([0.9, 0.999]));
+    assert_eq!(muon.betas, None);
+    let err = |overrides: &[&str]| {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        TrainConfig::from_layers(None, &overrides)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(&["optimizer=\"muon\"", "betas=[0.9, 0.95]"]).contains("adamw_betas"));
+    assert!(err(&["optimizer=\"adamw\"", "momentum=0.9"])
+        .contains("momentum applies to optimizer = \"muon\" only"));
+    assert!(err(&["optimizer=\"muon\"", "ns_steps=100"]).contains("ns_steps"));
+    assert!(err(&["optimizer=\"muon\"", "adamw_betas=[0.9, 1.0]"]).contains("adamw_betas[1]"));
+    assert!(err(&["optimizer=\"muon\"", "adjust_lr=\"other\""]).contains("adjust_lr"));
 }

@@ -164,3 +164,10 @@ impl ParamSpec {
         }
     }
 }
+
+/// Whether the parameter `name` of rank `rank` is one of the blocks' matrices (attention and
+/// MLP weights), which Muon updates; the embeddings (and the lm_head tied to one), LayerNorms and
+/// biases are not.
+pub fn is_hidden_matrix(name: &str, rank: usize) -> bool {
+    rank == 2 && name.starts_with("transformer.h.")
+}

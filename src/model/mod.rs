@@ -19,7 +19,7 @@ pub mod generate;
 pub mod hf;
 mod params;
 
-pub use config::{GptConfig, Init, ParamSpec};
+pub use config::{is_hidden_matrix, GptConfig, Init, ParamSpec};
 pub use params::Params;
 
 use crate::ops::attention::causal_attention;

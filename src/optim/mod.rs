@@ -15,7 +15,7 @@
 
 pub use adam::{Adam, AdamConfig};
 pub use adopt::{Adopt, AdoptConfig, AdoptVariant};
-pub use muon::{AdjustLr, Muon, MuonConfig, NewtonSchulzPrecision};
+pub use muon::{AdjustLr, Muon, MuonConfig, MuonWithAdamW, NewtonSchulzPrecision};
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Tensor, Var};
@@ -34,6 +34,8 @@ pub enum OptimizerKind {
     AdamW,
     /// ADOPT (Taniguchi et al., NeurIPS 2024).
     Adopt,
+    /// Muon (`torch.optim.Muon`) on the blocks' matrices, AdamW on every other tensor.
+    Muon,
 }
 
 /// Hyperparameters of either optimizer family.
@@ -41,6 +43,11 @@ pub enum OptimizerKind {
 pub enum OptimizerSettings {
     Adam(AdamConfig),
     Adopt(AdoptConfig),
+    /// Muon on the hidden matrices, AdamW on every other tensor.
+    Muon {
+        muon: MuonConfig,
+        adamw: AdamConfig,
+    },
 }
 
 /// One trainable tensor as an optimizer sees it.
@@ -157,11 +164,31 @@ mod muon;
 pub mod replay;
 mod update;
 
-/// Builds the optimizer a config asks for.
+/// Builds the optimizer a config asks for; Muon takes every 2-D parameter (as
+/// `torch.optim.Muon` would be given them) and AdamW the rest.
 pub fn build(settings: &OptimizerSettings, params: Vec<Param>) -> Result<Box<dyn Optimizer>> {
+    build_with_matrices(settings, params, |p| p.var.rank() == 2)
+}
+
+/// [`build`] with the parameters Muon updates chosen by `muon_takes` (each must be 2-D); the
+/// other optimizers update every parameter.
+pub fn build_with_matrices(
+    settings: &OptimizerSettings,
+    params: Vec<Param>,
+    muon_takes: impl Fn(&Param) -> bool,
+) -> Result<Box<dyn Optimizer>> {
     Ok(match settings {
         OptimizerSettings::Adam(cfg) => Box::new(Adam::with_params(params, cfg.clone())?),
         OptimizerSettings::Adopt(cfg) => Box::new(Adopt::with_params(params, cfg.clone())?),
+        OptimizerSettings::Muon { muon, adamw } => {
+            let (matrices, others) = params.into_iter().partition(|p| muon_takes(p));
+            Box::new(MuonWithAdamW::new(
+                matrices,
+                others,
+                muon.clone(),
+                adamw.clone(),
+            )?)
+        }
     })
 }
 

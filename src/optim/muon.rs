@@ -285,3 +285,66 @@ impl Optimizer for Muon {
         self.slots.first().map_or(0, |s| s.step)
     }
 }
+
+/// Muon on some 2-D parameters and AdamW on the rest, as modded-nanogpt and PyTorch's Muon
+/// documentation pair them: the step's lr goes to Muon as it is and to AdamW scaled by
+/// `adamw.lr / muon.lr`, so one schedule drives both peaks.
+pub struct MuonWithAdamW {
+    muon: Muon,
+    adamw: super::Adam,
+    adamw_lr_scale: f64,
+}
+
+impl MuonWithAdamW {
+    /// Muon over `matrices` (each 2-D), AdamW over `others`.
+    pub fn new(
+        matrices: Vec<Param>,
+        others: Vec<Param>,
+        muon: MuonConfig,
+        adamw: super::AdamConfig,
+    ) -> Result<Self> {
+        if muon.lr <= 0.0 {
+            bail!(
+                "muon lr must be > 0 to scale AdamW's lr by, got {}",
+                muon.lr
+            );
+        }
+        let adamw_lr_scale = adamw.lr / muon.lr;
+        Ok(MuonWithAdamW {
+            muon: Muon::with_params(matrices, muon)?,
+            adamw: super::Adam::with_params(others, adamw)?,
+            adamw_lr_scale,
+        })
+    }
+}
+
+impl Optimizer for MuonWithAdamW {
+    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.muon.update(grads, lr)?;
+        self.adamw.update(grads, lr * self.adamw_lr_scale)
+    }
+
+    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut state = self.muon.state_tensors()?;
+        for (name, tensor) in self.adamw.state_tensors()? {
+            if state.insert(name.clone(), tensor).is_some() {
+                bail!("Muon and AdamW both hold optimizer state {name}");
+            }
+        }
+        Ok(state)
+    }
+
+    fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let muon_names = self.muon.state_tensors()?;
+        let (muon, adamw): (HashMap<String, Tensor>, HashMap<String, Tensor>) = tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .partition(|(k, _)| muon_names.contains_key(k));
+        self.muon.load_state_tensors(&muon)?;
+        self.adamw.load_state_tensors(&adamw)
+    }
+
+    fn steps_taken(&self) -> u64 {
+        self.muon.steps_taken().max(self.adamw.steps_taken())
+    }
+}

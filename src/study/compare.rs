@@ -646,6 +646,7 @@ fn rule_name(g: &Group) -> String {
             Some(crate::optim::AdoptVariant::Original) => "ADOPT (original)".into(),
             _ => "ADOPT".into(),
         },
+        OptimizerKind::Muon => "Muon".into(),
     }
 }
 

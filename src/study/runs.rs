@@ -132,6 +132,16 @@ const OPTIMIZER_KEYS: &[&str] = &[
     "decay_1d",
     "decouple",
     "clip_exponent",
+    "momentum",
+    "nesterov",
+    "ns_steps",
+    "ns_coefficients",
+    "adjust_lr",
+    "newton_schulz_dtype",
+    "adamw_lr",
+    "adamw_betas",
+    "adamw_eps",
+    "adamw_weight_decay",
     "lr",
     "min_lr",
 ];
@@ -182,12 +192,29 @@ pub fn arm_names(configs: &[&TrainConfig]) -> Result<Vec<String>> {
                 Some(crate::optim::AdoptVariant::Original) => format!("ADOPT (original) β2={b2}"),
                 _ => format!("ADOPT β2={b2}"),
             },
+            OptimizerKind::Muon => format!(
+                "Muon μ={}{}",
+                cfg.momentum.unwrap_or(f64::NAN),
+                if cfg.nesterov == Some(false) {
+                    " (no Nesterov)"
+                } else {
+                    ""
+                }
+            ),
         };
         if cfg.optimizer == OptimizerKind::Adopt && (b2 - 0.9999).abs() < 1e-12 {
             // ADOPT's own β2 goes without saying.
             s.truncate(s.rfind(" β2=").unwrap_or(s.len()));
         }
-        if detail >= 1 {
+        if detail >= 1 && cfg.optimizer == OptimizerKind::Muon {
+            s.push_str(&format!(
+                " {} steps, {} in {:?}, AdamW lr {}",
+                cfg.ns_steps.unwrap_or(0),
+                cfg.adjust_lr.map_or("?".into(), |a| format!("{a:?}")),
+                cfg.newton_schulz_dtype,
+                cfg.adamw_lr.unwrap_or(f64::NAN)
+            ));
+        } else if detail >= 1 {
             s.push_str(&format!(" eps {:e}", cfg.eps.unwrap_or(f64::NAN)));
         }
         if detail >= 2 {

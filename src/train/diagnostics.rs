@@ -145,7 +145,8 @@ pub fn normalized_update_rms(
         let m = m.to_dtype(DType::F64)?;
         let update = match settings {
             OptimizerSettings::Adopt(_) => m,
-            OptimizerSettings::Adam(c) => {
+            // Muon's state holds no normalised update; its AdamW part's does.
+            OptimizerSettings::Adam(c) | OptimizerSettings::Muon { adamw: c, .. } => {
                 let (Some(v), Some(step)) = (
                     state.get(&format!("exp_avg_sq.{name}")),
                     state.get(&format!("step.{name}")),

@@ -488,8 +488,17 @@ fn build_optimizer(
         Some(shards) => shards.owned_by(world.rank(), params),
         None => params.named_vars(),
     };
+    let settings = cfg.optimizer_settings();
+    if let optim::OptimizerSettings::Muon { muon, adamw } = &settings {
+        let hidden = |p: &optim::Param| crate::model::is_hidden_matrix(&p.name, p.var.rank());
+        let mut groups = optim::param_groups(&vars, adamw.weight_decay, cfg.decay_1d);
+        for p in groups.iter_mut().filter(|p| hidden(p)) {
+            p.weight_decay = muon.weight_decay;
+        }
+        return Ok(optim::build_with_matrices(&settings, groups, hidden)?);
+    }
     let groups = optim::param_groups(&vars, cfg.weight_decay.unwrap_or(0.0), cfg.decay_1d);
-    Ok(optim::build(&cfg.optimizer_settings(), groups)?)
+    Ok(optim::build(&settings, groups)?)
 }
 
 /// ZeRO-1's assignment of parameters to ranks, when the run shards its optimizer state.
