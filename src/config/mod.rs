@@ -6,6 +6,7 @@
 use crate::model::GptConfig;
 pub use crate::ops::Precision;
 use crate::optim::{AdamConfig, AdoptConfig, AdoptVariant, OptimizerKind};
+pub use crate::train::schedule::{DecayShape, ScheduleKind};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -118,22 +119,6 @@ pub enum NoClip {
     None,
 }
 
-/// The learning-rate schedule's shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ScheduleKind {
-    /// Linear warmup, then cosine decay to `min_lr` (nanoGPT's `get_lr`).
-    Cosine,
-    /// Linear warmup, then `lr` throughout.
-    Constant,
-    /// Linear warmup, then linear decay to `min_lr`.
-    Linear,
-    /// Warmup-stable-decay: linear warmup, `lr` until the last `decay_fraction` of
-    /// `lr_decay_steps`, then a `decay_shape` decay to `min_lr` (as modded-nanogpt, llm.c and
-    /// Hägele et al. 2024).
-    Wsd,
-}
-
 /// Tokens per sample during training unless `sample_tokens` says (llm.c's `genT`).
 pub const SAMPLE_TOKENS: usize = 64;
 
@@ -156,20 +141,6 @@ pub const ZSCORE_WINDOW: usize = 128;
 
 /// The share of `lr_decay_steps` a `wsd` schedule's decay takes unless `decay_fraction` says.
 pub const WSD_DECAY_FRACTION: f64 = 0.2;
-
-/// The shape of a `wsd` schedule's final decay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DecayShape {
-    /// `1 − r` of the way from `lr` to `min_lr`.
-    #[serde(rename = "linear")]
-    Linear,
-    /// `½(1 + cos πr)`.
-    #[serde(rename = "cosine")]
-    Cosine,
-    /// `1 − √r`, Hägele et al. 2024's best cooldown.
-    #[serde(rename = "1-sqrt")]
-    OneMinusSqrt,
-}
 
 /// What a non-finite loss or gradient does to a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

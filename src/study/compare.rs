@@ -10,7 +10,7 @@
 //!   adjusted over every pair the report tests, p < 0.05; "not significant" otherwise, "not
 //!   testable" with fewer than two seeds on a side; 95% t intervals for every difference.
 
-use super::plots::ArmLosses;
+use super::plots::{metric_file_stem, ArmLosses};
 use super::runs::{differ_only_in_optimizer, expand_run_dirs, group_runs, read_run, Group};
 use super::stats::{
     clipped_share, count_spikes, holm, mean_sd, median, paired_ci, paired_t, quantile, welch,
@@ -470,19 +470,6 @@ fn metric_section(
     let _ = writeln!(md);
     pairwise_sections(md, groups, &on_metric, cells, plan);
     Ok(())
-}
-
-/// A metric's name as a file name: `update_weight_ratio/block.3.mlp` → `update_weight_ratio_block.3.mlp`.
-pub fn metric_file_stem(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_alphanumeric() || c == '.' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 /// The pairwise tables of `all`'s `final_val`: the families of `plan`, or else the pairs of

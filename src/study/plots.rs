@@ -417,7 +417,7 @@ pub fn draw_metric(groups: &[Group], name: &str, out: &Path) -> Result<()> {
         y_cap: None,
     };
     curves.y_cap = ten_medians(&curves.lines);
-    let stem = format!("metric_{}", crate::study::compare::metric_file_stem(name));
+    let stem = format!("metric_{}", metric_file_stem(name));
     png_and_svg!(out, stem, (1200, 650), (1, 1), [&curves], |area, c| {
         draw_curves(area, c)
     });
@@ -601,6 +601,19 @@ pub fn draw_beta2(panels: &[(usize, Vec<ArmLosses>)], out: &Path) -> Result<()> 
         |area, (batch, lines)| draw_finals_panel(area, *batch, lines, FinalsAxis::OneMinusBeta2)
     );
     Ok(())
+}
+
+/// A metric's name as a file name: `update_weight_ratio/block.3.mlp` → `update_weight_ratio_block.3.mlp`.
+pub fn metric_file_stem(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

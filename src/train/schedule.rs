@@ -1,6 +1,36 @@
 //! The learning-rate schedule: a pure function of the step, so a resumed run needs no schedule state.
 
-use crate::config::{DecayShape, ScheduleKind};
+use serde::{Deserialize, Serialize};
+
+/// The learning-rate schedule's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Linear warmup, then cosine decay to `min_lr` (nanoGPT's `get_lr`).
+    Cosine,
+    /// Linear warmup, then `lr` throughout.
+    Constant,
+    /// Linear warmup, then linear decay to `min_lr`.
+    Linear,
+    /// Warmup-stable-decay: linear warmup, `lr` until the last `decay_fraction` of
+    /// `lr_decay_steps`, then a `decay_shape` decay to `min_lr` (as modded-nanogpt, llm.c and
+    /// Hägele et al. 2024).
+    Wsd,
+}
+
+/// The shape of a `wsd` schedule's final decay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DecayShape {
+    /// `1 − r` of the way from `lr` to `min_lr`.
+    #[serde(rename = "linear")]
+    Linear,
+    /// `½(1 + cos πr)`.
+    #[serde(rename = "cosine")]
+    Cosine,
+    /// `1 − √r`, Hägele et al. 2024's best cooldown.
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
+}
 
 /// Linear warmup, then a decay to `min_lr` (cosine as nanoGPT's `get_lr`, linear, or
 /// warmup-stable-decay), or a constant `lr`.
