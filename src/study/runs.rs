@@ -207,11 +207,17 @@ pub fn arm_names(configs: &[&TrainConfig]) -> Result<Vec<String>> {
             s.truncate(s.rfind(" β2=").unwrap_or(s.len()));
         }
         if detail >= 1 && cfg.optimizer == OptimizerKind::Muon {
+            // The keys' own spellings (`match_rms_adamw`, `bf16`).
+            let key = |v: serde_json::Result<serde_json::Value>| {
+                v.ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            };
             s.push_str(&format!(
-                " {} steps, {} in {:?}, AdamW lr {}",
+                " {} steps {} in {}, AdamW lr {}",
                 cfg.ns_steps.unwrap_or(0),
-                cfg.adjust_lr.map_or("?".into(), |a| format!("{a:?}")),
-                cfg.newton_schulz_dtype,
+                key(serde_json::to_value(cfg.adjust_lr)),
+                key(serde_json::to_value(cfg.newton_schulz_dtype)),
                 cfg.adamw_lr.unwrap_or(f64::NAN)
             ));
         } else if detail >= 1 {
@@ -317,4 +323,34 @@ pub fn group_runs(runs: Vec<RunData>) -> Result<Vec<Group>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(overrides: &[&str]) -> TrainConfig {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        TrainConfig::from_layers(None, &o).unwrap()
+    }
+
+    #[test]
+    fn muon_arms_are_named_by_their_own_hyperparameters() {
+        let (adamw, muon, plain, f32_ns) = (
+            cfg(&["betas=[0.9, 0.95]"]),
+            cfg(&["optimizer=\"muon\""]),
+            cfg(&["optimizer=\"muon\"", "nesterov=false", "momentum=0.9"]),
+            cfg(&["optimizer=\"muon\"", "newton_schulz_dtype=\"f32\""]),
+        );
+        let names = arm_names(&[&adamw, &muon, &plain]).unwrap();
+        assert_eq!(names, ["Adam β2=0.95", "Muon μ=0.95", "Muon μ=0.9 (no Nesterov)"]);
+        // Two Muon arms that differ beyond μ are told apart by the iteration's settings.
+        let names = arm_names(&[&muon, &f32_ns]).unwrap();
+        assert_ne!(names[0], names[1]);
+        assert_eq!(names[1], "Muon μ=0.95 5 steps original in f32, AdamW lr 0.001");
+        assert!(names[0].contains("in bf16"), "{names:?}");
+        // An lr sweep of one Muon arm is one arm.
+        let faster = cfg(&["optimizer=\"muon\"", "lr=0.05"]);
+        assert_eq!(arm_key(&muon).unwrap(), arm_key(&faster).unwrap());
+    }
 }
