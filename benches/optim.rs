@@ -1,5 +1,7 @@
 //! One optimizer step over parameter sets shaped like the `baby` (10.7M) and `gpt2` (124M) models,
-//! for Adam, AdamW and ADOPT, against the memory-bandwidth floor measured here too.
+//! for Adam, AdamW and ADOPT, against the memory-bandwidth floor measured here too; and Muon's
+//! step over the same models' block matrices (what `optimizer = "muon"` gives it), its
+//! Newton–Schulz iteration in bf16 (PyTorch's default) and in f32. `OPTIM_BENCH_MUON=0` skips Muon.
 //!
 //! An f32 Adam-family step reads θ, g, m, v and writes θ, m, v: 28 bytes per parameter. The floor
 //! is that traffic at the bandwidth this machine reaches on the same access pattern (a trivial
@@ -10,9 +12,10 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
-use gpt_pretrain::model::GptConfig;
+use gpt_pretrain::model::{is_hidden_matrix, GptConfig};
 use gpt_pretrain::optim::{
-    param_groups, Adam, AdamConfig, Adopt, AdoptConfig, Optimizer, OptimizerKind, Param,
+    param_groups, Adam, AdamConfig, Adopt, AdoptConfig, Muon, MuonConfig, NewtonSchulzPrecision,
+    Optimizer, OptimizerKind, Param,
 };
 use rayon::prelude::*;
 use std::time::{Duration, Instant};
@@ -186,6 +189,44 @@ fn bench(c: &mut Criterion) {
                 t * 1e3,
                 t / floor
             ));
+        }
+        if std::env::var("OPTIM_BENCH_MUON").as_deref() != Ok("0") {
+            let matrices: Vec<Param> = param_groups(&vars, 0.1, false)
+                .into_iter()
+                .filter(|p| is_hidden_matrix(&p.name, p.var.rank()))
+                .collect();
+            let count: usize = matrices.iter().map(|p| p.var.elem_count()).sum();
+            summary.push(format!(
+                "  muon over the {} block matrices ({:.1}M parameters):",
+                matrices.len(),
+                count as f64 / 1e6
+            ));
+            for (label, precision) in [
+                ("muon-bf16", NewtonSchulzPrecision::Bf16),
+                ("muon-f32", NewtonSchulzPrecision::F32),
+            ] {
+                let cfg = MuonConfig {
+                    newton_schulz_precision: precision,
+                    ..Default::default()
+                };
+                let mut muon = Muon::with_params(matrices.clone(), cfg).unwrap();
+                muon.update(&grads, 1e-4).unwrap();
+                let mut times = Vec::new();
+                group.sample_size(10).bench_function(label, |b| {
+                    b.iter_custom(|iters| {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            muon.update(&grads, 1e-4).unwrap();
+                        }
+                        let d = start.elapsed();
+                        times.push(d / iters as u32);
+                        d
+                    })
+                });
+                if let Some(t) = median(times) {
+                    summary.push(format!("  {label:<18} {:8.2} ms", t * 1e3));
+                }
+            }
         }
         group.finish();
         // The machine's noise swamps small differences between separate runs; alternating the
