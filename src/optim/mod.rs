@@ -306,14 +306,7 @@ impl Slots {
                     );
                 }
             }
-            let step = get("step")?
-                .to_dtype(DType::I64)?
-                .flatten_all()?
-                .to_vec1::<i64>()?;
-            slot.step = match step.as_slice() {
-                [n] if *n >= 0 => *n as u64,
-                _ => bail!("optimizer state step.{name} is not one non-negative integer"),
-            };
+            slot.step = step_count(get("step")?, name)?;
             slot.moments.load(&slot.param.var, m, v)?;
         }
         Ok(())
@@ -321,6 +314,18 @@ impl Slots {
 
     pub fn steps_taken(&self) -> u64 {
         self.slots.first().map_or(0, |s| s.step)
+    }
+}
+
+/// A saved `step.NAME` tensor's count: one non-negative integer.
+pub(crate) fn step_count(tensor: &Tensor, name: &str) -> Result<u64> {
+    let step = tensor
+        .to_dtype(DType::I64)?
+        .flatten_all()?
+        .to_vec1::<i64>()?;
+    match step.as_slice() {
+        [n] if *n >= 0 => Ok(*n as u64),
+        _ => bail!("optimizer state step.{name} is not one non-negative integer"),
     }
 }
 

@@ -15,7 +15,7 @@
 //! bf16 kernels do; `f32` and `f64` run it in that precision.
 
 use super::kernel::lerp_tensors;
-use super::{Optimizer, Param};
+use super::{step_count, Optimizer, Param};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -266,14 +266,7 @@ impl Optimizer for Muon {
                     slot.param.var.dims()
                 );
             }
-            let step = get("step")?
-                .to_dtype(DType::I64)?
-                .flatten_all()?
-                .to_vec1::<i64>()?;
-            slot.step = match step.as_slice() {
-                [n] if *n >= 0 => *n as u64,
-                _ => bail!("optimizer state step.{name} is not one non-negative integer"),
-            };
+            slot.step = step_count(get("step")?, name)?;
             slot.buffer = buffer
                 .to_dtype(slot.param.var.dtype())?
                 .to_device(slot.param.var.device())?;

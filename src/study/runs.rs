@@ -343,11 +343,17 @@ mod tests {
             cfg(&["optimizer=\"muon\"", "newton_schulz_dtype=\"f32\""]),
         );
         let names = arm_names(&[&adamw, &muon, &plain]).unwrap();
-        assert_eq!(names, ["Adam β2=0.95", "Muon μ=0.95", "Muon μ=0.9 (no Nesterov)"]);
+        assert_eq!(
+            names,
+            ["Adam β2=0.95", "Muon μ=0.95", "Muon μ=0.9 (no Nesterov)"]
+        );
         // Two Muon arms that differ beyond μ are told apart by the iteration's settings.
         let names = arm_names(&[&muon, &f32_ns]).unwrap();
         assert_ne!(names[0], names[1]);
-        assert_eq!(names[1], "Muon μ=0.95 5 steps original in f32, AdamW lr 0.001");
+        assert_eq!(
+            names[1],
+            "Muon μ=0.95 5 steps original in f32, AdamW lr 0.001"
+        );
         assert!(names[0].contains("in bf16"), "{names:?}");
         // An lr sweep of one Muon arm is one arm.
         let faster = cfg(&["optimizer=\"muon\"", "lr=0.05"]);
