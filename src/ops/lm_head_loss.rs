@@ -375,14 +375,7 @@ pub fn fused_linear_cross_entropy(
     gradients: LossGradients,
     precision: Precision,
 ) -> Result<Tensor> {
-    let op = LinearCrossEntropy {
-        gradients,
-        precision,
-        z_loss: None,
-        stash: Mutex::new(None),
-    };
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &targets.contiguous()?, op)
+    apply(x, w, targets, gradients, precision, None)
 }
 
 /// [`fused_linear_cross_entropy`] with PaLM's z-loss (Chowdhery et al. 2022, §5): the objective
@@ -400,10 +393,21 @@ pub fn fused_linear_cross_entropy_with_z_loss(
     if !(z_loss.is_finite() && z_loss >= 0.0) {
         bail!("z_loss must be a finite coefficient ≥ 0, got {z_loss}");
     }
+    apply(x, w, targets, gradients, precision, Some(z_loss))
+}
+
+fn apply(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    gradients: LossGradients,
+    precision: Precision,
+    z_loss: Option<f64>,
+) -> Result<Tensor> {
     let op = LinearCrossEntropy {
         gradients,
         precision,
-        z_loss: Some(z_loss),
+        z_loss,
         stash: Mutex::new(None),
     };
     x.contiguous()?

@@ -283,30 +283,11 @@ impl Slots {
     }
 
     pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        let expected = 3 * self.slots.len();
-        if tensors.len() != expected {
-            bail!(
-                "optimizer state has {} tensors, expected {expected} (another model or optimizer?)",
-                tensors.len()
-            );
-        }
+        check_state_count(tensors, 3 * self.slots.len())?;
         for slot in &mut self.slots {
-            let name = &slot.param.name;
-            let get = |kind: &str| match tensors.get(&format!("{kind}.{name}")) {
-                Some(t) => Ok(t),
-                None => bail!("optimizer state lacks {kind}.{name}"),
-            };
-            let (m, v) = (get("exp_avg")?, get("exp_avg_sq")?);
-            for (kind, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
-                if t.dims() != slot.param.var.dims() {
-                    bail!(
-                        "optimizer state {kind}.{name} has shape {:?}, the parameter has {:?}",
-                        t.dims(),
-                        slot.param.var.dims()
-                    );
-                }
-            }
-            slot.step = step_count(get("step")?, name)?;
+            let m = saved_state(tensors, "exp_avg", &slot.param)?;
+            let v = saved_state(tensors, "exp_avg_sq", &slot.param)?;
+            slot.step = saved_step(tensors, &slot.param.name)?;
             slot.moments.load(&slot.param.var, m, v)?;
         }
         Ok(())
@@ -317,12 +298,43 @@ impl Slots {
     }
 }
 
-/// A saved `step.NAME` tensor's count: one non-negative integer.
-pub(crate) fn step_count(tensor: &Tensor, name: &str) -> Result<u64> {
-    let step = tensor
-        .to_dtype(DType::I64)?
-        .flatten_all()?
-        .to_vec1::<i64>()?;
+/// Refuses a saved state with another number of tensors than the optimizer keeps.
+pub(crate) fn check_state_count(tensors: &HashMap<String, Tensor>, expected: usize) -> Result<()> {
+    if tensors.len() != expected {
+        bail!(
+            "optimizer state has {} tensors, expected {expected} (another model or optimizer?)",
+            tensors.len()
+        );
+    }
+    Ok(())
+}
+
+/// The saved state tensor `KIND.NAME` of `param`, which must have the parameter's shape.
+pub(crate) fn saved_state<'a>(
+    tensors: &'a HashMap<String, Tensor>,
+    kind: &str,
+    param: &Param,
+) -> Result<&'a Tensor> {
+    let name = &param.name;
+    let Some(t) = tensors.get(&format!("{kind}.{name}")) else {
+        bail!("optimizer state lacks {kind}.{name}");
+    };
+    if t.dims() != param.var.dims() {
+        bail!(
+            "optimizer state {kind}.{name} has shape {:?}, the parameter has {:?}",
+            t.dims(),
+            param.var.dims()
+        );
+    }
+    Ok(t)
+}
+
+/// The saved step count `step.NAME`: one non-negative integer.
+pub(crate) fn saved_step(tensors: &HashMap<String, Tensor>, name: &str) -> Result<u64> {
+    let Some(t) = tensors.get(&format!("step.{name}")) else {
+        bail!("optimizer state lacks step.{name}");
+    };
+    let step = t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
     match step.as_slice() {
         [n] if *n >= 0 => Ok(*n as u64),
         _ => bail!("optimizer state step.{name} is not one non-negative integer"),

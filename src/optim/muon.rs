@@ -15,7 +15,7 @@
 //! bf16 kernels do; `f32` and `f64` run it in that precision.
 
 use super::kernel::lerp_tensors;
-use super::{step_count, Optimizer, Param};
+use super::{check_state_count, saved_state, saved_step, Optimizer, Param};
 use candle_core::backprop::GradStore;
 use candle_core::{bail, DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -245,28 +245,10 @@ impl Optimizer for Muon {
     }
 
     fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        let expected = 2 * self.slots.len();
-        if tensors.len() != expected {
-            bail!(
-                "optimizer state has {} tensors, expected {expected} (another model or optimizer?)",
-                tensors.len()
-            );
-        }
+        check_state_count(tensors, 2 * self.slots.len())?;
         for slot in &mut self.slots {
-            let name = &slot.param.name;
-            let get = |kind: &str| match tensors.get(&format!("{kind}.{name}")) {
-                Some(t) => Ok(t),
-                None => bail!("optimizer state lacks {kind}.{name}"),
-            };
-            let buffer = get("momentum_buffer")?;
-            if buffer.dims() != slot.param.var.dims() {
-                bail!(
-                    "optimizer state momentum_buffer.{name} has shape {:?}, the parameter has {:?}",
-                    buffer.dims(),
-                    slot.param.var.dims()
-                );
-            }
-            slot.step = step_count(get("step")?, name)?;
+            let buffer = saved_state(tensors, "momentum_buffer", &slot.param)?;
+            slot.step = saved_step(tensors, &slot.param.name)?;
             slot.buffer = buffer
                 .to_dtype(slot.param.var.dtype())?
                 .to_device(slot.param.var.device())?;
